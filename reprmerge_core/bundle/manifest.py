@@ -1,0 +1,89 @@
+"""The bundle manifest schema (`manifest.json`), validated with pydantic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from reprmerge_core.correction.solver import Normalisation
+
+FORMAT = "reprmerge-bundle"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+STATISTICS_FILE = "statistics.safetensors"
+HEADS_FILE = "heads.safetensors"
+BACKBONE_DIR = "backbone"
+MANIFEST_FILE = "manifest.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskInfo(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    labels: list[str] = Field(min_length=2)
+    calibration_samples: int = Field(ge=1)
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("label names must be unique")
+        return v
+
+
+class CorrectionInfo(_Strict):
+    beta: float = Field(gt=0, allow_inf_nan=False)
+    normalisation: Normalisation
+    use_prior: bool = True
+    beta_selection: dict[str, Any] | None = None
+
+
+class MergeInfo(_Strict):
+    method: str = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class BackboneInfo(_Strict):
+    source: str = Field(min_length=1)
+    pooling: str = Field(pattern=r"^(mean|cls)$")
+    max_length: int = Field(ge=1)
+
+
+class Manifest(_Strict):
+    format: str = Field(pattern=f"^{FORMAT}$")
+    format_version: int
+    bundle_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    library_version: str
+    created_at: str
+    representation_dim: int = Field(ge=1)
+    tasks: list[TaskInfo] = Field(min_length=1)
+    correction: CorrectionInfo
+    merge: MergeInfo
+    backbone: BackboneInfo
+    files: dict[str, str]
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("files")
+    @classmethod
+    def _hex_digests(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, digest in v.items():
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"{name}: not a sha256 hex digest")
+            if name.startswith("/") or ".." in name.split("/"):
+                raise ValueError(f"{name}: file paths must stay inside the bundle")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_tasks(self) -> Manifest:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError("task names must be unique")
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]

@@ -1,0 +1,44 @@
+"""`reprmerge inspect BUNDLE`: summary and validation result (exit 1 when invalid)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from reprmerge_core.bundle import BundleError, load_bundle
+
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="summarise and validate a bundle")
+    p.add_argument("bundle", type=Path, help="bundle directory")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        bundle = load_bundle(args.bundle)
+    except BundleError as exc:
+        print(f"INVALID bundle {args.bundle}\n  {exc}", file=sys.stderr)
+        return 1
+    m = bundle.manifest
+    if args.json:
+        print(m.model_dump_json(indent=2))
+        return 0
+    c = m.correction
+    print(f"bundle      {bundle.path}  (id {m.bundle_id}, format v{m.format_version}, reprmerge {m.library_version})")
+    print(f"created     {m.created_at}")
+    print(f"backbone    {m.backbone.source}  (pooling {m.backbone.pooling}, max_length {m.backbone.max_length}, d={m.representation_dim})")
+    print(f"merge       {m.merge.method} {json.dumps(m.merge.parameters, sort_keys=True)}")
+    print(f"correction  beta={c.beta:g} normalisation={c.normalisation.value} prior={'procrustes' if c.use_prior else 'identity'}")
+    print("tasks")
+    width = max(len(t.name) for t in m.tasks)
+    for t in m.tasks:
+        print(f"  {t.name:<{width}}  {t.calibration_samples:>6} calibration samples  labels: {', '.join(t.labels)}")
+    total = sum((bundle.path / f).stat().st_size for f in m.files)
+    print(f"files       {len(m.files)} files, {total / 1e6:.1f} MB, sha256 verified")
+    print("VALID")
+    return 0

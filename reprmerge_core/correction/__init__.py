@@ -1,0 +1,19 @@
+"""ReACT: closed-form, preference-aware correction of a merged backbone's representations.
+
+Pure tensor math, no I/O: statistics accumulate in float64, solves are batched over preferences.
+"""
+
+from reprmerge_core.correction.statistics import StatisticsAccumulator, TaskStatistics
+from reprmerge_core.correction.heads import FusedHeads, HeadFolder, TaskHead
+from reprmerge_core.correction.solver import CorrectionSolver, Normalisation, procrustes
+
+__all__ = [
+    "CorrectionSolver",
+    "FusedHeads",
+    "HeadFolder",
+    "TaskHead",
+    "Normalisation",
+    "StatisticsAccumulator",
+    "TaskStatistics",
+    "procrustes",
+]

@@ -1,0 +1,76 @@
+"""Folding a preference's correction into the task heads.
+
+logits_t = H_t (W_p z) + b_t = (H_t W_p) z + b_t. Since W_p = M_p C_p^{-1}, the fused weight is
+H_t W_p = (H_t M_p) C_p^{-1}: with the products H M_s precomputed per task s, a new preference costs
+one Cholesky factorisation and a solve with K (total classes) right-hand sides, never W_p itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from reprmerge_core.correction.solver import CorrectionSolver
+
+
+@dataclass(frozen=True)
+class TaskHead:
+    """A linear classification head: logits = weight @ z + bias."""
+
+    weight: torch.Tensor  # (classes, d)
+    bias: torch.Tensor  # (classes,)
+
+    def __post_init__(self) -> None:
+        if self.weight.ndim != 2:
+            raise ValueError(f"head weight must be (classes, d), got shape {tuple(self.weight.shape)}")
+        if self.bias.shape != (self.weight.shape[0],):
+            raise ValueError(f"head bias must be ({self.weight.shape[0]},), got {tuple(self.bias.shape)}")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.weight.shape[0])
+
+
+@dataclass(frozen=True)
+class FusedHeads:
+    """Fused heads of P preferences: rows of all tasks stacked, `slices[t]` selects task t."""
+
+    weight: torch.Tensor  # (P, K, d)
+    bias: torch.Tensor  # (K,)
+    slices: tuple[slice, ...]
+
+    def logits(self, z: torch.Tensor, pref_index: int, task: int) -> torch.Tensor:
+        """Logits of task `task` under preference `pref_index` for features z (batch, d)."""
+        s = self.slices[task]
+        return z @ self.weight[pref_index, s].T + self.bias[s]
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size() + self.bias.numel() * self.bias.element_size()
+
+
+class HeadFolder:
+    """Precomputes H M_s for every task s so that folding a batch of preferences is cheap."""
+
+    def __init__(self, solver: CorrectionSolver, heads: Sequence[TaskHead], out_dtype: torch.dtype = torch.float32):
+        solver.require_fit()
+        if len(heads) != solver.num_tasks_:
+            raise ValueError(f"need one head per task ({solver.num_tasks_}), got {len(heads)}")
+        for t, h in enumerate(heads):
+            if h.weight.shape[1] != solver.dim_:
+                raise ValueError(f"head {t} has input size {h.weight.shape[1]}, representation size is {solver.dim_}")
+        self.solver = solver
+        self.out_dtype = out_dtype
+        H = torch.cat([h.weight for h in heads]).to(solver.device, solver.dtype)
+        self._HM = torch.einsum("kd,tde->tke", H, solver.M_)  # (T, K, d)
+        self.bias = torch.cat([h.bias for h in heads]).to(solver.device, out_dtype)
+        bounds = torch.tensor([0] + [h.num_classes for h in heads]).cumsum(0).tolist()
+        self.slices = tuple(slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]))
+
+    def fold(self, prefs: torch.Tensor) -> FusedHeads:
+        """Fused heads H_t W_p for a (P, T) stack of preferences."""
+        numer = self.solver.aggregate(prefs, self._HM)
+        weight = self.solver.right_solve(numer, prefs).to(self.out_dtype)
+        return FusedHeads(weight, self.bias, self.slices)

@@ -1,0 +1,165 @@
+"""Closed-form ReACT solves: Procrustes prior, per-task corrections, preference solves, losses.
+
+Per task t (statistics already normalised, see `Normalisation`):
+    C_t = A_t + beta I,  M_t = B_t + beta O_t,  W_t = M_t C_t^{-1}
+and for a preference p >= 0 (linear scalarisation of the per-task losses):
+    W_p = (sum_t p_t M_t) (sum_t p_t C_t)^{-1}
+sum_t p_t C_t is symmetric positive definite for beta > 0, so every solve is a Cholesky solve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+
+import torch
+
+from reprmerge_core.correction.statistics import TaskStatistics
+
+
+class Normalisation(str, Enum):
+    """How raw statistic sums are scaled before solving, so that one beta means the same everywhere.
+
+    - ``energy`` (default): divide task t's sums by trace(A_t) / d, the mean squared merged feature
+      norm per dimension times N_t. The normalised A_t has mean eigenvalue 1, so beta is the ridge
+      strength relative to the average per-dimension second moment: independent of sample count,
+      feature scale and representation size.
+    - ``samples``: divide by N_t (per-sample means); beta then still depends on the feature scale.
+    - ``none``: raw sums; beta is only meaningful for one data size.
+
+    Each task's loss is scaled by the same factor, so preference weights compare normalised losses.
+    """
+
+    ENERGY = "energy"
+    SAMPLES = "samples"
+    NONE = "none"
+
+    def scale(self, stats: TaskStatistics) -> float:
+        """The divisor applied to this task's A, B and e."""
+        if self is Normalisation.NONE:
+            return 1.0
+        if stats.n == 0:
+            raise ValueError("cannot normalise statistics of a task with no samples")
+        if self is Normalisation.SAMPLES:
+            return float(stats.n)
+        energy = stats.merged_energy
+        if not energy > 0:
+            raise ValueError("cannot normalise statistics with zero merged feature energy")
+        return energy / stats.dim
+
+
+def procrustes(B: torch.Tensor) -> torch.Tensor:
+    """Orthogonal matrix closest to B (Frobenius): O = U V^T for B = U S V^T. Batched over leading dims."""
+    U, _, Vh = torch.linalg.svd(B)
+    return U @ Vh
+
+
+def _check_preferences(prefs: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    if prefs.ndim == 1:
+        prefs = prefs.unsqueeze(0)
+    if prefs.ndim != 2 or prefs.shape[1] != num_tasks:
+        raise ValueError(f"preferences must have shape (P, {num_tasks}), got {tuple(prefs.shape)}")
+    if not torch.isfinite(prefs).all() or (prefs < 0).any():
+        raise ValueError("preference weights must be finite and non-negative")
+    if (prefs.sum(dim=1) <= 0).any():
+        raise ValueError("every preference needs at least one positive weight")
+    return prefs
+
+
+class CorrectionSolver:
+    """Fits the per-task closed-form terms once, then solves any batch of preferences cheaply.
+
+    Parameters are validated at construction; `fit` takes one `TaskStatistics` per task and keeps
+    the stacked C_t, M_t and O_t on `device` in `dtype` (float64 by default).
+    """
+
+    def __init__(
+        self,
+        beta: float = 1.0,
+        normalisation: Normalisation | str = Normalisation.ENERGY,
+        *,
+        use_prior: bool = True,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if not (isinstance(beta, (int, float)) and beta > 0 and beta < float("inf")):
+            raise ValueError(f"beta must be a finite positive number, got {beta!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+        self.beta = float(beta)
+        self.normalisation = Normalisation(normalisation)
+        self.use_prior = use_prior
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._fitted = False
+
+    # -- fitting -----------------------------------------------------------------------------
+    def fit(self, stats: Sequence[TaskStatistics]) -> CorrectionSolver:
+        """Normalise the statistics and precompute C_t, M_t and the Procrustes priors O_t."""
+        if len(stats) == 0:
+            raise ValueError("need statistics for at least one task")
+        dims = {s.dim for s in stats}
+        if len(dims) != 1:
+            raise ValueError(f"all tasks must share one representation size, got {sorted(dims)}")
+        d = dims.pop()
+        scales = torch.tensor([self.normalisation.scale(s) for s in stats], dtype=torch.float64)
+        A = torch.stack([s.A.to(self.device, torch.float64) for s in stats]) / scales.to(self.device)[:, None, None]
+        B = torch.stack([s.B.to(self.device, torch.float64) for s in stats]) / scales.to(self.device)[:, None, None]
+        e = torch.tensor([s.e for s in stats], dtype=torch.float64) / scales
+        if self.use_prior:
+            O = procrustes(B)
+        else:
+            O = torch.eye(d, dtype=torch.float64, device=self.device).expand(len(stats), d, d).clone()
+        eye = torch.eye(d, dtype=torch.float64, device=self.device)
+        self.scales_ = scales
+        self.A_, self.B_, self.e_, self.O_ = A, B, e.to(self.device), O
+        self.C_ = (A + self.beta * eye).to(self.dtype)
+        self.M_ = (B + self.beta * O).to(self.dtype)
+        self.num_tasks_, self.dim_ = len(stats), d
+        self._fitted = True
+        return self
+
+    def require_fit(self) -> None:
+        if not self._fitted:
+            raise RuntimeError("CorrectionSolver is not fitted; call fit(statistics) first")
+
+    # -- solves ------------------------------------------------------------------------------
+    def aggregate(self, prefs: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+        p = _check_preferences(prefs.to(self.device, self.dtype), self.num_tasks_)
+        return torch.einsum("pt,tij->pij", p, stack)
+
+    def right_solve(self, numer: torch.Tensor, prefs: torch.Tensor) -> torch.Tensor:
+        """numer @ (sum_t p_t C_t)^{-1} for each preference, by Cholesky (C is symmetric)."""
+        L, info = torch.linalg.cholesky_ex(self.aggregate(prefs, self.C_))
+        if (info != 0).any():
+            raise torch.linalg.LinAlgError("sum_t p_t C_t is not positive definite; increase beta")
+        return torch.cholesky_solve(numer.transpose(-1, -2), L).transpose(-1, -2)
+
+    def task_corrections(self) -> torch.Tensor:
+        """W_t for every task, shape (T, d, d)."""
+        self.require_fit()
+        return self.solve(torch.eye(self.num_tasks_, dtype=self.dtype, device=self.device))
+
+    def solve(self, prefs: torch.Tensor) -> torch.Tensor:
+        """W_p for a (P, T) stack of preferences (or one (T,) preference): shape (P, d, d)."""
+        self.require_fit()
+        return self.right_solve(self.aggregate(prefs, self.M_), prefs)
+
+    # -- losses ------------------------------------------------------------------------------
+    def loss(self, W: torch.Tensor) -> torch.Tensor:
+        """Closed-form per-task loss L_t(W) from the statistics alone, shape (P, T) for W (P, d, d).
+
+        L_t(W) = tr(W A_t W^T) - 2 tr(W B_t^T) + e_t + beta ||W - O_t||^2 (normalised statistics).
+        """
+        self.require_fit()
+        W = W.to(self.device, torch.float64)
+        if W.ndim == 2:
+            W = W.unsqueeze(0)
+        quad = torch.einsum("pij,tjk,pik->pt", W, self.A_, W)
+        cross = torch.einsum("pij,tij->pt", W, self.B_)
+        prior = ((W.unsqueeze(1) - self.O_.unsqueeze(0)) ** 2).sum(dim=(-1, -2))
+        return quad - 2 * cross + self.e_ + self.beta * prior
+
+    def tradeoff(self, prefs: torch.Tensor) -> torch.Tensor:
+        """Per-task closed-form loss at W_p for each preference, shape (P, T)."""
+        return self.loss(self.solve(prefs))
