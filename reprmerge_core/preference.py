@@ -91,12 +91,12 @@ def canonical_preference(
         raw = [_weight(v, f"{field}[{i}]") for i, v in enumerate(value)]
     else:
         raise PreferenceError(field, f"must be a mapping task -> weight or a list of weights, got {type(value).__name__}")
-    total = math.fsum(raw)
-    if not total > 0:
+    top = max(raw, default=0.0)
+    if not top > 0:
         raise PreferenceError(field, "at least one weight must be positive")
-    if not math.isfinite(total):
-        raise PreferenceError(field, "weights are too large: their sum overflows")
-    weights = tuple(w / total for w in raw)
+    scaled = [w / top for w in raw]  # divide by the largest first: huge weights cannot overflow the sum
+    total = math.fsum(scaled)
+    weights = tuple(w / total for w in scaled)
     if grid is not None:
         weights = snap(weights, grid)
     return Preference(tasks, tuple(round(w, DECIMALS) + 0.0 for w in weights))

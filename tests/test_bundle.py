@@ -1,0 +1,124 @@
+"""Bundle round trip, integrity checks and the inspect command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from reprmerge_core.backbone import Backbone
+from reprmerge_core.bundle import BundleError, load_bundle
+from reprmerge_core.bundle.io import _sha256
+from reprmerge_core.cli import main as cli
+from tests.helpers import make_random_bundle
+
+
+def rewrite(bundle: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace a tensor file and fix its hash, as a buggy (not malicious) writer would."""
+    save_file(tensors, str(bundle / name))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][name] = _sha256(bundle / name)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_round_trip(tmp_path: Path, tiny_backbone_dir: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    path = make_random_bundle(tmp_path / "b", tiny_backbone_dir, generator=g)
+    bundle = load_bundle(path)
+    m = bundle.manifest
+    assert m.task_names == ["alpha", "beta", "gamma"]
+    assert [t.labels for t in m.tasks] == [["no", "yes"], ["a", "b", "c"], ["x", "y"]]
+    assert m.representation_dim == 32 and m.format_version == 1
+    assert m.correction.beta == 0.3 and m.correction.normalisation.value == "energy"
+    assert set(m.files) >= {"statistics.safetensors", "heads.safetensors", "backbone/config.json", "backbone/model.safetensors"}
+    # The same generator sequence rebuilds the same tensors: compare with what was written.
+    again = load_bundle(make_random_bundle(tmp_path / "c", tiny_backbone_dir, generator=torch.Generator().manual_seed(0)))
+    for s1, s2 in zip(bundle.statistics, again.statistics):
+        assert torch.equal(s1.A, s2.A) and torch.equal(s1.B, s2.B) and s1.n == s2.n == 64 and s1.e == s2.e
+        assert s1.A.dtype == torch.float64
+    for h1, h2 in zip(bundle.heads, again.heads):
+        assert torch.equal(h1.weight, h2.weight) and torch.equal(h1.bias, h2.bias)
+    assert again.manifest.bundle_id == m.bundle_id  # content-addressed
+    backbone = Backbone.from_pretrained(bundle.backbone_path, device="cpu")
+    assert backbone.encode(["a sentence", "another"]).shape == (2, 32)
+
+
+def test_flipped_byte_is_detected(random_bundle: Path) -> None:
+    target = random_bundle / "heads.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0x01
+    target.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="heads.safetensors: sha256 mismatch") as info:
+        load_bundle(random_bundle)
+    assert info.value.file == "heads.safetensors"
+
+
+def test_missing_file_is_named(random_bundle: Path) -> None:
+    (random_bundle / "backbone" / "model.safetensors").unlink()
+    with pytest.raises(BundleError, match="backbone/model.safetensors: file listed in the manifest is missing"):
+        load_bundle(random_bundle)
+    (random_bundle / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="manifest.json: missing"):
+        load_bundle(random_bundle)
+
+
+def test_nan_in_a_statistic_is_named(random_bundle: Path) -> None:
+    stats = load_file(str(random_bundle / "statistics.safetensors"))
+    stats["B.beta"][3, 4] = float("nan")
+    rewrite(random_bundle, "statistics.safetensors", stats)
+    with pytest.raises(BundleError, match=r"statistics.safetensors: B.beta: contains NaN") as info:
+        load_bundle(random_bundle)
+    assert (info.value.file, info.value.field) == ("statistics.safetensors", "B.beta")
+
+
+def test_wrong_shape_is_named(random_bundle: Path) -> None:
+    heads = load_file(str(random_bundle / "heads.safetensors"))
+    heads["weight.gamma"] = torch.zeros(2, 31)
+    rewrite(random_bundle, "heads.safetensors", heads)
+    with pytest.raises(BundleError, match=r"heads.safetensors: weight.gamma: expected shape \(2, 32\), got \(2, 31\)"):
+        load_bundle(random_bundle)
+
+
+def test_unknown_format_version(random_bundle: Path) -> None:
+    manifest = json.loads((random_bundle / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (random_bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="format_version: unsupported format version 99"):
+        load_bundle(random_bundle)
+
+
+def test_schema_errors_name_the_field(random_bundle: Path) -> None:
+    manifest = json.loads((random_bundle / "manifest.json").read_text())
+    manifest["correction"]["beta"] = -1
+    (random_bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="manifest.json: correction.beta") as info:
+        load_bundle(random_bundle)
+    assert info.value.field == "correction.beta"
+    (random_bundle / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(random_bundle)
+
+
+def test_failed_write_leaves_nothing_and_existing_bundle_is_kept(tmp_path: Path, tiny_backbone_dir: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    with pytest.raises(BundleError, match="no config.json"):
+        make_random_bundle(tmp_path / "b", tmp_path, generator=g)
+    assert list(tmp_path.iterdir()) == []
+    path = make_random_bundle(tmp_path / "b", tiny_backbone_dir, generator=g)
+    before = (path / "manifest.json").read_text()
+    with pytest.raises(FileExistsError):
+        make_random_bundle(path, tiny_backbone_dir, generator=g)
+    assert (path / "manifest.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_inspect_command(random_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["inspect", str(random_bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "VALID" in out and "alpha" in out and "beta=0.3" in out
+    (random_bundle / "statistics.safetensors").write_bytes(b"broken")
+    assert cli(["inspect", str(random_bundle)]) == 1
+    assert "statistics.safetensors: sha256 mismatch" in capsys.readouterr().err

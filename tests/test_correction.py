@@ -1,0 +1,217 @@
+"""ReACT math against independent float64 NumPy references on random data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from reprmerge_core.correction import CorrectionSolver, HeadFolder, StatisticsAccumulator, TaskHead, TaskStatistics
+
+D, T = 12, 3
+BETA = 0.5
+
+
+def make_data(seed: int = 0, d: int = D, tasks: int = T, n: int = 40) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per task: merged features Zm (n, d) and expert features Ze (n, d), with different scales."""
+    rng = np.random.default_rng(seed)
+    data = []
+    for t in range(tasks):
+        zm = rng.normal(size=(n + 7 * t, d)) * (1 + t)
+        mix = np.eye(d) + 0.4 * rng.normal(size=(d, d))
+        ze = zm @ mix.T + 0.2 * rng.normal(size=zm.shape)
+        data.append((zm, ze))
+    return data
+
+
+def stats_of(data: list[tuple[np.ndarray, np.ndarray]], batch: int = 9) -> list[TaskStatistics]:
+    out = []
+    for zm, ze in data:
+        acc = StatisticsAccumulator(zm.shape[1])
+        for i in range(0, len(zm), batch):  # streaming, in uneven batches, from float32 inputs too
+            acc.update(torch.from_numpy(zm[i : i + batch]), torch.from_numpy(ze[i : i + batch]))
+        out.append(acc.result())
+    return out
+
+
+def reference_terms(data, beta: float = BETA):
+    """Independent NumPy float64: energy-normalised A, B, e, Procrustes O, C and M per task."""
+    terms = []
+    for zm, ze in data:
+        d = zm.shape[1]
+        s = np.sum(zm * zm) / d
+        A, B, e = zm.T @ zm / s, ze.T @ zm / s, np.sum(ze * ze) / s
+        U, _, Vt = np.linalg.svd(B)
+        O = U @ Vt
+        terms.append(dict(A=A, B=B, e=e, O=O, C=A + beta * np.eye(d), M=B + beta * O, s=s, zm=zm, ze=ze))
+    return terms
+
+
+def data_loss(W: np.ndarray, term: dict, beta: float = BETA) -> float:
+    return float(np.sum((W @ term["zm"].T - term["ze"].T) ** 2) / term["s"] + beta * np.sum((W - term["O"]) ** 2))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    data = make_data()
+    solver = CorrectionSolver(beta=BETA).fit(stats_of(data))
+    return data, solver, reference_terms(data)
+
+
+def test_optimality_condition(setup) -> None:
+    _, solver, ref = setup
+    for p in ([0.2, 0.5, 0.3], [1.0, 1.0, 1.0], [0.0, 3.0, 1.0]):
+        W = solver.solve(torch.tensor(p, dtype=torch.float64))[0].numpy()
+        grad = sum(pt * 2 * (W @ r["C"] - r["M"]) for pt, r in zip(p, ref))
+        scale = np.linalg.norm(sum(pt * 2 * r["M"] for pt, r in zip(p, ref)))
+        assert np.linalg.norm(grad) / scale < 1e-9
+
+
+def test_one_hot_gives_task_correction(setup) -> None:
+    _, solver, ref = setup
+    W = solver.task_corrections().numpy()
+    for t, r in enumerate(ref):
+        expected = np.linalg.solve(r["C"].T, r["M"].T).T  # M C^{-1}
+        np.testing.assert_allclose(W[t], expected, rtol=1e-9, atol=1e-11)
+
+
+def test_scaling_preference_changes_nothing(setup) -> None:
+    _, solver, _ = setup
+    p = torch.tensor([[0.2, 0.5, 0.3], [2.0, 5.0, 3.0], [2e-6, 5e-6, 3e-6]], dtype=torch.float64)
+    W = solver.solve(p)
+    torch.testing.assert_close(W[1], W[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(W[2], W[0], rtol=1e-10, atol=1e-12)
+
+
+def test_huge_beta_gives_procrustes_prior(setup) -> None:
+    data, _, ref = setup
+    solver = CorrectionSolver(beta=1e9).fit(stats_of(data))
+    W = solver.task_corrections().numpy()
+    for t, r in enumerate(ref):
+        np.testing.assert_allclose(W[t], r["O"], atol=1e-6)
+        np.testing.assert_allclose(r["O"] @ r["O"].T, np.eye(D), atol=1e-10)
+
+
+def test_no_perturbation_improves_every_task(setup) -> None:
+    _, solver, ref = setup
+    rng = np.random.default_rng(1)
+    p = np.array([0.3, 0.3, 0.4])
+    W = solver.solve(torch.from_numpy(p))[0].numpy()
+    base = np.array([data_loss(W, r) for r in ref])
+    for scale in (1e-4, 1e-2, 1e-1):
+        for _ in range(300):
+            Wp = W + scale * rng.normal(size=W.shape)
+            losses = np.array([data_loss(Wp, r) for r in ref])
+            assert not np.all(losses < base), "a perturbation of W_p improved every task: not Pareto-optimal"
+            assert p @ losses >= p @ base - 1e-9
+
+
+def test_shards_add_up_to_one_pass() -> None:
+    (zm, ze), = make_data(seed=3, tasks=1, n=101)
+    whole = stats_of([(zm, ze)])[0]
+    a = stats_of([(zm[:37], ze[:37])])[0]
+    b = stats_of([(zm[37:], ze[37:])])[0]
+    total = a + b
+    torch.testing.assert_close(total.A, whole.A, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(total.B, whole.B, rtol=1e-12, atol=1e-10)
+    assert total.n == whole.n == 101
+    assert total.e == pytest.approx(whole.e, rel=1e-12)
+    np.testing.assert_allclose(whole.A.numpy(), zm.T @ zm, rtol=1e-12)
+    np.testing.assert_allclose(whole.B.numpy(), ze.T @ zm, rtol=1e-12)
+
+
+def test_batched_solves_equal_single_solves(setup) -> None:
+    _, solver, _ = setup
+    prefs = torch.rand(16, T, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.01
+    batched = solver.solve(prefs)
+    for i in range(len(prefs)):
+        torch.testing.assert_close(batched[i], solver.solve(prefs[i])[0], rtol=1e-12, atol=1e-12)
+
+
+def test_fused_heads_equal_head_of_corrected_representation(setup) -> None:
+    data, solver, _ = setup
+    g = torch.Generator().manual_seed(2)
+    heads = [TaskHead(torch.randn(k, D, generator=g), torch.randn(k, generator=g)) for k in (2, 5, 3)]
+    prefs = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    folder = HeadFolder(solver, heads, out_dtype=torch.float64)
+    fused = folder.fold(prefs)
+    W = solver.solve(prefs)
+    z = torch.from_numpy(data[0][0][:10])
+    for i in range(len(prefs)):
+        corrected = z @ W[i].T
+        for t, h in enumerate(heads):
+            expected = corrected @ h.weight.double().T + h.bias.double()
+            torch.testing.assert_close(fused.logits(z, i, t), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_closed_form_loss_equals_data_loss(setup) -> None:
+    _, solver, ref = setup
+    g = torch.Generator().manual_seed(4)
+    Ws = torch.randn(3, D, D, generator=g, dtype=torch.float64)
+    Ws[0] = solver.solve(torch.tensor([0.2, 0.5, 0.3]))[0]
+    closed = solver.loss(Ws).numpy()
+    for i in range(len(Ws)):
+        for t, r in enumerate(ref):
+            assert closed[i, t] == pytest.approx(data_loss(Ws[i].numpy(), r), rel=1e-9)
+
+
+def test_energy_normalisation_makes_beta_scale_and_size_free() -> None:
+    data = make_data(seed=5)
+    W = CorrectionSolver(beta=BETA).fit(stats_of(data)).task_corrections()
+    scaled = [(zm * 7.0, ze * 7.0) for zm, ze in data]
+    doubled = [(np.vstack([zm, zm]), np.vstack([ze, ze])) for zm, ze in data]
+    for other in (scaled, doubled):
+        torch.testing.assert_close(CorrectionSolver(beta=BETA).fit(stats_of(other)).task_corrections(), W)
+    # without normalisation the same beta means something else on a larger sample
+    raw = CorrectionSolver(beta=BETA, normalisation="none")
+    assert not torch.allclose(raw.fit(stats_of(doubled)).task_corrections(), raw.fit(stats_of(data)).task_corrections())
+
+
+def test_identity_prior_option(setup) -> None:
+    data, _, ref = setup
+    W = CorrectionSolver(beta=1e9, use_prior=False).fit(stats_of(data)).task_corrections()
+    torch.testing.assert_close(W, torch.eye(D, dtype=torch.float64).expand(T, D, D), atol=1e-6, rtol=0)
+
+
+def test_float32_solve_close_to_float64(setup) -> None:
+    data, solver, _ = setup
+    W32 = CorrectionSolver(beta=BETA, dtype=torch.float32).fit(stats_of(data)).solve(torch.tensor([0.2, 0.5, 0.3]))
+    torch.testing.assert_close(W32.double(), solver.solve(torch.tensor([0.2, 0.5, 0.3])), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"beta": 0.0}, "beta"), ({"beta": float("nan")}, "beta"), ({"normalisation": "zscore"}, "zscore"),
+     ({"dtype": torch.float16}, "dtype")],
+)
+def test_bad_parameters_fail_early(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        CorrectionSolver(**kwargs)
+
+
+def test_bad_preferences_and_inputs_are_refused(setup) -> None:
+    _, solver, _ = setup
+    for p, match in (([1.0, 0.0], r"\(P, 3\)"), ([-1.0, 1.0, 1.0], "non-negative"), ([0.0, 0.0, 0.0], "positive"),
+                     ([float("nan"), 1.0, 1.0], "finite")):
+        with pytest.raises(ValueError, match=match):
+            solver.solve(torch.tensor(p, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        CorrectionSolver().solve(torch.ones(3))
+    acc = StatisticsAccumulator(4)
+    with pytest.raises(ValueError, match="NaN"):
+        acc.update(torch.full((2, 4), float("nan")), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="match"):
+        acc.update(torch.zeros(2, 4), torch.zeros(3, 4))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_path_matches_cpu(setup) -> None:
+    data, solver, _ = setup
+    stats = [s.to("cuda") for s in stats_of(data)]
+    cuda = CorrectionSolver(beta=BETA, device="cuda").fit(stats)
+    prefs = torch.tensor([[0.2, 0.5, 0.3], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(cuda.solve(prefs).cpu(), solver.solve(prefs), rtol=1e-9, atol=1e-10)
+    acc = StatisticsAccumulator(D, device="cuda")
+    acc.update(torch.from_numpy(data[0][0]).cuda(), torch.from_numpy(data[0][1]).cuda())
+    torch.testing.assert_close(acc.result().A.cpu(), stats_of(data)[0].A, rtol=1e-10, atol=1e-9)
