@@ -27,7 +27,9 @@ serve: $(STAMP)
 	@exit 2
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	# One BLAS thread per process: the tests run a server and a client side by side on small tensors,
+	# where two spinning OpenMP threads per process slow tiny ops down a hundredfold.
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_solve.py

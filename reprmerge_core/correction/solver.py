@@ -54,6 +54,16 @@ def procrustes(B: torch.Tensor) -> torch.Tensor:
     return U @ Vh
 
 
+def quadratic_loss(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """sum over samples of ||W z_m - z_e||^2 from statistics: tr(W A W^T) - 2 tr(W B^T) + e.
+
+    W is (P, d, d), A and B are (T, d, d), e is (T,); the result is (P, T).
+    """
+    quad = torch.einsum("pij,tjk,pik->pt", W, A, W)
+    cross = torch.einsum("pij,tij->pt", W, B)
+    return quad - 2 * cross + e
+
+
 def _check_preferences(prefs: torch.Tensor, num_tasks: int) -> torch.Tensor:
     if prefs.ndim == 1:
         prefs = prefs.unsqueeze(0)
@@ -155,10 +165,8 @@ class CorrectionSolver:
         W = W.to(self.device, torch.float64)
         if W.ndim == 2:
             W = W.unsqueeze(0)
-        quad = torch.einsum("pij,tjk,pik->pt", W, self.A_, W)
-        cross = torch.einsum("pij,tij->pt", W, self.B_)
         prior = ((W.unsqueeze(1) - self.O_.unsqueeze(0)) ** 2).sum(dim=(-1, -2))
-        return quad - 2 * cross + self.e_ + self.beta * prior
+        return quadratic_loss(W, self.A_, self.B_, self.e_) + self.beta * prior
 
     def tradeoff(self, prefs: torch.Tensor) -> torch.Tensor:
         """Per-task closed-form loss at W_p for each preference, shape (P, T)."""

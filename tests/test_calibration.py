@@ -1,0 +1,91 @@
+"""Statistics from real (tiny) transformers models, and label-free beta selection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reprmerge_core.backbone import Backbone
+from reprmerge_core.calibration import collect_statistics, select_beta
+from reprmerge_core.correction import CorrectionSolver, TaskStatistics
+from tests.helpers import make_tiny_backbone
+
+TEXTS = [f"calibration sentence number {i} about {w}" for i, w in enumerate(["cats", "dogs", "news", "sport"] * 5)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> tuple[Backbone, Backbone]:
+    expert_dir = make_tiny_backbone(tmp_path_factory.mktemp("expert"), seed=1)
+    return (Backbone.from_pretrained(tiny_backbone_dir, device="cpu", max_length=16),
+            Backbone.from_pretrained(expert_dir, device="cpu", max_length=16))
+
+
+def test_statistics_match_direct_features(models) -> None:
+    merged, expert = models
+    result = collect_statistics(merged, [expert, merged], [TEXTS, TEXTS[:7]], folds=3, batch_size=6, progress=False)
+    zm = merged.encode(TEXTS, batch_size=20).double().numpy()
+    ze = expert.encode(TEXTS, batch_size=20).double().numpy()
+    total = result.total
+    # padding differs between batch sizes; mean pooling over the mask keeps features equal to ~1e-6
+    np.testing.assert_allclose(total[0].A.numpy(), zm.T @ zm, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(total[0].B.numpy(), ze.T @ zm, rtol=1e-4, atol=1e-4)
+    assert total[0].e == pytest.approx(float(np.sum(ze * ze)), rel=1e-5)
+    assert [s.n for s in result.folds[0]] == [7, 7, 6] and total[1].n == 7
+    fold0 = zm[0::3]
+    np.testing.assert_allclose(result.folds[0][0].A.numpy(), fold0.T @ fold0, rtol=1e-4, atol=1e-4)
+    assert result.samples == [20, 7] and result.forward_seconds > 0
+
+
+def test_collect_refuses_mismatched_inputs(models) -> None:
+    merged, expert = models
+    with pytest.raises(ValueError, match="2 experts and 1 calibration"):
+        collect_statistics(merged, [expert, expert], [TEXTS], progress=False)
+    with pytest.raises(ValueError, match="fewer than 5 folds"):
+        collect_statistics(merged, [expert], [TEXTS[:3]], folds=5, progress=False)
+
+
+def synthetic_folds(n: int, d: int = 24, folds: int = 4, tasks: int = 2, seed: int = 0):
+    """Experts are noisy linear maps of the merged features; returns stats [task][fold] and raw data."""
+    rng = np.random.default_rng(seed)
+    out, raw = [], []
+    for _ in range(tasks):
+        mix = np.eye(d) + 0.5 * rng.normal(size=(d, d)) / np.sqrt(d)
+        zm = rng.normal(size=(n, d))
+        ze = zm @ mix.T + 0.5 * rng.normal(size=(n, d))
+        raw.append((zm, ze))
+        out.append([TaskStatistics.from_features(torch.from_numpy(zm[f::folds]), torch.from_numpy(ze[f::folds]))
+                    for f in range(folds)])
+    return out, raw
+
+
+def test_held_out_score_equals_data_computation() -> None:
+    fold_stats, raw = synthetic_folds(n=60, folds=3)
+    sel = select_beta(fold_stats, candidates=[0.1, 1.0])
+    # independent: per fold, solve on the other folds, measure relative held-out squared error on the data
+    for i, beta in enumerate(sel.candidates):
+        num, den = np.zeros(2), np.zeros(2)
+        for f in range(3):
+            train = [sum((s for j, s in enumerate(task) if j != f), start=TaskStatistics.zeros(24)) for task in fold_stats]
+            W = CorrectionSolver(beta).fit(train).task_corrections().numpy()
+            for t, (zm, ze) in enumerate(raw):
+                zm_h, ze_h = zm[f::3], ze[f::3]
+                num[t] += np.sum((zm_h @ W[t].T - ze_h) ** 2)
+                den[t] += np.sum((zm_h - ze_h) ** 2)
+        assert sel.one_hot[i] == pytest.approx(float(np.mean(num / den)), rel=1e-9)
+
+
+def test_fewer_samples_than_dimensions_choose_a_stronger_prior() -> None:
+    few = select_beta(synthetic_folds(n=20, d=24)[0])
+    many = select_beta(synthetic_folds(n=2000, d=24)[0])
+    assert few.beta > many.beta
+    assert few.score[few.candidates.index(few.beta)] == min(few.score)
+    assert len(many.one_hot) == len(many.candidates) == len(many.equal)
+
+
+def test_select_beta_validates_folds() -> None:
+    fold_stats, _ = synthetic_folds(n=20, folds=1)
+    with pytest.raises(ValueError, match="folds"):
+        select_beta(fold_stats)
