@@ -1,0 +1,30 @@
+"""Merge task experts into one backbone.
+
+Methods (registry `METHODS`; parameters validated by the pydantic models in `params`):
+- `task_arithmetic` (lam), `ties` (density = kept fraction, lam), `dare` (drop_rate, lam, combine
+  linear|ties, seed): data-free, PEFT's semantics (see `arithmetic`).
+- `regmean` (alpha, ridge) and `projection` (basis diagonal|eigen, rank, ridge): data-aware, per linear
+  layer from the input Grams of each task's calibration inputs (see `projection`); `sequential=true`
+  takes those Grams on the partially merged network (see `sequential`).
+
+Which rule a parameter gets:
+- `name.weight` of an nn.Linear with calibration Grams: the data-aware method's linear rule.
+- every other parameter (biases, LayerNorm, embeddings, linear weights without Grams): the data-free
+  methods apply themselves (TIES trims and elects signs on a LayerNorm weight too); the data-aware
+  methods use task arithmetic with their `lam`, by default 1/K, i.e. the experts' average (as RegMean).
+- parameters that no expert changed (the project's experts train with frozen embeddings) and those
+  matching a `freeze` pattern are the base's tensors, bit-exact, whatever the method.
+All arithmetic is float64 on the task vectors tau_k = theta_k - theta_0; results are cast to the base's
+dtype, so lam = 0 returns the base and one expert with lam = 1 returns that expert exactly (a float64
+difference of two float32 values is exact unless their magnitudes differ by more than 2^29).
+"""
+
+from reprmerge_core.merging.calibration import collect_grams, layer_stages, read_texts, text_batches
+from reprmerge_core.merging.checkpoints import REPORT_FILE, merge_checkpoints
+from reprmerge_core.merging.merge import METHODS, LayerDiagnostics, MergeReport, MergeResult, merge_state_dicts, resolve
+from reprmerge_core.merging.sequential import merge_sequential
+
+__all__ = [
+    "METHODS", "REPORT_FILE", "LayerDiagnostics", "MergeReport", "MergeResult", "collect_grams", "layer_stages",
+    "merge_checkpoints", "merge_sequential", "merge_state_dicts", "read_texts", "resolve", "text_batches",
+]

@@ -1,0 +1,313 @@
+"""Merge methods against independent references: PEFT's merge utilities, brute-force least squares,
+the RegMean formula in numpy, and a hand-propagated two-layer network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft.utils import merge_utils as peft
+from torch import Tensor, nn
+from transformers import BertModel
+
+from reprmerge_core.merging import collect_grams, layer_stages, merge_sequential, merge_state_dicts
+from reprmerge_core.merging.merge import parameter_seed
+from reprmerge_core.merging.projection import (
+    calibration_loss,
+    diagonal_qp,
+    eigen_qp,
+    residual_energy,
+    residual_energy_matrix,
+)
+
+F64 = torch.float64
+
+
+def random_state(gen: torch.Generator, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    return {
+        "lin.weight": torch.randn(6, 5, generator=gen, dtype=dtype),
+        "lin.bias": torch.randn(6, generator=gen, dtype=dtype),
+        "norm.weight": 1 + 0.1 * torch.randn(5, generator=gen, dtype=dtype),
+        "emb.weight": torch.randn(11, 5, generator=gen, dtype=dtype),
+    }
+
+
+def make_experts(base: dict[str, Tensor], gen: torch.Generator, k: int, frozen: tuple[str, ...] = ("emb.weight",)) -> dict[str, dict[str, Tensor]]:
+    """Experts = base + random task vectors; `frozen` parameters stay at the base (as frozen embeddings)."""
+    return {
+        f"t{i}": {n: v if n in frozen else v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for n, v in base.items()}
+        for i in range(k)
+    }
+
+
+DATA_FREE = [
+    ("task_arithmetic", {}),
+    ("ties", {"density": 0.2}),
+    ("dare", {"drop_rate": 0.5, "seed": 3}),
+    ("dare", {"drop_rate": 0.5, "combine": "ties"}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), DATA_FREE)
+def test_lambda_zero_is_the_base(method: str, params: dict) -> None:
+    gen = torch.Generator().manual_seed(0)
+    base = random_state(gen)
+    result = merge_state_dicts(base, make_experts(base, gen, 3), method, {**params, "lambda": 0.0})
+    assert all(torch.equal(result.state_dict[n], base[n]) for n in base)
+
+
+@pytest.mark.parametrize(("method", "params"), [("task_arithmetic", {}), ("ties", {"density": 1.0}), ("dare", {"drop_rate": 0.0})])
+def test_one_expert_lambda_one_is_the_expert(method: str, params: dict) -> None:
+    gen = torch.Generator().manual_seed(1)
+    base = random_state(gen)
+    experts = make_experts(base, gen, 1)
+    result = merge_state_dicts(base, experts, method, {**params, "lam": 1.0})
+    assert all(torch.equal(result.state_dict[n], experts["t0"][n]) for n in base)
+
+
+def test_unchanged_and_frozen_parameters_stay_bit_exact() -> None:
+    gen = torch.Generator().manual_seed(2)
+    base = random_state(gen)
+    result = merge_state_dicts(base, make_experts(base, gen, 3), "ties", {"freeze": ["norm.*"]})
+    assert result.state_dict["emb.weight"] is base["emb.weight"]  # no expert changed it
+    assert torch.equal(result.state_dict["norm.weight"], base["norm.weight"])  # frozen by pattern
+    assert sorted(result.report.base_parameters) == ["emb.weight", "norm.weight"]
+    assert not torch.equal(result.state_dict["lin.weight"], base["lin.weight"])
+
+
+def peft_merged(base: dict[str, Tensor], experts: dict[str, dict[str, Tensor]], fn, lam: float, **kwargs) -> dict[str, Tensor]:
+    weights = torch.full((len(experts),), lam, dtype=F64)
+    return {n: base[n] + fn([e[n] - base[n] for e in experts.values()], weights, **kwargs) for n in base}
+
+
+def assert_states_close(ours: dict[str, Tensor], reference: dict[str, Tensor]) -> None:
+    for name, value in reference.items():
+        torch.testing.assert_close(ours[name], value, rtol=0, atol=1e-12, msg=name)
+
+
+def test_task_arithmetic_and_ties_match_peft() -> None:
+    gen = torch.Generator().manual_seed(3)
+    base = random_state(gen, F64)
+    experts = make_experts(base, gen, 3, frozen=())
+    ours = merge_state_dicts(base, experts, "task_arithmetic", {"lam": 0.4}).state_dict
+    assert_states_close(ours, peft_merged(base, experts, peft.task_arithmetic, 0.4))
+    # our density is PEFT's density: the kept fraction, k = int(density * numel)
+    ours = merge_state_dicts(base, experts, "ties", {"density": 0.3, "lam": 0.8}).state_dict
+    assert_states_close(ours, peft_merged(base, experts, peft.ties, 0.8, density=0.3, majority_sign_method="total"))
+
+
+@pytest.mark.parametrize(("combine", "peft_fn"), [("linear", peft.dare_linear), ("ties", peft.dare_ties)])
+def test_dare_matches_peft_with_the_same_mask(combine: str, peft_fn) -> None:
+    # PEFT draws each task's mask as bernoulli(full_like(tau_k, density)) from the global RNG, task by task.
+    # We draw the same calls, in the same order, from a generator seeded with parameter_seed(seed, name);
+    # seeding the global RNG with that number before PEFT's call therefore reproduces our masks exactly.
+    gen = torch.Generator().manual_seed(4)
+    base = random_state(gen, F64)
+    experts = make_experts(base, gen, 3, frozen=())
+    ours = merge_state_dicts(base, experts, "dare", {"drop_rate": 0.3, "lam": 0.6, "seed": 7, "combine": combine}).state_dict
+    for name in base:
+        torch.manual_seed(parameter_seed(7, name))
+        reference = base[name] + peft_fn([e[name] - base[name] for e in experts.values()], torch.full((3,), 0.6, dtype=F64), density=0.7)
+        torch.testing.assert_close(ours[name], reference, rtol=0, atol=1e-12, msg=name)
+
+
+def test_dare_drop_statistics_and_seed() -> None:
+    base = {"w": torch.zeros(200, 200, dtype=F64)}
+    experts = {"a": {"w": torch.ones(200, 200, dtype=F64)}}
+    out = merge_state_dicts(base, experts, "dare", {"drop_rate": 0.25, "lam": 1.0, "seed": 1}).state_dict["w"]
+    assert set(out.unique().tolist()) == {0.0, 1 / 0.75}  # survivors rescaled by 1 / (1 - p)
+    assert abs(float((out == 0).double().mean()) - 0.25) < 0.01
+    assert abs(float(out.mean()) - 1.0) < 0.02  # unbiased
+    again = merge_state_dicts(base, experts, "dare", {"drop_rate": 0.25, "lam": 1.0, "seed": 1}).state_dict["w"]
+    other = merge_state_dicts(base, experts, "dare", {"drop_rate": 0.25, "lam": 1.0, "seed": 2}).state_dict["w"]
+    assert torch.equal(out, again) and not torch.equal(out, other)
+
+
+@pytest.mark.parametrize(("method", "params", "field"), [
+    ("ties", {"density": 1.5}, "density"), ("dare", {"drop_rate": 1.0}, "drop_rate"),
+    ("task_arithmetic", {"lamda": 1}, "lamda"), ("projection", {"rank": 2}, "rank"), ("regmean", {"alpha": -1}, "alpha"),
+])
+def test_bad_parameters_name_the_field(method: str, params: dict, field: str) -> None:
+    base = {"w": torch.zeros(2, 2)}
+    with pytest.raises(ValueError, match=field):
+        merge_state_dicts(base, {"a": {"w": torch.ones(2, 2)}}, method, params, grams={"a": {}})
+
+
+def test_incompatible_state_dicts_name_the_parameter() -> None:
+    base = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"parameter w: base shape \(2, 2\) vs expert 'a' shape \(3, 2\)"):
+        merge_state_dicts(base, {"a": {"w": torch.ones(3, 2), "b": torch.zeros(2)}}, "task_arithmetic")
+
+
+# ---- one linear layer: output-space projection and RegMean ----
+
+def layer_problem(seed: int, k: int = 3, m: int = 4, n: int = 5, samples: int = 7, duplicate: bool = False):
+    """Task updates (K, m, n), calibration inputs X_k (n, s) and their Grams; correlated inputs per task."""
+    gen = torch.Generator().manual_seed(seed)
+    deltas = torch.randn(k, m, n, generator=gen, dtype=F64)
+    if duplicate:
+        deltas[1] = deltas[0]
+    inputs = [torch.randn(n, n, generator=gen, dtype=F64) @ torch.randn(n, samples, generator=gen, dtype=F64) for _ in range(k)]
+    grams = torch.stack([x @ x.T for x in inputs])
+    return deltas, inputs, grams
+
+
+def explicit_loss(update: Tensor, deltas: Tensor, inputs: list[Tensor]) -> float:
+    """sum_k ||U X_k - Delta_k X_k||^2 from the outputs themselves."""
+    return sum(float(((update - d) @ x).pow(2).sum()) for d, x in zip(deltas, inputs))
+
+
+def brute_force(basis: list[Tensor], deltas: Tensor, inputs: list[Tensor]) -> tuple[Tensor, float]:
+    """Least squares over the basis coefficients with explicit outputs (numpy lstsq)."""
+    design = np.stack([np.concatenate([(b @ x).numpy().ravel() for x in inputs]) for b in basis], axis=1)
+    target = np.concatenate([(d @ x).numpy().ravel() for d, x in zip(deltas, inputs)])
+    coef = np.linalg.lstsq(design, target, rcond=None)[0]
+    update = sum(c * b for c, b in zip(coef.tolist(), basis))
+    return update, explicit_loss(update, deltas, inputs)
+
+
+def diagonal_basis(deltas: Tensor) -> list[Tensor]:
+    k, m, _ = deltas.shape
+    return [torch.diag_embed(torch.eye(m, dtype=F64)[i]) @ deltas[j] for j in range(k) for i in range(m)]
+
+
+@pytest.mark.parametrize("duplicate", [False, True])
+def test_diagonal_qp_equals_brute_force_least_squares(duplicate: bool) -> None:
+    deltas, inputs, grams = layer_problem(5, duplicate=duplicate)  # duplicate: every G_i is singular
+    solution = diagonal_qp(deltas, grams)
+    update, loss = brute_force(diagonal_basis(deltas), deltas, inputs)
+    assert explicit_loss(solution.update, deltas, inputs) == pytest.approx(loss, rel=1e-8)
+    if not duplicate:  # with two equal tasks only the sum of their coefficients is identified
+        torch.testing.assert_close(solution.update, update, rtol=1e-7, atol=1e-9)
+
+
+def test_diagonal_qp_beats_averaging_and_task_arithmetic() -> None:
+    for seed in range(5):
+        deltas, inputs, grams = layer_problem(seed)
+        loss = calibration_loss(diagonal_qp(deltas, grams).update, deltas, grams)
+        for lam in (1 / 3, 0.1, 0.3, 0.5, 1.0):
+            assert loss <= calibration_loss(lam * deltas.sum(0), deltas, grams) + 1e-9
+
+
+def test_rho_and_optimal_loss() -> None:
+    deltas, inputs, grams = layer_problem(6)
+    energy = residual_energy(deltas, grams)
+    assert energy == pytest.approx(sum(float((d @ x).pow(2).sum()) for d, x in zip(deltas, inputs)))
+    for solution in (diagonal_qp(deltas, grams), eigen_qp(deltas, grams), eigen_qp(deltas, grams, rank=2)):
+        rho = solution.captured / energy
+        assert 0.0 <= rho <= 1.0
+        assert explicit_loss(solution.update, deltas, inputs) == pytest.approx((1 - rho) * energy, rel=1e-8)
+
+
+def test_eigen_basis_from_grams_equals_explicit_outputs_and_brute_force() -> None:
+    deltas, inputs, grams = layer_problem(7)
+    energy_matrix = sum((d @ x) @ (d @ x).T for d, x in zip(deltas, inputs))
+    torch.testing.assert_close(residual_energy_matrix(deltas, grams), energy_matrix)
+    _, vectors = torch.linalg.eigh(energy_matrix)
+    top = vectors[:, -2:]
+    basis = [torch.outer(top[:, b], top[:, b]) @ d for d in deltas for b in range(2)]
+    _, loss = brute_force(basis, deltas, inputs)
+    assert explicit_loss(eigen_qp(deltas, grams, rank=2).update, deltas, inputs) == pytest.approx(loss, rel=1e-8)
+
+
+def test_regmean_equals_the_formula_and_is_the_unrestricted_optimum() -> None:
+    gen = torch.Generator().manual_seed(8)
+    base = {"lin.weight": torch.randn(4, 5, generator=gen, dtype=F64)}
+    deltas, inputs, grams = layer_problem(8, samples=9)
+    experts = {f"t{k}": {"lin.weight": base["lin.weight"] + deltas[k]} for k in range(3)}
+    per_task = {f"t{k}": {"lin": grams[k]} for k in range(3)}
+    alpha = 0.7
+    merged = merge_state_dicts(base, experts, "regmean", {"alpha": alpha, "ridge": 0.0}, per_task).state_dict["lin.weight"]
+    shrunk = [alpha * g.numpy() + (1 - alpha) * np.diag(np.diag(g.numpy())) for g in grams]
+    numerator = sum(e["lin.weight"].numpy() @ s for e, s in zip(experts.values(), shrunk))
+    reference = numerator @ np.linalg.inv(sum(shrunk))
+    np.testing.assert_allclose(merged.numpy(), reference, rtol=1e-9, atol=1e-10)
+    exact = merge_state_dicts(base, experts, "regmean", {"alpha": 1.0, "ridge": 0.0}, per_task).report
+    qp = merge_state_dicts(base, experts, "projection", {}, per_task).report
+    assert exact.layers["lin"].loss <= qp.layers["lin"].loss + 1e-9
+    assert qp.layers["lin"].rho == pytest.approx(diagonal_qp(deltas, grams).captured / residual_energy(deltas, grams))
+
+
+def test_data_aware_report_and_nonlinear_rule() -> None:
+    gen = torch.Generator().manual_seed(9)
+    base = random_state(gen, F64)
+    experts = make_experts(base, gen, 2)
+    grams = {t: {"lin": torch.eye(5, dtype=F64) * (i + 1)} for i, t in enumerate(experts)}
+    result = merge_state_dicts(base, experts, "projection", {"basis": "eigen"}, grams)
+    mean = {n: (experts["t0"][n] + experts["t1"][n]) / 2 for n in base}
+    torch.testing.assert_close(result.state_dict["lin.bias"], mean["lin.bias"])  # lam None: the average
+    assert torch.equal(result.state_dict["emb.weight"], base["emb.weight"])
+    assert 0.0 <= result.report.rho <= 1.0 and set(result.report.layers) == {"lin"}
+    with pytest.raises(ValueError, match="data-aware"):
+        merge_state_dicts(base, experts, "regmean")
+
+
+# ---- calibration Grams and the sequential variant ----
+
+class TokenModel(nn.Module):
+    """(B, T, n) inputs with an attention mask, like a transformer layer sees them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, input: Tensor, attention_mask: Tensor) -> Tensor:  # noqa: A002 - mirrors nn.Sequential
+        return self.lin(input)
+
+
+def test_collect_grams_counts_only_real_tokens() -> None:
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 4, 3, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    grams = collect_grams(TokenModel(), [{"input": x, "attention_mask": mask}], ["lin"])
+    real = torch.cat([x[0, :3], x[1, :2]]).to(F64)
+    torch.testing.assert_close(grams["lin"], real.T @ real)
+
+
+def test_layer_stages_of_bert_group_shared_inputs(tiny_backbone_dir) -> None:
+    model = BertModel.from_pretrained(tiny_backbone_dir)
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    batch = {"input_ids": torch.tensor([[101, 2000, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    stages = layer_stages(model, batch, linear)
+    prefix = "encoder.layer.0."
+    assert stages[0] == [prefix + "attention.self.query", prefix + "attention.self.key", prefix + "attention.self.value"]
+    assert stages[1:4] == [[prefix + "attention.output.dense"], [prefix + "intermediate.dense"], [prefix + "output.dense"]]
+    assert stages[-1] == ["pooler.dense"] and len(stages) == 9
+
+
+def two_layer() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def regmean_numpy(weights: list[Tensor], grams: list[Tensor]) -> Tensor:
+    numerator = sum(w.numpy() @ g.numpy() for w, g in zip(weights, grams))
+    return torch.from_numpy(numerator @ np.linalg.inv(sum(g.numpy() for g in grams)))
+
+
+def test_sequential_uses_merged_inputs_and_differs_from_one_shot() -> None:
+    torch.manual_seed(11)
+    base = {n: v.detach().clone() for n, v in two_layer().state_dict().items()}
+    experts = {t: {n: v + 0.3 * torch.randn_like(v) for n, v in base.items()} for t in ("a", "b")}
+    inputs = {t: torch.randn(20, 4, dtype=F64) for t in experts}
+    batches = {t: [{"input": x[:12]}, {"input": x[12:]}] for t, x in inputs.items()}
+    params = {"alpha": 1.0, "ridge": 0.0}
+    result = merge_sequential(two_layer(), base, experts, "regmean", {**params, "sequential": True}, batches)
+
+    # by hand: biases averaged; layer 1 from the raw inputs; layer 2 from the merged layer 1's outputs
+    b1 = (experts["a"]["0.bias"] + experts["b"]["0.bias"]) / 2
+    w1 = regmean_numpy([experts[t]["0.weight"] for t in experts], [inputs[t].T @ inputs[t] for t in experts])
+    hidden = {t: torch.tanh(x @ w1.T + b1) for t, x in inputs.items()}
+    w2 = regmean_numpy([experts[t]["2.weight"] for t in experts], [h.T @ h for h in hidden.values()])
+    torch.testing.assert_close(result.state_dict["0.weight"], w1)
+    torch.testing.assert_close(result.state_dict["2.weight"], w2)
+    assert set(result.report.layers) == {"0", "2"} and result.report.rho is not None
+
+    # one-shot: each expert's own activations at layer 2
+    own = {}
+    for t, state in experts.items():
+        model = two_layer()
+        model.load_state_dict(state)
+        own[t] = collect_grams(model, batches[t], ["0", "2"])
+    one_shot = merge_state_dicts(base, experts, "regmean", params, own).state_dict
+    torch.testing.assert_close(one_shot["0.weight"], w1)
+    assert float((one_shot["2.weight"] - w2).abs().max()) > 1e-3
