@@ -1,0 +1,61 @@
+"""`reprmerge serve BUNDLE`: the preference-serving HTTP service (flags override REPRMERGE_* variables)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from reprmerge_core.bundle import BundleError
+
+# flag -> settings field; every one is optional so the environment fills the rest.
+_FLAGS: dict[str, tuple[type, str]] = {
+    "host": (str, "interface to bind"),
+    "port": (int, "port to bind (0: any free port)"),
+    "device": (str, "auto, cpu or cuda"),
+    "max_batch_size": (int, "most texts in one backbone pass"),
+    "max_batch_wait": (float, "seconds a batch may wait to fill while the model is busy"),
+    "queue_limit": (int, "most queued requests before 429"),
+    "head_cache_bytes": (int, "head cache budget in bytes"),
+    "preference_grid": (int, "snap preferences to multiples of 1/grid"),
+    "api_key": (str, "require `Authorization: Bearer KEY` (prefer REPRMERGE_API_KEY: flags show in ps)"),
+    "max_body_bytes": (int, "largest request body"),
+    "max_inputs": (int, "most texts per request"),
+    "max_text_chars": (int, "longest text in characters"),
+    "default_timeout": (float, "deadline in seconds when a request has no X-Request-Timeout"),
+    "model_name": (str, "model name on the /v2 routes"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a bundle over HTTP (/v1 and Open Inference Protocol /v2)")
+    p.add_argument("bundle", type=Path, nargs="?", help="bundle directory (or REPRMERGE_BUNDLE)")
+    for name, (kind, text) in _FLAGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here: the other commands should not pay for FastAPI and uvicorn.
+    from service.engine import Engine
+    from service.server import serve
+    from service.settings import ServiceSettings
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
+    overrides = {name: getattr(args, name) for name in ("bundle", *_FLAGS) if getattr(args, name) is not None}
+    try:
+        settings = ServiceSettings(**overrides)
+    except ValidationError as exc:
+        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    try:
+        engine = Engine.load(settings.bundle, device=settings.device)
+    except (BundleError, ValueError) as exc:
+        print(f"cannot serve {settings.bundle}: {exc}", file=sys.stderr)
+        return 1
+    serve(settings, engine)
+    return 0

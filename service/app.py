@@ -1,0 +1,149 @@
+"""FastAPI app factory and the thin /v1 and probe routes; the logic lives in `service.runtime`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from reprmerge_core import __version__
+from service import oip
+from service.deps import get_service, problems, set_timings
+from service.engine import Engine
+from service.errors import InvalidInput, MalformedRequest, ServiceError, from_status
+from service.metrics import Metrics
+from service.middleware import RequestMiddleware, problem_response
+from service.runtime import TIMEOUT_HEADER, Service
+from service.schemas import InfoResponse, PredictRequest, PredictResponse, TradeoffRequest, TradeoffResponse
+from service.settings import ServiceSettings
+
+log = logging.getLogger("reprmerge.service")
+
+DESCRIPTION = """Per-request trade-offs between the tasks of one merged backbone.
+
+Every request names a preference over tasks; its closed-form correction is folded into the task
+heads (cached by canonical preference), and requests with different preferences share one
+backbone pass. Errors are `application/problem+json` (RFC 9457)."""
+
+
+def field_of(loc: tuple[int | str, ...]) -> str:
+    """`('body', 'preference', 'dict[str,float]', 'a')` -> `preference.a`: drop the location and union tags."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "header", "path") else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" not in part and "-" not in part:
+            out += f".{part}" if out else part
+    return out or "body"
+
+
+def _request_id(request: Request) -> str:
+    return request.state.request_id
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error, ours or the framework's, leaves as problem+json with the request id."""
+
+    async def service_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)
+        return problem_response(exc, _request_id(request), request.url.path)
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            err: ServiceError = MalformedRequest(f"body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+        else:
+            err = InvalidInput(first["msg"], field=field_of(tuple(first["loc"])))
+        return problem_response(err, _request_id(request), request.url.path)
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return problem_response(from_status(exc.status_code, str(exc.detail)), _request_id(request), request.url.path)
+
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request %s failed", _request_id(request))
+        return problem_response(ServiceError("internal error; the server log has details under this request id"),
+                                _request_id(request), request.url.path)
+
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+
+
+router = APIRouter()
+TimeoutHeader = Header(None, alias=TIMEOUT_HEADER, description="seconds the client will wait; later answers become 504")
+
+
+@router.get("/livez", tags=["probes"], summary="process is alive (never touches the model)")
+async def livez() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@router.get("/readyz", tags=["probes"], summary="200 once warmed up and not draining", responses=problems(503))
+async def readyz(service: Service = Depends(get_service)) -> dict[str, str]:
+    service.require_ready()
+    return {"status": "ready"}
+
+
+@router.get("/metrics", tags=["probes"], summary="Prometheus metrics", response_class=Response)
+async def metrics(service: Service = Depends(get_service)) -> Response:
+    return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/info", response_model=InfoResponse, tags=["v1"], summary="tasks, labels, limits, versions",
+            responses=problems(401))
+async def info(service: Service = Depends(get_service)) -> InfoResponse:
+    return service.info()
+
+
+@router.post("/v1/predict", response_model=PredictResponse, tags=["v1"],
+             summary="labels and class probabilities per input, task and preference",
+             responses=problems(400, 401, 413, 422, 429, 503, 504))
+async def predict(
+    body: PredictRequest, request: Request, response: Response,
+    timeout: str | None = TimeoutHeader, service: Service = Depends(get_service),
+) -> PredictResponse:
+    deadline = service.deadline(timeout)
+    prefs, tasks = service.preferences(body), service.tasks(body.tasks)
+    service.check_texts(body.texts)
+    result = await service.infer(body.texts, prefs, deadline)
+    set_timings(request, response, result)
+    return service.predict_response(prefs, tasks, result)
+
+
+@router.post("/v1/tradeoff", response_model=TradeoffResponse, tags=["v1"],
+             summary="closed-form per-task loss of a preference, from the statistics alone",
+             responses=problems(400, 401, 413, 422, 503))
+async def tradeoff(body: TradeoffRequest, service: Service = Depends(get_service)) -> TradeoffResponse:
+    return await service.tradeoff(service.preferences(body))
+
+
+def create_app(settings: ServiceSettings, engine: Engine, metrics: Metrics | None = None) -> FastAPI:
+    """The ASGI app serving `engine`; warm-up runs in the lifespan, so the app is ready once started."""
+    service = Service(settings, engine, metrics or Metrics())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.drain()
+            await service.close()
+
+    app = FastAPI(title="reprmerge", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.service = service
+    install_error_handlers(app)
+    app.include_router(router)
+    app.include_router(oip.router)
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
+    app.add_middleware(RequestMiddleware, metrics=service.metrics, max_body_bytes=settings.max_body_bytes, api_key=api_key)
+    return app

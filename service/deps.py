@@ -1,0 +1,33 @@
+"""What routes share: the injected service, timing headers and the problem responses they document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request, Response
+
+from service.batcher import JobResult
+from service.runtime import Service
+from service.schemas import Problem
+
+
+def get_service(request: Request) -> Service:
+    """The app's Service, injected with Depends so tests and routes never reach for globals."""
+    return request.app.state.service
+
+
+def set_timings(request: Request, response: Response, result: JobResult) -> None:
+    """Server-Timing (and X-* twins) for the client; the same numbers go into the access log."""
+    queue_ms, inference_ms = round(result.queue_time * 1e3, 3), round(result.inference_time * 1e3, 3)
+    request.state.timings.update(queue_ms=queue_ms, inference_ms=inference_ms)
+    response.headers["Server-Timing"] = f"queue;dur={queue_ms}, inference;dur={inference_ms}"
+    response.headers["X-Queue-Time"] = f"{result.queue_time:.6f}"
+    response.headers["X-Inference-Time"] = f"{result.inference_time:.6f}"
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the given error statuses, all application/problem+json."""
+    return {
+        status: {"model": Problem, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+        for status in statuses
+    }

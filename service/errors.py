@@ -1,0 +1,75 @@
+"""Service errors and their RFC 9457 problem+json form; the status map follows serving.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROBLEM_TYPE = "https://reprmerge.dev/problems/"
+
+
+class ServiceError(Exception):
+    """An error with a status and a problem type; raised by logic, rendered by the app."""
+
+    status = 500
+    title = "Internal error"
+    slug = "internal"
+
+    def __init__(self, detail: str, *, field: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.field = field
+        self.headers = headers or {}
+
+    def problem(self, request_id: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": PROBLEM_TYPE + self.slug,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "request_id": request_id,
+        }
+        if self.field is not None:
+            body["field"] = self.field
+        return body
+
+
+class MalformedRequest(ServiceError):
+    status, title, slug = 400, "Malformed request", "malformed"
+
+
+class Unauthorized(ServiceError):
+    status, title, slug = 401, "Missing or wrong API key", "unauthorized"
+
+
+class NotFound(ServiceError):
+    status, title, slug = 404, "Not found", "not-found"
+
+
+class PayloadTooLarge(ServiceError):
+    status, title, slug = 413, "Request too large", "too-large"
+
+
+class InvalidInput(ServiceError):
+    status, title, slug = 422, "Invalid preference or input", "invalid"
+
+
+class QueueFull(ServiceError):
+    status, title, slug = 429, "Too many requests queued", "queue-full"
+
+
+class Unavailable(ServiceError):
+    status, title, slug = 503, "Not ready or draining", "unavailable"
+
+
+class DeadlineExceeded(ServiceError):
+    status, title, slug = 504, "Deadline passed before the model", "deadline"
+
+
+def from_status(status: int, detail: str) -> ServiceError:
+    """The error class for a framework status (404, 405, ...) so every error shares one body."""
+    for cls in (MalformedRequest, Unauthorized, NotFound, PayloadTooLarge, InvalidInput, QueueFull, Unavailable, DeadlineExceeded):
+        if cls.status == status:
+            return cls(detail)
+    err = ServiceError(detail)
+    err.status, err.title, err.slug = status, "HTTP error", f"http-{status}"
+    return err

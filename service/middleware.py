@@ -1,0 +1,135 @@
+"""Pure ASGI middleware for what every route shares: request id, API key, body limit, metrics, logs.
+
+Pure ASGI (not BaseHTTPMiddleware) so it adds no task per request and sees the final status.
+The body is read here, bounded, and replayed: an oversized body is refused before any parsing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from service.errors import PayloadTooLarge, ServiceError, Unauthorized
+from service.metrics import Metrics
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Probes and metrics stay reachable without the key (kubelet and Prometheus carry none).
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+access_log = logging.getLogger("reprmerge.access")
+
+
+def problem_response(err: ServiceError, request_id: str, path: str) -> JSONResponse:
+    """The one place an error becomes RFC 9457 problem+json.
+
+    On /v2 the body also carries `error` (an RFC 9457 extension member): the Open Inference
+    Protocol's error field, which Triton and KServe clients show to their users.
+    """
+    body = err.problem(request_id)
+    if path.startswith("/v2"):
+        body["error"] = err.detail
+    headers = {**err.headers, "X-Request-ID": request_id}
+    return JSONResponse(body, status_code=err.status, headers=headers, media_type="application/problem+json")
+
+
+class RequestMiddleware:
+    """Wraps every HTTP request; timings set by routes in `scope['state']['timings']` are logged too."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, api_key: str | None) -> None:
+        self.app, self.metrics, self.max_body, self.api_key = app, metrics, max_body_bytes, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        client_id = headers.get("x-request-id", "")
+        request_id = client_id if _CLIENT_ID.match(client_id) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"], state["timings"] = request_id, {}
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                if not any(k.lower() == b"x-request-id" for k, _ in message["headers"]):
+                    message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            refusal = self._refusal(scope["path"], headers)
+            if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                body, refusal = await self._read_body(receive, headers)
+                receive = _replay(body, receive)
+            if refusal is not None:
+                self.metrics.rejections.labels(refusal.slug).inc()
+                await problem_response(refusal, request_id, scope["path"])(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            self.metrics.in_flight.dec()
+            elapsed = time.perf_counter() - start
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.request_duration.labels(route).observe(elapsed)
+            access_log.info(json.dumps({
+                "request_id": request_id, "method": scope["method"], "route": route, "status": status,
+                "duration_ms": round(elapsed * 1e3, 3), **state["timings"],
+            }))
+
+    def _refusal(self, path: str, headers: dict[str, str]) -> ServiceError | None:
+        if self.api_key is None or path in OPEN_PATHS:
+            return None
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            return None
+        return Unauthorized("send the API key as `Authorization: Bearer <key>`", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read_body(self, receive: Receive, headers: dict[str, str]) -> tuple[bytes, ServiceError | None]:
+        too_large = PayloadTooLarge(f"request body is larger than {self.max_body} bytes")
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            return b"", too_large
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return b"", too_large
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks), None
+
+
+def _replay(body: bytes, upstream: Receive) -> Receive:
+    """A receive() that yields the buffered body once, then hands over to the connection (disconnects)."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await upstream()
+
+    return receive

@@ -1,0 +1,255 @@
+"""Open Inference Protocol v2 (KServe / Triton HTTP) routes, so their unmodified clients work.
+
+Input: one BYTES tensor `text` (shape [n] or [n, 1]), as JSON data or with Triton's binary tensor
+extension (the default of tritonclient). Request `parameters`: `preference` (a JSON string, or an
+object/list where the client allows it) and optional `tasks` (comma-separated). Outputs per task:
+`<task>_probabilities` FP32 [n, K_t] and `<task>_label` BYTES [n]. Responses are always JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from reprmerge_core import __version__
+from reprmerge_core.preference import Preference
+from service.deps import get_service, problems, set_timings
+from service.errors import InvalidInput, MalformedRequest, NotFound
+from service.runtime import TIMEOUT_HEADER, Service
+
+INPUT = "text"
+VERSION = "1"
+BINARY_HEADER = "inference-header-content-length"
+
+
+class TensorIn(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class OutputRequest(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description='`preference`: JSON text such as "{\\"sst2\\": 1}" (or an object); `tasks`: "a,b"')
+    inputs: list[TensorIn] = Field(min_length=1)
+    outputs: list[OutputRequest] | None = None
+
+
+class TensorOut(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    parameters: dict[str, Any]
+    outputs: list[TensorOut]
+
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
+
+
+def _check_model(name: str, service: Service) -> None:
+    if name != service.settings.model_name:
+        raise NotFound(f"unknown model {name!r}; this server serves {service.settings.model_name!r}")
+
+
+@router.get("", summary="server metadata")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "reprmerge", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/health/live", summary="server is alive")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="server is ready", responses=problems(503))
+async def ready(service: Service = Depends(get_service)) -> dict[str, bool]:
+    service.require_ready()
+    return {"ready": True}
+
+
+@router.get("/models/{name}", summary="model metadata", responses=problems(404))
+async def model_metadata(name: str, service: Service = Depends(get_service)) -> dict[str, Any]:
+    _check_model(name, service)
+    engine = service.engine
+    outputs = []
+    for task in engine.tasks:
+        outputs.append({"name": f"{task}_probabilities", "datatype": "FP32", "shape": [-1, len(engine.labels[task])]})
+        outputs.append({"name": f"{task}_label", "datatype": "BYTES", "shape": [-1]})
+    return {"name": name, "versions": [VERSION], "platform": "reprmerge", "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
+            "outputs": outputs, "parameters": {"bundle_id": engine.bundle_id, "tasks": ",".join(engine.tasks)}}
+
+
+@router.get("/models/{name}/ready", summary="model is ready", responses=problems(404, 503))
+async def model_ready(name: str, service: Service = Depends(get_service)) -> dict[str, Any]:
+    _check_model(name, service)
+    service.require_ready()
+    return {"name": name, "ready": True}
+
+
+def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with its $defs inlined, to document a body that FastAPI does not parse."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            return resolve(defs[ref.rsplit("/", 1)[-1]]) if ref else {k: resolve(v) for k, v in node.items()}
+        return [resolve(v) for v in node] if isinstance(node, list) else node
+
+    return resolve(schema)
+
+
+# The body is parsed by hand (the binary tensor extension is not JSON), so it is only documented.
+_INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": _inline_schema(InferRequest)}}}}
+
+
+@router.post("/models/{name}/infer", response_model=InferResponse, summary="classify texts under a preference",
+             responses=problems(400, 401, 404, 413, 422, 429, 503, 504), openapi_extra=_INFER_BODY)
+@router.post("/models/{name}/versions/{version}/infer", response_model=InferResponse, include_in_schema=False)
+async def infer(
+    name: str, request: Request, response: Response,
+    timeout: str | None = Header(None, alias=TIMEOUT_HEADER),
+    service: Service = Depends(get_service),
+) -> InferResponse:
+    _check_model(name, service)
+    deadline = service.deadline(timeout)
+    req, blob = _split(await request.body(), request.headers.get(BINARY_HEADER))
+    texts = _texts(req, blob)
+    service.check_texts(texts, field="inputs.text")
+    params = req.parameters or {}
+    pref = _preference(params.get("preference"), service)
+    tasks = service.tasks(_task_list(params.get("tasks")), field="parameters.tasks")
+    wanted = _wanted_outputs(req, tasks)
+    result = await service.infer(texts, [pref], deadline)
+    set_timings(request, response, result)
+    probs = result.probabilities[0]
+    outputs = []
+    for task in tasks:
+        p = probs[:, service.engine.slices[task]]
+        labels = service.engine.labels[task]
+        outputs.append(TensorOut(name=f"{task}_probabilities", shape=list(p.shape), datatype="FP32", data=p.flatten().tolist()))
+        outputs.append(TensorOut(name=f"{task}_label", shape=[len(texts)], datatype="BYTES",
+                                 data=[labels[i] for i in p.argmax(dim=1).tolist()]))
+    return InferResponse(
+        model_name=name, model_version=VERSION, id=req.id, outputs=[o for o in outputs if wanted is None or o.name in wanted],
+        parameters={"bundle_id": service.engine.bundle_id, "preference_fingerprint": pref.fingerprint,
+                    "preference": json.dumps(pref.as_dict())},
+    )
+
+
+def _split(raw: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
+    """The JSON part of the request and the binary tail (Triton binary tensor extension)."""
+    cut = len(raw)
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(raw):
+            raise MalformedRequest(f"{BINARY_HEADER} must be the JSON header's length in bytes, got {header_length!r}")
+        cut = int(header_length)
+    try:
+        payload = json.loads(raw[:cut])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MalformedRequest(f"body is not valid JSON: {exc}") from exc
+    try:
+        return InferRequest.model_validate(payload), raw[cut:]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InvalidInput(err["msg"], field=".".join(str(p) for p in err["loc"]) or "body") from exc
+
+
+def _texts(req: InferRequest, blob: bytes) -> list[str]:
+    """The `text` input as strings, from JSON data or from its slice of the binary tail."""
+    offset = 0
+    for i, tensor in enumerate(req.inputs):
+        size = int((tensor.parameters or {}).get("binary_data_size", 0) or 0)
+        if tensor.name != INPUT:
+            offset += size
+            continue
+        field = f"inputs[{i}]"
+        if tensor.datatype != "BYTES":
+            raise InvalidInput(f"input {INPUT!r} must have datatype BYTES, got {tensor.datatype!r}", field=f"{field}.datatype")
+        texts = _decode_bytes(blob[offset:offset + size], field) if size else _flat_strings(tensor.data, field)
+        if not texts:
+            raise InvalidInput("no texts given", field=f"{field}.data")
+        count = 1
+        for dim in tensor.shape:
+            count *= dim
+        if count != len(texts) or len(tensor.shape) not in (1, 2) or tensor.shape[-1] != (len(texts) if len(tensor.shape) == 1 else 1):
+            raise InvalidInput(f"shape {tensor.shape} does not match {len(texts)} texts (use [n] or [n, 1])", field=f"{field}.shape")
+        return texts
+    raise InvalidInput(f"an input named {INPUT!r} is required", field="inputs")
+
+
+def _flat_strings(data: list[Any] | None, field: str) -> list[str]:
+    flat: list[Any] = []
+    for item in data or []:
+        flat.extend(item if isinstance(item, list) else [item])
+    if not all(isinstance(t, str) for t in flat):
+        raise InvalidInput("every element must be a string", field=f"{field}.data")
+    return flat
+
+
+def _decode_bytes(chunk: bytes, field: str) -> list[str]:
+    """BYTES elements in the binary extension: 4-byte little-endian length, then the bytes."""
+    texts, pos = [], 0
+    try:
+        while pos < len(chunk):
+            (length,) = struct.unpack_from("<I", chunk, pos)
+            pos += 4
+            if pos + length > len(chunk):
+                raise ValueError("element runs past the end of the data")
+            texts.append(chunk[pos:pos + length].decode("utf-8"))
+            pos += length
+    except (struct.error, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise InvalidInput(f"binary BYTES data is malformed: {exc}", field=f"{field}.data") from exc
+    return texts
+
+
+def _preference(value: Any, service: Service) -> Preference:
+    field = "parameters.preference"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"must be JSON text of a mapping or list: {exc}", field=field) from exc
+    return service.preference(value, field)
+
+
+def _task_list(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [t.strip() for t in value.split(",") if t.strip()] or None
+    if isinstance(value, list) and all(isinstance(t, str) for t in value):
+        return value
+    raise InvalidInput("must be a comma-separated string of task names", field="parameters.tasks")
+
+
+def _wanted_outputs(req: InferRequest, tasks: list[str]) -> set[str] | None:
+    if req.outputs is None:
+        return None
+    known = {f"{t}_{kind}" for t in tasks for kind in ("probabilities", "label")}
+    for i, out in enumerate(req.outputs):
+        if out.name not in known:
+            raise InvalidInput(f"unknown output {out.name!r}; known: {', '.join(sorted(known))}", field=f"outputs[{i}].name")
+    return {o.name for o in req.outputs}

@@ -1,0 +1,191 @@
+"""The service's logic, independent of HTTP: validation, lifecycle, predictions and trade-offs.
+
+Routes (/v1 and /v2) only translate between their wire format and these methods, so both APIs
+share one validation and one batching path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from enum import Enum
+
+import torch
+
+from reprmerge_core import __version__
+from reprmerge_core.preference import Preference, PreferenceError, canonical_preference
+from service.batcher import Batcher, JobResult
+from service.engine import Engine
+from service.errors import InvalidInput, PayloadTooLarge, Unavailable
+from service.head_cache import HeadCache
+from service.metrics import Metrics
+from service.schemas import (
+    InfoResponse,
+    Limits,
+    PredictResponse,
+    PreferenceResult,
+    PreferencesIn,
+    TaskLoss,
+    TaskMeta,
+    TaskPrediction,
+    TradeoffResponse,
+    TradeoffResult,
+)
+from service.settings import ServiceSettings
+
+log = logging.getLogger("reprmerge.service")
+TIMEOUT_HEADER = "X-Request-Timeout"
+
+
+class State(str, Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+
+
+class Service:
+    """Owns the engine, the head cache, the batcher and their two worker threads."""
+
+    def __init__(self, settings: ServiceSettings, engine: Engine, metrics: Metrics) -> None:
+        self.settings, self.engine, self.metrics = settings, engine, metrics
+        # One thread each: batches run one at a time, and a head solve never waits behind a batch.
+        self._infer = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self._solve = ThreadPoolExecutor(1, thread_name_prefix="head-solve")
+        self.cache = HeadCache(engine.fold, settings.head_cache_bytes, self._solve, metrics)
+        self.batcher = Batcher(
+            engine, self.cache, self._infer, metrics, max_batch_size=settings.max_batch_size,
+            max_wait=settings.max_batch_wait, queue_limit=settings.queue_limit,
+        )
+        self.state = State.STARTING
+        self._best_loss: list[float] = []
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Warm up (one batch, one-hot and uniform heads, reference losses), then turn ready."""
+        self.batcher.start()
+        tasks = self.engine.tasks
+        one_hots = [self._canonical([1.0 if i == t else 0.0 for i in range(len(tasks))]) for t in range(len(tasks))]
+        uniform = self.preference(None)
+        await self.cache.get_many([*one_hots, uniform])
+        await self.batcher.submit(["warm-up"], [uniform], time.monotonic() + 600)
+        losses = await asyncio.get_running_loop().run_in_executor(self._solve, self.engine.tradeoff, one_hots)
+        self._best_loss = torch.diagonal(losses).tolist()
+        self.metrics.build_info.labels(__version__, self.engine.bundle_id, str(self.engine.device)).set(1)
+        self.state = State.READY
+        log.info("ready: bundle %s on %s", self.engine.bundle_id, self.engine.device)
+
+    async def drain(self) -> bool:
+        """Refuse new work and answer everything admitted; False if `drain_timeout` ran out."""
+        self.state = State.DRAINING
+        return await self.batcher.drain(self.settings.drain_timeout)
+
+    async def close(self) -> None:
+        await self.batcher.stop()
+        self._infer.shutdown(wait=True)
+        self._solve.shutdown(wait=True)
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.READY
+
+    def require_ready(self) -> None:
+        if not self.ready:
+            raise Unavailable(f"the service is {self.state.value}", headers={"Retry-After": "1"})
+
+    # -- validation ----------------------------------------------------------------------------
+    def _canonical(self, value: object, field: str = "preference") -> Preference:
+        try:
+            return canonical_preference(value, self.engine.tasks, grid=self.settings.preference_grid, field=field)  # type: ignore[arg-type]
+        except PreferenceError as exc:
+            raise InvalidInput(exc.message, field=exc.field) from exc
+
+    def preferences(self, body: PreferencesIn) -> list[Preference]:
+        """Canonical preferences of a request: `preference`, `preferences`, or the uniform one."""
+        if body.preference is not None and body.preferences is not None:
+            raise InvalidInput("give `preference` or `preferences`, not both", field="preferences")
+        if body.preferences is not None:
+            if len(body.preferences) > self.settings.max_preferences:
+                raise PayloadTooLarge(f"{len(body.preferences)} preferences, at most {self.settings.max_preferences}")
+            return [self._canonical(v, f"preferences[{i}]") for i, v in enumerate(body.preferences)]
+        return [self.preference(body.preference)]
+
+    def preference(self, value: object | None, field: str = "preference") -> Preference:
+        """One canonical preference from any JSON value; None means uniform (every task alike)."""
+        return self._canonical([1.0] * len(self.engine.tasks) if value is None else value, field)
+
+    def check_texts(self, texts: Sequence[str], field: str = "texts") -> None:
+        s = self.settings
+        if len(texts) > s.max_inputs:
+            raise PayloadTooLarge(f"{len(texts)} inputs, at most {s.max_inputs} per request", field=field)
+        for i, text in enumerate(texts):
+            if len(text) > s.max_text_chars:
+                raise PayloadTooLarge(f"input {i} has {len(text)} characters, at most {s.max_text_chars}", field=f"{field}[{i}]")
+
+    def tasks(self, names: Sequence[str] | None, field: str = "tasks") -> list[str]:
+        if names is None:
+            return list(self.engine.tasks)
+        for i, name in enumerate(names):
+            if name not in self.engine.labels:
+                raise InvalidInput(f"unknown task {name!r}; known tasks: {', '.join(self.engine.tasks)}", field=f"{field}[{i}]")
+        return list(dict.fromkeys(names))
+
+    def deadline(self, header: str | None) -> float:
+        """Monotonic deadline from the client's timeout header (seconds), else the default."""
+        timeout = self.settings.default_timeout
+        if header is not None:
+            try:
+                timeout = float(header)
+            except ValueError:
+                timeout = math.nan
+            if not (math.isfinite(timeout) and timeout > 0):
+                raise InvalidInput(f"must be a positive number of seconds, got {header!r}", field=f"header.{TIMEOUT_HEADER}")
+        return time.monotonic() + timeout
+
+    # -- answers -------------------------------------------------------------------------------
+    async def infer(self, texts: Sequence[str], prefs: Sequence[Preference], deadline: float) -> JobResult:
+        self.require_ready()
+        return await self.batcher.submit(texts, prefs, deadline)
+
+    def predict_response(self, prefs: Sequence[Preference], tasks: Sequence[str], result: JobResult) -> PredictResponse:
+        results = []
+        for pref, probs in zip(prefs, result.probabilities):
+            rows = probs.tolist()
+            results.append(PreferenceResult(
+                preference=pref.as_dict(), fingerprint=pref.fingerprint,
+                predictions=[{t: self._task_prediction(t, row) for t in tasks} for row in rows],
+            ))
+        return PredictResponse(bundle_id=self.engine.bundle_id, results=results)
+
+    def _task_prediction(self, task: str, row: list[float]) -> TaskPrediction:
+        labels, scores = self.engine.labels[task], row[self.engine.slices[task]]
+        best = max(range(len(scores)), key=scores.__getitem__)
+        return TaskPrediction(label=labels[best], probabilities=dict(zip(labels, scores)))
+
+    async def tradeoff(self, prefs: Sequence[Preference]) -> TradeoffResponse:
+        self.require_ready()
+        losses = await asyncio.get_running_loop().run_in_executor(self._solve, self.engine.tradeoff, prefs)
+        return TradeoffResponse(bundle_id=self.engine.bundle_id, results=[
+            TradeoffResult(preference=p.as_dict(), fingerprint=p.fingerprint, tasks={
+                t: TaskLoss(loss=loss, best=best) for t, loss, best in zip(self.engine.tasks, row, self._best_loss)
+            }) for p, row in zip(prefs, losses.tolist())
+        ])
+
+    def info(self) -> InfoResponse:
+        s, m = self.settings, self.engine.bundle.manifest
+        return InfoResponse(
+            bundle_id=m.bundle_id, model_name=s.model_name,
+            tasks=[TaskMeta(name=t.name, labels=t.labels) for t in m.tasks],
+            representation_dim=m.representation_dim, device=str(self.engine.device),
+            merge=m.merge.model_dump(mode="json"), correction=m.correction.model_dump(mode="json"),
+            limits=Limits(
+                max_body_bytes=s.max_body_bytes, max_inputs=s.max_inputs, max_text_chars=s.max_text_chars,
+                max_preferences=s.max_preferences, max_batch_size=s.max_batch_size, queue_limit=s.queue_limit,
+                preference_grid=s.preference_grid, default_timeout_s=s.default_timeout,
+            ),
+            versions={"reprmerge": __version__, "bundle_format": str(m.format_version),
+                      "bundle_library": m.library_version, "torch": torch.__version__},
+        )

@@ -1,0 +1,110 @@
+"""Request and response bodies of the /v1 API (pydantic; shared by the app, OpenAPI and the client).
+
+Kept free of torch so the client imports only pydantic and httpx.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Strict: "0.5" or true are not weights; NaN and negative weights pass here and are refused with
+# their field name by canonical_preference.
+Weight = Annotated[float, Field(strict=True)]
+PreferenceValue = Annotated[
+    dict[str, Weight] | list[Weight],
+    Field(description="task -> weight (tasks left out weigh 0), or one weight per task in bundle order; scale is irrelevant",
+          examples=[{"sst2": 0.7, "trec6": 0.3}, [1, 1, 1]]),
+]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PreferencesIn(_Body):
+    """One preference, or several answered together; neither means the uniform preference."""
+
+    preference: PreferenceValue | None = None
+    preferences: list[PreferenceValue] | None = Field(None, min_length=1, description="several preferences at once")
+
+
+class PredictRequest(PreferencesIn):
+    texts: list[str] = Field(min_length=1, description="inputs to classify")
+    tasks: list[str] | None = Field(None, min_length=1, description="tasks to answer; default all")
+
+
+class TaskPrediction(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+
+
+class PreferenceResult(BaseModel):
+    preference: dict[str, float] = Field(description="canonical preference (sums to 1, snapped if the service snaps)")
+    fingerprint: str = Field(description="id of the fused head that answered")
+    predictions: list[dict[str, TaskPrediction]] = Field(description="per input, per task")
+
+
+class PredictResponse(BaseModel):
+    bundle_id: str
+    results: list[PreferenceResult] = Field(description="one per preference, in request order")
+
+
+class TradeoffRequest(PreferencesIn):
+    pass
+
+
+class TaskLoss(BaseModel):
+    loss: float = Field(description="closed-form loss L_t(W_p) of this task's representation (normalised statistics)")
+    best: float = Field(description="the same loss at the task's own one-hot correction: the lowest reachable")
+
+
+class TradeoffResult(BaseModel):
+    preference: dict[str, float]
+    fingerprint: str
+    tasks: dict[str, TaskLoss]
+
+
+class TradeoffResponse(BaseModel):
+    bundle_id: str
+    results: list[TradeoffResult]
+
+
+class TaskMeta(BaseModel):
+    name: str
+    labels: list[str]
+
+
+class Limits(BaseModel):
+    max_body_bytes: int
+    max_inputs: int
+    max_text_chars: int
+    max_preferences: int
+    max_batch_size: int
+    queue_limit: int
+    preference_grid: int | None
+    default_timeout_s: float
+
+
+class InfoResponse(BaseModel):
+    bundle_id: str
+    model_name: str
+    tasks: list[TaskMeta]
+    representation_dim: int
+    device: str
+    merge: dict[str, object]
+    correction: dict[str, object]
+    limits: Limits
+    versions: dict[str, str]
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, plus the request id and, for 422, the offending field."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    request_id: str
+    field: str | None = None
