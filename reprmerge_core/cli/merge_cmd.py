@@ -1,0 +1,68 @@
+"""`reprmerge merge`: merge expert checkpoints into the base backbone and write a loadable checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from reprmerge_core.merging import METHODS, REPORT_FILE, merge_checkpoints, read_texts
+
+
+def _pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def _value(text: str) -> object:
+    """JSON when it parses (numbers, true/false, lists), else the plain string (e.g. basis=eigen)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _unique(pairs: list[tuple[str, str]], option: str) -> dict[str, str]:
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{option} names must be unique; repeated: {', '.join(repeated)}")
+    return dict(pairs)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge expert checkpoints into the base backbone")
+    p.add_argument("--base", type=Path, required=True, help="base checkpoint directory")
+    p.add_argument("--expert", type=_pair, action="append", required=True, metavar="NAME=DIR",
+                   help="an expert checkpoint (repeat); a classification head in it is ignored")
+    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument("--set", type=_pair, action="append", default=[], dest="params", metavar="KEY=VALUE",
+                   help="a method parameter (repeat), e.g. lambda=0.3, density=0.2, basis=eigen")
+    p.add_argument("--calibration", type=_pair, action="append", default=[], metavar="NAME=FILE",
+                   help="unlabeled inputs of an expert's task: text (one per line) or JSON lines with \"text\"")
+    p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        experts = _unique(args.expert, "--expert")
+        params = {key: _value(value) for key, value in _unique(args.params, "--set").items()}
+        files = _unique(args.calibration, "--calibration")
+        texts = {name: read_texts(path) for name, path in files.items()} or None
+        result = merge_checkpoints(args.base, experts, args.method, params, texts, args.out,
+                                   batch_size=args.batch_size, max_length=args.max_length, progress=True)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"merge failed: {exc}", file=sys.stderr)
+        return 2
+    report = result.report
+    rho = "" if report.rho is None else f", rho {report.rho:.4f} over {len(report.layers)} linear layers"
+    print(f"merged {len(experts)} experts with {args.method}{rho}: {len(report.merged_parameters)} parameters merged, "
+          f"{len(report.base_parameters)} kept at the base")
+    print(f"wrote {args.out} ({REPORT_FILE}; " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items()) + ")")
+    return 0

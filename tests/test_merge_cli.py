@@ -1,0 +1,132 @@
+"""`reprmerge merge` end to end on tiny random BERT checkpoints with the real MiniLM tokenizer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft.utils import merge_utils as peft
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+from reprmerge_core.cli import main
+from reprmerge_core.merging import REPORT_FILE
+
+TEXTS = ["free entry to win a prize now", "are we still meeting at noon?", "what is the capital of peru",
+         "a dull , lifeless film", "who wrote hamlet", "call me when you land", "an utterly charming story"]
+
+
+def copy_tokenizer(src: Path, out: Path) -> None:
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+
+
+def make_expert(base_dir: Path, out: Path, seed: int, with_head: bool = False) -> Path:
+    """The base with every encoder parameter moved (embeddings frozen, as in the project's experts)."""
+    base = BertModel.from_pretrained(base_dir)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if not name.startswith("embeddings."):
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    if with_head:
+        model = BertForSequenceClassification(BertConfig.from_pretrained(base_dir, num_labels=3))
+        model.bert.load_state_dict(base.state_dict())
+        model.save_pretrained(out)
+    else:
+        base.save_pretrained(out)
+    copy_tokenizer(base_dir, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def experts(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("experts")
+    return {"spam": make_expert(tiny_backbone_dir, root / "spam", 1, with_head=True),
+            "trec": make_expert(tiny_backbone_dir, root / "trec", 2)}
+
+
+def merge_args(base: Path, experts: dict[str, Path], out: Path, method: str, *extra: str) -> list[str]:
+    args = ["merge", "--base", str(base), "--method", method, "--out", str(out)]
+    for name, path in experts.items():
+        args += ["--expert", f"{name}={path}"]
+    return args + list(extra)
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    return AutoModel.from_pretrained(path).state_dict()
+
+
+def test_projection_merge_writes_a_loadable_checkpoint_and_report(tiny_backbone_dir: Path, experts: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "spam.txt").write_text("\n".join(TEXTS[:4]) + "\n")
+    (tmp_path / "trec.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[3:]))
+    out = tmp_path / "merged"
+    rc = main(merge_args(tiny_backbone_dir, experts, out, "projection", "--set", "basis=eigen",
+                         "--calibration", f"spam={tmp_path / 'spam.txt'}", "--calibration", f"trec={tmp_path / 'trec.jsonl'}"))
+    assert rc == 0
+    merged, base = state(out), state(tiny_backbone_dir)
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(tiny_backbone_dir).get_vocab()
+    assert torch.equal(merged["embeddings.word_embeddings.weight"], base["embeddings.word_embeddings.weight"])
+    name = "encoder.layer.1.intermediate.dense.weight"
+    assert not torch.equal(merged[name], base[name])
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["method"] == "projection" and report["params"]["basis"] == "eigen"
+    assert len(report["layers"]) == 2 * 6 + 1  # six linear layers per block and the pooler
+    assert all(0.0 <= layer["rho"] <= 1.0 + 1e-9 for layer in report["layers"].values())
+    assert 0.0 <= report["rho"] <= 1.0
+    assert {"load_and_check", "calibration", "merge", "save"} <= set(report["timings"])
+
+
+def test_ties_merge_matches_peft(tiny_backbone_dir: Path, experts: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "ties"
+    assert main(merge_args(tiny_backbone_dir, experts, out, "ties", "--set", "density=0.4", "--set", "lambda=0.9")) == 0
+    merged, base = state(out), state(tiny_backbone_dir)
+    expert_states = [state(path) for path in experts.values()]  # the head of "spam" is not part of it
+    emb = "embeddings.word_embeddings.weight"  # the encoder under the head was really loaded, not re-initialised
+    assert all(torch.equal(e[emb], base[emb]) for e in expert_states)
+    name = "encoder.layer.0.attention.self.query.weight"
+    deltas = [(e[name] - base[name]).double() for e in expert_states]
+    reference = base[name].double() + peft.ties(deltas, torch.full((2,), 0.9, dtype=torch.float64), density=0.4)
+    torch.testing.assert_close(merged[name], reference.float())
+    assert "rho" in json.loads((out / REPORT_FILE).read_text())
+
+
+def test_sequential_regmean_runs(tiny_backbone_dir: Path, experts: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "cal.txt").write_text("\n".join(TEXTS) + "\n")
+    out = tmp_path / "seq"
+    cal = [arg for task in experts for arg in ("--calibration", f"{task}={tmp_path / 'cal.txt'}")]
+    assert main(merge_args(tiny_backbone_dir, experts, out, "regmean", "--set", "sequential=true", *cal)) == 0
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["params"]["sequential"] is True and len(report["layers"]) == 13
+
+
+def test_incompatible_expert_is_refused_naming_the_parameter(tiny_backbone_dir: Path, experts: dict[str, Path],
+                                                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = BertConfig.from_pretrained(tiny_backbone_dir, intermediate_size=48)
+    BertModel(config).save_pretrained(tmp_path / "odd")
+    copy_tokenizer(tiny_backbone_dir, tmp_path / "odd")
+    out = tmp_path / "never"
+    rc = main(merge_args(tiny_backbone_dir, {**experts, "odd": tmp_path / "odd"}, out, "task_arithmetic"))
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert "parameter encoder.layer.0.intermediate.dense.weight: base shape (64, 32) vs expert 'odd' shape (48, 32)" in err
+    assert "config intermediate_size: base 64 vs expert 'odd' 48" in err
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--set", "density=2"], "density"),
+    (["--set", "basis=eigen"], "basis"),  # not a ties parameter
+])
+def test_bad_parameters_are_refused_before_loading(tiny_backbone_dir: Path, experts: dict[str, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str], extra: list[str], message: str) -> None:
+    assert main(merge_args(tiny_backbone_dir, experts, tmp_path / "x", "ties", *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_data_aware_method_needs_calibration(tiny_backbone_dir: Path, experts: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(merge_args(tiny_backbone_dir, experts, tmp_path / "x", "regmean")) == 2
+    assert "calibration" in capsys.readouterr().err
