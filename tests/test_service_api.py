@@ -1,0 +1,256 @@
+"""The service in-process (TestClient runs the lifespan): contract of every error, cache, client retries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from reprmerge_core.preference import Preference, canonical_preference
+from service.app import create_app, field_of
+from service.client import AsyncClient, Client, ProblemError
+from service.engine import Engine, Head
+from service.head_cache import HeadCache
+from service.metrics import Metrics
+from service.settings import ServiceSettings
+
+TASKS = ("alpha", "beta", "gamma")
+KEY = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> Engine:
+    from tests.helpers import make_random_bundle
+
+    bundle = make_random_bundle(tmp_path_factory.mktemp("svc") / "bundle", tiny_backbone_dir, torch.Generator().manual_seed(1))
+    return Engine.load(bundle, device="cpu")
+
+
+def _client(engine: Engine, **overrides: object) -> TestClient:
+    settings = ServiceSettings(bundle=engine.bundle.path, device="cpu", max_inputs=4, max_text_chars=50,
+                               max_body_bytes=4096, max_preferences=3, **overrides)
+    return TestClient(create_app(settings, engine), raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def client(engine: Engine) -> Iterator[TestClient]:
+    with _client(engine, api_key=KEY) as c:
+        c.headers["Authorization"] = f"Bearer {KEY}"
+        yield c
+
+
+OK = {"texts": ["a fine day"], "preference": {"alpha": 1}}
+BAD_INPUTS = [
+    # (name, body (dict -> JSON, str -> raw), extra headers, status, field)
+    ("bad json", '{"texts": [', {}, 400, None),
+    ("not an object", "[1, 2]", {}, 422, "body"),
+    ("texts wrong type", {"texts": "hello"}, {}, 422, "texts"),
+    ("text not a string", {"texts": [1]}, {}, 422, "texts[0]"),
+    ("weight as string", {"texts": ["a"], "preference": {"alpha": "1"}}, {}, 422, "preference.alpha"),
+    ("NaN weight", '{"texts": ["a"], "preference": {"alpha": NaN}}', {}, 422, "preference.alpha"),
+    ("negative weight", {"texts": ["a"], "preference": [1, -0.5, 0]}, {}, 422, "preference[1]"),
+    ("all-zero preference", {"texts": ["a"], "preference": [0, 0, 0]}, {}, 422, "preference"),
+    ("wrong length", {"texts": ["a"], "preference": [1, 2]}, {}, 422, "preference"),
+    ("unknown task in preference", {"texts": ["a"], "preference": {"zeta": 1}}, {}, 422, "preference.zeta"),
+    ("unknown task asked", {"texts": ["a"], "tasks": ["zeta"]}, {}, 422, "tasks[0]"),
+    ("both preference forms", {**OK, "preferences": [[1, 1, 1]]}, {}, 422, "preferences"),
+    ("bad preference in list", {"texts": ["a"], "preferences": [[1, 1, 1], {"alpha": -1}]}, {}, 422, "preferences[1].alpha"),
+    ("unknown field", {**OK, "colour": "red"}, {}, 422, "colour"),
+    ("empty texts", {"texts": []}, {}, 422, "texts"),
+    ("bad timeout header", OK, {"X-Request-Timeout": "soon"}, 422, "header.X-Request-Timeout"),
+    ("too many inputs", {"texts": ["a"] * 5}, {}, 413, "texts"),
+    ("too many preferences", {"texts": ["a"], "preferences": [[1, 1, 1]] * 4}, {}, 413, None),
+    ("text too long", {"texts": ["x" * 51]}, {}, 413, "texts[0]"),
+    ("body too large", {"texts": ["a"], "pad": "x" * 5000}, {}, 413, None),
+    ("wrong key", OK, {"Authorization": "Bearer nope"}, 401, None),
+    ("deadline passed", OK, {"X-Request-Timeout": "1e-9"}, 504, None),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "headers", "status", "field"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs_get_their_documented_problem(client: TestClient, name: str, body: object, headers: dict[str, str],
+                                                 status: int, field: str | None) -> None:
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = client.post("/v1/predict", content=content, headers={"Content-Type": "application/json", **headers})
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    problem = r.json()
+    assert {"type", "title", "status", "detail", "request_id"} <= problem.keys()
+    assert problem["status"] == status and problem["request_id"] == r.headers["x-request-id"]
+    assert problem.get("field") == field
+    if status == 401:
+        assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_probes_and_metrics_need_no_key_but_the_api_does(client: TestClient) -> None:
+    bare = {"Authorization": ""}
+    assert client.get("/livez", headers=bare).status_code == 200
+    assert client.get("/readyz", headers=bare).json() == {"status": "ready"}
+    assert client.get("/v2/health/ready", headers=bare).status_code == 200
+    assert client.get("/v1/info", headers=bare).status_code == 401
+    text = client.get("/metrics", headers=bare).text
+    for name in ("reprmerge_requests_total", "reprmerge_head_cache_hits_total", "reprmerge_rejections_total",
+                 "reprmerge_batch_distinct_heads_bucket", "reprmerge_build_info", "reprmerge_queue_depth"):
+        assert name in text
+    assert "fingerprint" not in text
+
+
+def test_predict_answers_every_preference_and_task_with_provenance(client: TestClient, engine: Engine) -> None:
+    r = client.post("/v1/predict", json={"texts": ["one", "two"], "preferences": [[2, 0, 0], {"gamma": 1}], "tasks": ["beta"]})
+    assert r.status_code == 200 and "queue;dur=" in r.headers["server-timing"]
+    body = r.json()
+    assert body["bundle_id"] == engine.bundle_id
+    first, second = body["results"]
+    assert first["preference"] == {"alpha": 1.0, "beta": 0.0, "gamma": 0.0}
+    assert first["fingerprint"] == canonical_preference([1, 0, 0], TASKS).fingerprint
+    assert second["fingerprint"] == canonical_preference({"gamma": 5}, TASKS).fingerprint
+    for result in body["results"]:
+        assert len(result["predictions"]) == 2
+        for pred in result["predictions"]:
+            assert set(pred) == {"beta"}
+            probs = pred["beta"]["probabilities"]
+            assert abs(sum(probs.values()) - 1) < 1e-5 and pred["beta"]["label"] == max(probs, key=probs.get)
+
+
+def test_predict_matches_the_library_computation(client: TestClient, engine: Engine) -> None:
+    """Reference: backbone -> W_p (explicit, from the solver) -> original heads -> softmax."""
+    texts, pref = ["the service", "must agree"], [0.2, 0.3, 0.5]
+    got = client.post("/v1/predict", json={"texts": texts, "preference": pref}).json()["results"][0]["predictions"]
+    z = engine.backbone.encode(texts).double()
+    W = engine.folder.solver.solve(torch.tensor([pref], dtype=torch.float64))[0]
+    for t, head in enumerate(engine.bundle.heads):
+        logits = (z @ W.T) @ head.weight.double().T + head.bias.double()
+        want = logits.softmax(-1)
+        have = torch.tensor([list(p[TASKS[t]]["probabilities"].values()) for p in got], dtype=torch.float64)
+        assert torch.allclose(have, want, atol=1e-5)
+
+
+def test_tradeoff_and_info(client: TestClient, engine: Engine) -> None:
+    info = client.get("/v1/info").json()
+    assert [t["name"] for t in info["tasks"]] == list(TASKS) and info["limits"]["max_inputs"] == 4
+    out = client.post("/v1/tradeoff", json={"preferences": [{"alpha": 1}, [1, 1, 1]]}).json()["results"]
+    one_hot, uniform = out[0]["tasks"], out[1]["tasks"]
+    assert one_hot["alpha"]["loss"] == pytest.approx(one_hot["alpha"]["best"])
+    for t in TASKS:  # the task's own correction is optimal for it
+        assert uniform[t]["loss"] >= uniform[t]["best"] - 1e-9
+
+
+def test_preference_snapping_shares_one_head(engine: Engine) -> None:
+    with _client(engine, preference_grid=10) as c:
+        a = c.post("/v1/predict", json={"texts": ["x"], "preference": [0.501, 0.499, 0]}).json()["results"][0]
+        b = c.post("/v1/predict", json={"texts": ["x"], "preference": [0.5, 0.5, 0]}).json()["results"][0]
+    assert a["fingerprint"] == b["fingerprint"] and a["preference"]["alpha"] == 0.5
+
+
+def test_draining_turns_readyz_and_predict_to_503(engine: Engine) -> None:
+    with _client(engine) as c:
+        c.portal.call(c.app.state.service.drain)  # type: ignore[union-attr]
+        assert c.get("/readyz").status_code == 503
+        r = c.post("/v1/predict", json=OK)
+        assert r.status_code == 503 and r.headers["retry-after"] and r.json()["status"] == 503
+        assert c.get("/livez").status_code == 200
+
+
+def test_field_of_drops_locations_and_union_tags() -> None:
+    assert field_of(("body", "preference", "dict[str,float]", "a")) == "preference.a"
+    assert field_of(("body", "preferences", 1, "list[float]", 0)) == "preferences[1][0]"
+    assert field_of(("body",)) == "body"
+
+
+# -- head cache -----------------------------------------------------------------------------------
+def _prefs(n: int) -> list[Preference]:
+    return [canonical_preference([i + 1, 1, 0], TASKS) for i in range(n)]
+
+
+class CountingFold:
+    def __init__(self, dim: int = 8) -> None:
+        self.calls: list[int] = []
+        self.dim = dim
+
+    def __call__(self, prefs: Sequence[Preference]) -> list[Head]:
+        self.calls.append(len(prefs))
+        return [Head(p.fingerprint, torch.zeros(2, self.dim)) for p in prefs]
+
+
+def test_head_cache_single_flight_batches_misses_and_evicts_by_bytes() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    fold, metrics = CountingFold(), Metrics()
+    head_bytes = 2 * 8 * 4
+    cache = HeadCache(fold, budget_bytes=3 * head_bytes, executor=ThreadPoolExecutor(1), metrics=metrics)
+    prefs = _prefs(4)
+
+    async def scenario() -> None:
+        # 10 concurrent lookups of the same two preferences: one solve of both.
+        results = await asyncio.gather(*(cache.get_many(prefs[:2]) for _ in range(10)))
+        assert fold.calls == [2] and all(set(r) == {p.fingerprint for p in prefs[:2]} for r in results)
+        await cache.get_many(prefs[:2])  # hits
+        assert fold.calls == [2]
+        await cache.get_many(prefs[2:])  # two more misses, one batched call; budget holds three
+        assert fold.calls == [2, 2] and len(cache) == 3 and cache.nbytes == 3 * head_bytes
+        assert prefs[0].fingerprint not in cache  # least recently used went first
+
+    asyncio.run(scenario())
+    assert metrics.cache_evictions._value.get() == 1  # type: ignore[attr-defined]
+
+
+def test_head_cache_failed_solve_reaches_every_waiter_and_caches_nothing() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def broken(prefs: Sequence[Preference]) -> list[Head]:
+        raise RuntimeError("solver down")
+
+    cache = HeadCache(broken, budget_bytes=1 << 20, executor=ThreadPoolExecutor(1), metrics=Metrics())
+
+    async def scenario() -> list[object]:
+        return await asyncio.gather(*(cache.get_many(_prefs(1)) for _ in range(3)), return_exceptions=True)
+
+    assert all(isinstance(r, RuntimeError) for r in asyncio.run(scenario())) and len(cache) == 0
+
+
+# -- client ---------------------------------------------------------------------------------------
+def _flaky_transport(failures: int, status: int = 429) -> tuple[list[int], httpx.MockTransport]:
+    seen: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(1)
+        if len(seen) <= failures:
+            return httpx.Response(status, headers={"Retry-After": "0"},
+                                  json={"type": "t", "title": "busy", "status": status, "detail": "queue full", "request_id": "r"})
+        return httpx.Response(200, json={"bundle_id": "b", "results": []})
+
+    return seen, httpx.MockTransport(handler)
+
+
+def test_client_retries_429_then_succeeds_and_gives_up_with_a_typed_error() -> None:
+    seen, transport = _flaky_transport(2)
+    with Client("http://svc", transport=transport, max_retries=3) as c:
+        assert c.predict(["a"], {"alpha": 1}).bundle_id == "b"
+    assert len(seen) == 3
+    seen, transport = _flaky_transport(10, status=503)
+    with Client("http://svc", transport=transport, max_retries=2) as c, pytest.raises(ProblemError) as err:
+        c.predict(["a"])
+    assert len(seen) == 3 and err.value.status == 503 and err.value.problem["detail"] == "queue full"
+
+
+def test_async_client_against_the_app(engine: Engine) -> None:
+    async def scenario() -> None:
+        app = create_app(ServiceSettings(bundle=engine.bundle.path, device="cpu"), engine)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with AsyncClient("http://svc", transport=transport) as c:
+                out = await c.predict(["hello"], [1, 0, 0])
+                assert out.results[0].preference["alpha"] == 1.0
+                assert [t.name for t in (await c.info()).tasks] == list(TASKS)
+                assert (await c.tradeoff({"beta": 1})).results[0].tasks["beta"].loss > 0
+                with pytest.raises(ProblemError) as err:
+                    await c.predict(["hello"], {"nope": 1})
+                assert err.value.status == 422 and err.value.field == "preference.nope"
+
+    asyncio.run(scenario())
