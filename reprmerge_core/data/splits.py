@@ -33,6 +33,7 @@ class TaskSplits:
     train: Task
     calibration: tuple[str, ...]
     test: Task
+    config: SplitConfig
 
     @property
     def name(self) -> str:
@@ -58,6 +59,7 @@ def split_task(task: Task, config: SplitConfig) -> TaskSplits:
         train=task.subset(order[cal_end : cal_end + config.train_size]),
         calibration=task.subset(order[config.test_size : cal_end]).texts,
         test=task.subset(order[: config.test_size]),
+        config=config,
     )
 
 
