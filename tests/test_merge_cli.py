@@ -13,13 +13,14 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertForSequenceCl
 
 from reprmerge_core.cli import main
 from reprmerge_core.merging import REPORT_FILE
+from tests.helpers import TOKENIZER_FILES
 
 TEXTS = ["free entry to win a prize now", "are we still meeting at noon?", "what is the capital of peru",
          "a dull , lifeless film", "who wrote hamlet", "call me when you land", "an utterly charming story"]
 
 
 def copy_tokenizer(src: Path, out: Path) -> None:
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copy(src / name, out / name)
 

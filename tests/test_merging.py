@@ -10,7 +10,7 @@ from peft.utils import merge_utils as peft
 from torch import Tensor, nn
 from transformers import BertModel
 
-from reprmerge_core.merging import collect_grams, layer_stages, merge_sequential, merge_state_dicts
+from reprmerge_core.merging import collect_grams, diagnose, layer_stages, merge_sequential, merge_state_dicts
 from reprmerge_core.merging.merge import parameter_seed
 from reprmerge_core.merging.projection import (
     calibration_loss,
@@ -238,6 +238,8 @@ def test_data_aware_report_and_nonlinear_rule() -> None:
     torch.testing.assert_close(result.state_dict["lin.bias"], mean["lin.bias"])  # lam None: the average
     assert torch.equal(result.state_dict["emb.weight"], base["emb.weight"])
     assert 0.0 <= result.report.rho <= 1.0 and set(result.report.layers) == {"lin"}
+    again = diagnose(base, experts, result.state_dict, grams)["lin"]  # any merged state, measured afterwards
+    assert again.loss == pytest.approx(result.report.layers["lin"].loss, rel=1e-12)
     with pytest.raises(ValueError, match="data-aware"):
         merge_state_dicts(base, experts, "regmean")
 

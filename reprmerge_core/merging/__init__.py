@@ -21,10 +21,19 @@ difference of two float32 values is exact unless their magnitudes differ by more
 
 from reprmerge_core.merging.calibration import collect_grams, layer_stages, read_texts, text_batches
 from reprmerge_core.merging.checkpoints import REPORT_FILE, merge_checkpoints
-from reprmerge_core.merging.merge import METHODS, LayerDiagnostics, MergeReport, MergeResult, merge_state_dicts, resolve
+from reprmerge_core.merging.merge import (
+    METHODS,
+    LayerDiagnostics,
+    MergeReport,
+    MergeResult,
+    diagnose,
+    merge_state_dicts,
+    overall_rho,
+    resolve,
+)
 from reprmerge_core.merging.sequential import merge_sequential
 
 __all__ = [
-    "METHODS", "REPORT_FILE", "LayerDiagnostics", "MergeReport", "MergeResult", "collect_grams", "layer_stages",
-    "merge_checkpoints", "merge_sequential", "merge_state_dicts", "read_texts", "resolve", "text_batches",
+    "METHODS", "REPORT_FILE", "LayerDiagnostics", "MergeReport", "MergeResult", "collect_grams", "diagnose", "layer_stages",
+    "merge_checkpoints", "merge_sequential", "merge_state_dicts", "overall_rho", "read_texts", "resolve", "text_batches",
 ]

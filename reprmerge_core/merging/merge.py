@@ -89,6 +89,18 @@ class LayerDiagnostics(BaseModel):
     loss: float
     rho: float
 
+    @classmethod
+    def of(cls, update: Tensor, deltas: Tensor, grams: Tensor) -> LayerDiagnostics:
+        energy = residual_energy(deltas, grams)
+        loss = calibration_loss(update, deltas, grams)
+        return cls(energy=energy, loss=loss, rho=1.0 - loss / energy if energy > 0 else 1.0)
+
+
+def overall_rho(layers: Mapping[str, LayerDiagnostics]) -> float | None:
+    """Whole-model rho: 1 - sum of losses / sum of energies (layers weighted by their residual energy)."""
+    energy = sum(layer.energy for layer in layers.values())
+    return 1.0 - sum(layer.loss for layer in layers.values()) / energy if energy > 0 else None
+
 
 class MergeReport(BaseModel):
     method: str
@@ -108,8 +120,7 @@ class MergeReport(BaseModel):
         """List what stayed at the base and compute the whole-model rho from the per-layer diagnostics."""
         merged = set(self.merged_parameters)
         self.base_parameters = [name for name in base if name not in merged]
-        energy = sum(layer.energy for layer in self.layers.values())
-        self.rho = 1.0 - sum(layer.loss for layer in self.layers.values()) / energy if energy > 0 else None
+        self.rho = overall_rho(self.layers)
 
 
 @dataclass
@@ -168,6 +179,16 @@ def _check_grams(grams: Grams, base: StateDict, experts: Mapping[str, StateDict]
                 raise ValueError(f"Gram of task {task!r} for {layer!r} must be ({n}, {n}), got {tuple(gram.shape)}")
 
 
+def _task_vectors(base: StateDict, experts: Mapping[str, StateDict], name: str) -> tuple[Tensor, Tensor]:
+    """The base parameter and the task vectors (K, ...) of one parameter, float64."""
+    base64 = base[name].to(DTYPE)
+    return base64, torch.stack([state[name].to(DTYPE) - base64 for state in experts.values()])
+
+
+def _stacked_grams(grams: Grams, tasks: list[str], layer: str) -> Tensor:
+    return torch.stack([grams[task][layer].to(DTYPE) for task in tasks])
+
+
 def merge_parameters(
     base: StateDict,
     experts: Mapping[str, StateDict],
@@ -188,19 +209,16 @@ def merge_parameters(
     for name in names:
         if not base[name].is_floating_point():
             raise ValueError(f"{name} is not a floating-point tensor but differs between the base and an expert")
-        base64 = base[name].to(DTYPE)
-        deltas = torch.stack([experts[task][name].to(DTYPE) - base64 for task in tasks])
+        base64, deltas = _task_vectors(base, experts, name)
         layer = name.removesuffix(".weight")
-        task_grams = torch.stack([grams[task][layer].to(DTYPE) for task in tasks]) if (
+        task_grams = _stacked_grams(grams, tasks, layer) if (
             name.endswith(".weight") and grams and layer in grams[tasks[0]]) else None
         if task_grams is not None and spec.linear_rule is not None:
             update = spec.linear_rule(deltas, task_grams, params)
         else:
             update = spec.tensor_rule(deltas, params, name)
         if task_grams is not None:
-            energy = residual_energy(deltas, task_grams)
-            loss = calibration_loss(update, deltas, task_grams)
-            report.layers[layer] = LayerDiagnostics(energy=energy, loss=loss, rho=1.0 - loss / energy if energy > 0 else 1.0)
+            report.layers[layer] = LayerDiagnostics.of(update, deltas, task_grams)
         merged[name] = (base64 + update).to(base[name].dtype)
         report.merged_parameters.append(name)
     return merged
@@ -231,3 +249,16 @@ def merge_state_dicts(
     merged = merge_parameters(base, experts, spec, checked, changed_parameters(base, experts, checked.freeze), grams, report)
     report.finish(base)
     return MergeResult({name: merged.get(name, base[name]) for name in base}, report)
+
+
+def diagnose(base: StateDict, experts: Mapping[str, StateDict], merged: StateDict, grams: Grams) -> dict[str, LayerDiagnostics]:
+    """Per-layer calibration fit of any merged state dict (e.g. one merged elsewhere or sequentially),
+    measured against the given Grams, so different merges are compared on the same calibration data."""
+    _check_grams(grams, base, experts)
+    tasks = list(experts)
+    diagnostics = {}
+    for layer in grams[tasks[0]]:
+        name = f"{layer}.weight"
+        base64, deltas = _task_vectors(base, experts, name)
+        diagnostics[layer] = LayerDiagnostics.of(merged[name].to(DTYPE) - base64, deltas, _stacked_grams(grams, tasks, layer))
+    return diagnostics
