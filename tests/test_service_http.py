@@ -1,0 +1,223 @@
+"""The service as a real `reprmerge serve` process: concurrency, overload, SIGTERM, fuzzing, OIP clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import schemathesis
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+
+from tests.helpers import make_random_bundle
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven tired wizards quietly brew strange potions".split()
+CLI = "import sys; from reprmerge_core.cli import main; sys.exit(main())"
+
+
+class ServerProcess:
+    """`reprmerge serve` on a free port; its log goes to a file (a full pipe would block the server)."""
+
+    def __init__(self, bundle: Path, log: Path, *flags: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CLI, "serve", str(bundle), "--port", str(self.port), "--device", "cpu", *flags],
+            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+        )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited early:\n{log.read_text()}"
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready:\n{log.read_text()}")
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> Path:
+    return make_random_bundle(tmp_path_factory.mktemp("http") / "bundle", tiny_backbone_dir, torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def server(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = ServerProcess(bundle, tmp_path_factory.mktemp("logs") / "main.log", "--max-batch-wait", "0.005")
+    yield srv
+    srv.stop()
+
+
+def _sentence(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 20)))
+
+
+def _bodies(n: int, seed: int = 0, texts: int = 3) -> list[dict[str, object]]:
+    """Requests over 12 distinct preferences; every fifth asks for two preferences at once."""
+    rng = random.Random(seed)
+    prefs = [[round(rng.random(), 3) + 0.01 for _ in range(3)] for _ in range(12)]
+    bodies: list[dict[str, object]] = []
+    for i in range(n):
+        body: dict[str, object] = {"texts": [_sentence(rng) for _ in range(rng.randint(1, texts))]}
+        if i % 5 == 0:
+            body["preferences"] = [prefs[i % 12], prefs[(i + 1) % 12]]
+        else:
+            body["preference"] = prefs[i % 12]
+        bodies.append(body)
+    return bodies
+
+
+def _probabilities(body: dict) -> np.ndarray:
+    return np.array([[p for task in row.values() for p in task["probabilities"].values()]
+                     for result in body["results"] for row in result["predictions"]])
+
+
+async def _fire(url: str, bodies: list[dict[str, object]], timeout: float = 60) -> list[httpx.Response | Exception]:
+    limits = httpx.Limits(max_connections=len(bodies) + 10, max_keepalive_connections=len(bodies) + 10)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as c:
+        return await asyncio.gather(*(c.post("/v1/predict", json=b) for b in bodies), return_exceptions=True)
+
+
+def test_concurrent_mixed_preferences_equal_their_solo_answers(server: ServerProcess) -> None:
+    bodies = _bodies(100)
+    batches_before = server.metric("reprmerge_batch_size_count")
+    together = asyncio.run(_fire(server.url, bodies))
+    batches = server.metric("reprmerge_batch_size_count") - batches_before
+    assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in together), together
+    assert batches < 100, "requests were never batched together"
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for body, mixed in zip(bodies, together):
+            solo = c.post("/v1/predict", json=body).json()
+            assert [r["fingerprint"] for r in solo["results"]] == [r["fingerprint"] for r in mixed.json()["results"]]
+            assert np.abs(_probabilities(solo) - _probabilities(mixed.json())).max() <= 1e-5
+    # Mixed batches really mixed heads.
+    assert server.metric('reprmerge_batch_distinct_heads_bucket{le="1.0"}') < server.metric("reprmerge_batch_distinct_heads_count")
+
+
+def test_overload_gets_429_quickly_and_recovers(bundle: Path, tmp_path: Path) -> None:
+    srv = ServerProcess(bundle, tmp_path / "overload.log", "--queue-limit", "2", "--max-batch-size", "4")
+    try:
+        start = time.monotonic()
+        responses = asyncio.run(_fire(srv.url, _bodies(150, seed=1, texts=16), timeout=20))
+        elapsed = time.monotonic() - start
+        assert all(isinstance(r, httpx.Response) for r in responses), [r for r in responses if isinstance(r, Exception)][:3]
+        codes = [r.status_code for r in responses]  # type: ignore[union-attr]
+        assert set(codes) <= {200, 429} and codes.count(429) > 0 and codes.count(200) > 0
+        refused = next(r for r in responses if r.status_code == 429)  # type: ignore[union-attr]
+        assert int(refused.headers["retry-after"]) >= 1 and refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["status"] == 429 and elapsed < 20
+        assert httpx.post(f"{srv.url}/v1/predict", json={"texts": ["calm again"]}).status_code == 200
+        assert srv.metric('reprmerge_rejections_total{reason="queue_full"}') == codes.count(429)
+    finally:
+        srv.stop()
+
+
+def test_sigterm_under_load_answers_every_accepted_request(bundle: Path, tmp_path: Path) -> None:
+    srv = ServerProcess(bundle, tmp_path / "sigterm.log", "--max-batch-size", "16", "--queue-limit", "1000")
+
+    async def scenario() -> tuple[list[httpx.Response | Exception], int, int]:
+        load = asyncio.ensure_future(_fire(srv.url, _bodies(150, seed=2, texts=16)))
+        async with httpx.AsyncClient(base_url=srv.url, timeout=10) as c:
+            while True:  # wait until work is queued, then signal
+                depth = float(next(line for line in (await c.get("/metrics")).text.splitlines()
+                                   if line.startswith("reprmerge_queue_depth ")).split()[1])
+                if depth >= 20:
+                    break
+                await asyncio.sleep(0.01)
+            srv.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.05)
+            ready = (await c.get("/readyz")).status_code
+            late = (await c.post("/v1/predict", json={"texts": ["too late"]})).status_code
+        return await load, ready, late
+
+    try:
+        responses, ready, late = asyncio.run(scenario())
+        assert ready == 503 and late == 503
+        assert all(isinstance(r, httpx.Response) for r in responses), [r for r in responses if isinstance(r, Exception)][:3]
+        codes = [r.status_code for r in responses]  # type: ignore[union-attr]
+        assert set(codes) <= {200, 503} and codes.count(200) >= 20
+        assert srv.proc.wait(timeout=30) == 0
+    finally:
+        srv.stop()
+    log = (tmp_path / "sigterm.log").read_text()
+    assert "draining" in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert {"request_id", "route", "status", "duration_ms"} <= lines[0].keys()
+
+
+def test_unmodified_triton_client_gets_correct_answers(server: ServerProcess) -> None:
+    import tritonclient.http as triton
+
+    texts, pref = ["a lazy dog", "seven tired wizards brew"], {"alpha": 0.2, "gamma": 0.8}
+    want = httpx.post(f"{server.url}/v1/predict", json={"texts": texts, "preference": pref}).json()["results"][0]
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("reprmerge")
+    meta = client.get_model_metadata("reprmerge")
+    assert meta["inputs"][0]["name"] == "text" and {o["name"] for o in meta["outputs"]} >= {"alpha_label", "beta_probabilities"}
+    for binary in (True, False):
+        inp = triton.InferInput("text", [len(texts)], "BYTES")
+        inp.set_data_from_numpy(np.array(texts, dtype=object), binary_data=binary)
+        result = client.infer("reprmerge", [inp], parameters={"preference": json.dumps(pref)})
+        assert result.get_response()["parameters"]["preference_fingerprint"] == want["fingerprint"]
+        for task in ("alpha", "beta", "gamma"):
+            expected = np.array([list(row[task]["probabilities"].values()) for row in want["predictions"]])
+            assert np.abs(result.as_numpy(f"{task}_probabilities") - expected).max() <= 1e-5
+            labels = [x.decode() if isinstance(x, bytes) else x for x in result.as_numpy(f"{task}_label")]
+            assert labels == [row[task]["label"] for row in want["predictions"]]
+    with pytest.raises(Exception, match="unknown model"):
+        client.infer("other", [inp])
+    client.close()
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
+def test_fuzzing_the_openapi_schema_finds_no_server_error(server: ServerProcess, mode: GenerationMode) -> None:
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 10
+
+    def check(case: schemathesis.Case) -> None:
+        response = case.call(timeout=30)
+        # 504 is the documented answer to a client deadline that passed: the fuzzer sets that header.
+        client_deadline = response.status_code == 504 and "X-Request-Timeout" in (case.headers or {})
+        assert response.status_code < 500 or client_deadline, f"{case.method} {case.path}: {response.text}"
+        if response.status_code >= 400:
+            assert response.headers["content-type"] == ["application/problem+json"]
+
+    for operation in operations:
+        strategy = operation.as_strategy(generation_mode=mode)
+        fuzz = settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+        try:
+            fuzz(given(case=strategy)(check))()
+        except Unsatisfiable:  # an operation without inputs has no invalid cases to generate
+            assert mode is GenerationMode.NEGATIVE
+
