@@ -1,0 +1,150 @@
+"""Expert fine-tuning on real data with the real MiniLM, the expert cache, and head evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer
+
+from reprmerge_core.backbone import default_backbone_path
+from reprmerge_core.correction import TaskHead
+from reprmerge_core.data import SplitConfig, TaskSplits, load_task, split_task
+from reprmerge_core.training import (
+    CACHE_ENV,
+    RECIPES,
+    Expert,
+    TrainRecipe,
+    cache_root,
+    evaluate_head,
+    load_expert,
+    macro_f1,
+    train_expert,
+)
+from reprmerge_core.training.cache import build_once, cache_key
+
+# 64 trec6 questions, 2 epochs of batch 8 (16 steps): a few seconds on 2 idle cores, yet enough to learn.
+RECIPE = TrainRecipe(learning_rate=2e-4, batch_size=8, epochs=2, max_length=32)
+
+
+@pytest.fixture(scope="module")
+def splits() -> TaskSplits:
+    return split_task(load_task("trec6"), SplitConfig(test_size=100, calibration_size=8, train_size=64))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("experts")
+
+
+@pytest.fixture(scope="module")
+def expert(splits: TaskSplits, cache: Path) -> Expert:
+    return train_expert(splits, RECIPE, cache_dir=cache, progress=False)
+
+
+def test_macro_f1_matches_a_hand_computed_case() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    predictions = torch.tensor([0, 0, 1, 1, 2, 2])
+    # class 0: TP 2 FP 0 FN 1 -> 4/5; class 1: TP 1 FP 1 FN 1 -> 1/2; class 2: TP 1 FP 1 FN 0 -> 2/3
+    assert macro_f1(predictions, labels) == pytest.approx((4 / 5 + 1 / 2 + 2 / 3) / 3)
+    # A class only ever predicted still counts (F1 0), as in scikit-learn's macro average.
+    assert macro_f1(torch.tensor([0, 3]), torch.tensor([0, 0])) == pytest.approx((2 / 3 + 0) / 2)
+    with pytest.raises(ValueError, match="zero examples"):
+        macro_f1(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
+
+
+def test_recipes_follow_data_md_and_bad_fields_are_named() -> None:
+    assert RECIPES["tiny"] == TrainRecipe(learning_rate=2e-4, batch_size=16, epochs=2, max_length=32)
+    assert RECIPES["text6"] == TrainRecipe(learning_rate=1e-4, batch_size=32, epochs=1, max_length=64)
+    assert RECIPES["text6"].weight_decay == 0.01 and RECIPES["text6"].warmup_fraction == 0.1
+    with pytest.raises(ValidationError, match="learning_rate"):
+        TrainRecipe(learning_rate=0)
+    with pytest.raises(ValidationError, match="pooling"):
+        TrainRecipe(pooling="max")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="lr"):
+        TrainRecipe(lr=1e-4)  # type: ignore[call-arg]
+
+
+def test_expert_is_a_loadable_checkpoint_with_a_head(expert: Expert, splits: TaskSplits) -> None:
+    assert expert.trained and expert.task == "trec6" and expert.label_names == splits.label_names
+    files = {p.name for p in expert.path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "head.safetensors", "expert.json"} <= files
+    assert not any(name.endswith(".bin") for name in files)
+    model = AutoModel.from_pretrained(expert.path, local_files_only=True)
+    AutoTokenizer.from_pretrained(expert.path, local_files_only=True)
+    head = load_file(str(expert.path / "head.safetensors"))
+    assert head["weight"].shape == (6, model.config.hidden_size) and head["bias"].shape == (6,)
+    info = json.loads((expert.path / "expert.json").read_text())
+    assert info["recipe"] == RECIPE.model_dump() and info["split"] == splits.config.model_dump()
+    assert info["train_examples"] == 64 and len(info["losses"]) == 16 and info["train_seconds"] > 0
+
+
+def test_training_learns_and_keeps_embeddings_frozen(expert: Expert, splits: TaskSplits) -> None:
+    losses = expert.info["losses"]
+    assert sum(losses[-4:]) < 0.75 * sum(losses[:4]), losses
+    result = evaluate_head(expert.backbone(), expert.head, splits.test.texts, splits.test.labels)
+    majority = max(splits.test.labels.count(c) for c in range(6)) / len(splits.test)
+    assert result.accuracy > majority + 0.15, (result, majority)
+    assert 0 < result.macro_f1 <= 1 and result.examples == 100
+    base = AutoModel.from_pretrained(default_backbone_path(), local_files_only=True).state_dict()
+    tuned = AutoModel.from_pretrained(expert.path, local_files_only=True).state_dict()
+    for name, value in base.items():
+        changed = not torch.equal(value, tuned[name])
+        if name.startswith("embeddings."):
+            assert not changed, f"{name} must stay frozen"
+        elif name.startswith("encoder.layer.5."):
+            assert changed, f"{name} was not trained"
+
+
+def test_second_call_hits_the_cache(expert: Expert, splits: TaskSplits, cache: Path) -> None:
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in expert.path.iterdir()}
+    again = train_expert(splits, RECIPE, cache_dir=cache, progress=False)
+    assert not again.trained and again.path == expert.path
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in again.path.iterdir()} == before
+    assert torch.equal(again.head.weight, expert.head.weight)
+    assert [p.name for p in cache.iterdir()] == [expert.path.name], "no temporary directory may remain"
+
+
+def test_cache_key_changes_with_every_input() -> None:
+    inputs = {"task": "trec6", "recipe": RECIPE.model_dump(), "train_sha256": "0" * 64}
+    changed = [{**inputs, "task": "sms_spam"}, {**inputs, "recipe": RECIPE.model_copy(update={"seed": 1}).model_dump()},
+               {**inputs, "train_sha256": "1" * 64}]
+    assert len({cache_key(inputs), *(cache_key(c) for c in changed)}) == 4
+    assert cache_key(dict(reversed(list(inputs.items())))) == cache_key(inputs)
+
+
+def test_cache_entries_are_published_atomically(tmp_path: Path) -> None:
+    entry = tmp_path / "expert"
+
+    def fail(tmp: Path) -> None:
+        (tmp / "partial").write_text("x")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build_once(entry, fail)
+    assert list(tmp_path.iterdir()) == [], "a failed build leaves neither the entry nor its temp dir"
+    assert build_once(entry, lambda tmp: (tmp / "done").write_text("y"))
+    assert build_once(entry, fail) is False and (entry / "done").read_text() == "y"
+
+
+def test_cache_root_default_and_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    assert cache_root() == Path.home() / ".cache" / "reprmerge" / "experts"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    assert cache_root() == tmp_path
+    assert cache_root(tmp_path / "explicit") == tmp_path / "explicit"
+
+
+def test_load_expert_and_evaluate_head_refuse_bad_input(expert: Expert, tmp_path: Path) -> None:
+    (tmp_path / "expert.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="field 'format'"):
+        load_expert(tmp_path)
+    backbone = expert.backbone()
+    with pytest.raises(ValueError, match="head input size 3"):
+        evaluate_head(backbone, TaskHead(torch.zeros(2, 3), torch.zeros(2)), ["a"], [0])
+    with pytest.raises(ValueError, match="1 texts but 2 labels"):
+        evaluate_head(backbone, expert.head, ["a"], [0, 1])
