@@ -115,6 +115,8 @@ def test_task_list_uses_given_or_default_split() -> None:
     small = SplitConfig(test_size=10, calibration_size=0, train_size=10)
     assert resolve_suite("tiny", small).split == small
     assert resolve_suite("tiny", small).tasks == SUITES["tiny"].tasks
+    assert resolve_suite(SUITES["text6"], small) == SuiteConfig(tasks=SUITES["text6"].tasks, split=small)
+    assert [s.name for s in load_suite(SUITES["tiny"], small)] == list(SUITES["tiny"].tasks)
 
 
 def test_unknown_names_are_refused_listing_the_known_ones() -> None:

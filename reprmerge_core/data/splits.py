@@ -96,17 +96,18 @@ SUITES: dict[str, SuiteConfig] = {
 }
 
 
-def resolve_suite(spec: str | Sequence[str], split: SplitConfig | None = None) -> SuiteConfig:
-    """A suite name, or a list of task names; `split` overrides the suite's (or the default) split."""
+def resolve_suite(spec: str | Sequence[str] | SuiteConfig, split: SplitConfig | None = None) -> SuiteConfig:
+    """A suite name, a list of task names or a config; `split` overrides its split (default `SplitConfig()`)."""
     if isinstance(spec, str):
         if spec not in SUITES:
             raise ValueError(f"unknown suite {spec!r}; known suites: {', '.join(SUITES)} (or a list of task names)")
-        suite = SUITES[spec]
-        return suite if split is None else suite.model_copy(update={"split": split})
+        spec = SUITES[spec]
+    if isinstance(spec, SuiteConfig):
+        return spec if split is None else SuiteConfig(tasks=spec.tasks, split=split)
     return SuiteConfig(tasks=tuple(spec), split=split or SplitConfig())
 
 
 def load_suite(spec: str | Sequence[str] | SuiteConfig, split: SplitConfig | None = None) -> list[TaskSplits]:
-    """Load and split every task of a suite, in the suite's order."""
-    suite = spec if isinstance(spec, SuiteConfig) else resolve_suite(spec, split)
+    """Load and split every task of a suite (see `resolve_suite`), in the suite's order."""
+    suite = resolve_suite(spec, split)
     return [split_task(load_task(name), suite.split) for name in suite.tasks]
