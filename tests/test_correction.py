@@ -215,3 +215,21 @@ def test_cuda_path_matches_cpu(setup) -> None:
     acc = StatisticsAccumulator(D, device="cuda")
     acc.update(torch.from_numpy(data[0][0]).cuda(), torch.from_numpy(data[0][1]).cuda())
     torch.testing.assert_close(acc.result().A.cpu(), stats_of(data)[0].A, rtol=1e-10, atol=1e-9)
+
+
+def test_fold_matrices_of_the_solution_equal_fold(setup) -> None:
+    _, solver, _ = setup
+    g = torch.Generator().manual_seed(3)
+    heads = [TaskHead(torch.randn(k, D, generator=g), torch.randn(k, generator=g)) for k in (2, 5, 3)]
+    folder = HeadFolder(solver, heads, out_dtype=torch.float64)
+    prefs = torch.tensor([[0.1, 0.6, 0.3]], dtype=torch.float64)
+    torch.testing.assert_close(folder.fold_matrices(solver.solve(prefs)).weight, folder.fold(prefs).weight)
+    identity = folder.fold_matrices(torch.eye(D, dtype=torch.float64)[None]).weight[0]
+    torch.testing.assert_close(identity, torch.cat([h.weight for h in heads]).double())
+
+
+def test_with_beta_equals_a_fresh_fit(setup) -> None:
+    data, solver, _ = setup
+    for beta in (0.01, 3.0):
+        fresh = CorrectionSolver(beta=beta).fit(stats_of(data))
+        torch.testing.assert_close(solver.with_beta(beta).task_corrections(), fresh.task_corrections())

@@ -63,8 +63,9 @@ def select_beta(
         identity = torch.eye(A.shape[-1], dtype=torch.float64, device=A.device).unsqueeze(0)
         den += quadratic_loss(identity, A, B, e)[0].cpu()
         prefs = torch.cat([torch.eye(T), torch.ones(1, T)]).double()
+        fitted = CorrectionSolver(candidates[0], normalisation, use_prior=use_prior, device=A.device).fit(train)
         for i, beta in enumerate(candidates):
-            solver = CorrectionSolver(beta, normalisation, use_prior=use_prior, device=A.device).fit(train)
+            solver = fitted.with_beta(beta)
             losses = quadratic_loss(solver.solve(prefs), A, B, e).cpu()  # (T + 1, T)
             num[i, 0] += losses[:T].diagonal()
             num[i, 1] += losses[T]

@@ -26,6 +26,7 @@ class CalibrationStatistics:
     forward_seconds: float = 0.0
     accumulate_seconds: float = 0.0
     samples: list[int] = field(default_factory=list)
+    task_seconds: list[float] = field(default_factory=list)  # wall time per task: grows linearly with T
 
     @property
     def total(self) -> list[TaskStatistics]:
@@ -56,6 +57,7 @@ def collect_statistics(
     result = CalibrationStatistics(folds=[], samples=[len(texts) for texts in calibration])
     bar = tqdm(total=sum(result.samples), desc="statistics", unit="input", disable=not progress)
     for expert, texts in zip(experts, calibration):
+        task_start = time.perf_counter()
         accs = [StatisticsAccumulator(merged.dim, device=merged.device) for _ in range(folds)]
         offset = 0
         for chunk in batched(texts, batch_size):
@@ -72,5 +74,6 @@ def collect_statistics(
             offset += len(chunk)
             bar.update(len(chunk))
         result.folds.append([acc.result() for acc in accs])
+        result.task_seconds.append(time.perf_counter() - task_start)
     bar.close()
     return result

@@ -64,6 +64,7 @@ class HeadFolder:
         self.solver = solver
         self.out_dtype = out_dtype
         H = torch.cat([h.weight for h in heads]).to(solver.device, solver.dtype)
+        self._H = H
         self._HM = torch.einsum("kd,tde->tke", H, solver.M_)  # (T, K, d)
         self.bias = torch.cat([h.bias for h in heads]).to(solver.device, out_dtype)
         bounds = torch.tensor([0] + [h.num_classes for h in heads]).cumsum(0).tolist()
@@ -74,3 +75,8 @@ class HeadFolder:
         numer = self.solver.aggregate(prefs, self._HM)
         weight = self.solver.right_solve(numer, prefs).to(self.out_dtype)
         return FusedHeads(weight, self.bias, self.slices)
+
+    def fold_matrices(self, W: torch.Tensor) -> FusedHeads:
+        """Fused heads H_t W for explicit corrections W (P, d, d), e.g. baselines and ablations."""
+        H = self._H.to(W.device, W.dtype)
+        return FusedHeads((H @ W).to(self.out_dtype), self.bias, self.slices)

@@ -120,14 +120,24 @@ class CorrectionSolver:
             O = procrustes(B)
         else:
             O = torch.eye(d, dtype=torch.float64, device=self.device).expand(len(stats), d, d).clone()
-        eye = torch.eye(d, dtype=torch.float64, device=self.device)
+        return self._set_terms(scales, A, B, e.to(self.device), O)
+
+    def _set_terms(self, scales: torch.Tensor, A: torch.Tensor, B: torch.Tensor, e: torch.Tensor,
+                   O: torch.Tensor) -> CorrectionSolver:
+        eye = torch.eye(A.shape[-1], dtype=torch.float64, device=self.device)
         self.scales_ = scales
-        self.A_, self.B_, self.e_, self.O_ = A, B, e.to(self.device), O
+        self.A_, self.B_, self.e_, self.O_ = A, B, e, O
         self.C_ = (A + self.beta * eye).to(self.dtype)
         self.M_ = (B + self.beta * O).to(self.dtype)
-        self.num_tasks_, self.dim_ = len(stats), d
+        self.num_tasks_, self.dim_ = A.shape[0], A.shape[-1]
         self._fitted = True
         return self
+
+    def with_beta(self, beta: float) -> CorrectionSolver:
+        """The same fitted statistics and priors under another beta, without repeating the SVDs (sweeps)."""
+        self.require_fit()
+        other = CorrectionSolver(beta, self.normalisation, use_prior=self.use_prior, dtype=self.dtype, device=self.device)
+        return other._set_terms(self.scales_, self.A_, self.B_, self.e_, self.O_)
 
     def require_fit(self) -> None:
         if not self._fitted:

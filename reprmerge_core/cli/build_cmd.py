@@ -1,0 +1,57 @@
+"""`reprmerge build`: experts (trained or cached), merge, statistics and beta, written as one bundle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from reprmerge_core.cli.merge_cmd import _pair, _unique, _value
+from reprmerge_core.data import SUITES
+from reprmerge_core.merging import METHODS
+from reprmerge_core.pipeline import BuildConfig, build_bundle
+
+
+def _beta(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"beta must be a positive number or 'auto', got {text!r}") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="build a bundle from a built-in suite of real tasks")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--suite", choices=sorted(SUITES), help="a built-in suite")
+    which.add_argument("--tasks", help="comma-separated task names instead of a suite")
+    p.add_argument("--merge", default="ties", choices=sorted(METHODS), help="merge method (default ties)")
+    p.add_argument("--set", type=_pair, action="append", default=[], dest="params", metavar="KEY=VALUE",
+                   help="a merge parameter (repeat), e.g. density=0.2")
+    p.add_argument("--calibration-size", type=int, default=None, help="calibration inputs per task (default: the suite's)")
+    p.add_argument("--beta", type=_beta, default="auto", help="correction strength, or 'auto' (k-fold CV, default)")
+    p.add_argument("--folds", type=int, default=5, help="folds of the beta cross-validation")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--cache-dir", type=Path, default=None, help="expert cache (default ~/.cache/reprmerge or $REPRMERGE_CACHE)")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = BuildConfig(
+            suite=args.suite or tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+            merge=args.merge, merge_params={k: _value(v) for k, v in _unique(args.params, "--set").items()},
+            calibration_size=args.calibration_size, beta=args.beta, folds=args.folds, device=args.device,
+            cache_dir=args.cache_dir,
+        )
+        path = build_bundle(config, args.out, overwrite=args.overwrite)
+    except (ValueError, ValidationError, FileExistsError) as exc:
+        print(f"build failed: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote bundle {path}; inspect it with `reprmerge inspect {path}`")
+    return 0

@@ -1,0 +1,43 @@
+"""Evaluation metrics against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from reprmerge_core.evaluation.metrics import hypervolume, simplex_grid, uniformity
+
+
+def test_simplex_grid_counts_and_sums() -> None:
+    for T, steps in ((2, 4), (3, 4), (6, 2), (1, 3)):
+        grid = simplex_grid(T, steps)
+        assert len(grid) == math.comb(steps + T - 1, T - 1)
+        np.testing.assert_allclose(grid.sum(axis=1), 1.0)
+        assert (grid >= 0).all() and len({tuple(r) for r in grid}) == len(grid)
+        np.testing.assert_allclose(grid * steps, np.round(grid * steps))
+    np.testing.assert_allclose(simplex_grid(2, 2), [[0, 1], [0.5, 0.5], [1, 0]])
+
+
+def test_hypervolume_equals_union_of_boxes_in_2d() -> None:
+    pts = np.array([[0.9, 0.2], [0.5, 0.6], [0.2, 0.8], [0.4, 0.4]])  # the last one is dominated
+    # union of [0,x]x[0,y] boxes of the three non-dominated points, by hand
+    expected = 0.9 * 0.2 + 0.5 * (0.6 - 0.2) + 0.2 * (0.8 - 0.6)
+    assert hypervolume(pts) == pytest.approx(expected, rel=1e-12)
+    assert hypervolume(np.array([[0.5, 0.5, 0.5]])) == pytest.approx(0.125)
+    with pytest.raises(ValueError, match="non-empty"):
+        hypervolume(np.zeros((0, 2)))
+
+
+def test_uniformity_by_hand() -> None:
+    # errors inversely proportional to the preference: perfectly aligned
+    assert uniformity(np.array([[0.25, 0.75]]), np.array([[0.3, 0.1]])) == pytest.approx(1.0)
+    # one-hot preference: a = (1, 0), KL = log 2, U = 0
+    assert uniformity(np.array([[1.0, 0.0]]), np.array([[0.2, 0.4]])) == pytest.approx(0.0)
+    p, l = np.array([0.5, 0.5, 0.0]), np.array([0.1, 0.3, 0.5])
+    a = np.array([0.25, 0.75, 0.0])
+    expected = 1 - (0.25 * math.log(0.75) + 0.75 * math.log(2.25)) / math.log(3)
+    assert uniformity(p[None], l[None]) == pytest.approx(expected)
+    assert a.sum() == 1
+    assert uniformity(np.array([[0.5, 0.5]]), np.zeros((1, 2))) == 1.0
