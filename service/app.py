@@ -38,7 +38,7 @@ def field_of(loc: tuple[int | str, ...]) -> str:
     for part in loc[1:] if loc and loc[0] in ("body", "query", "header", "path") else loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif "[" not in part and "-" not in part:
+        elif "[" not in part:
             out += f".{part}" if out else part
     return out or "body"
 

@@ -3,7 +3,8 @@
 Admission refuses work the service cannot finish (queue full -> 429 with Retry-After, draining ->
 503); the worker drops jobs whose deadline passed or whose caller left before they reach the model
 (504). A batch starts as soon as the model is free: it waits up to `max_wait` for more work only
-when the previous batch was full, so an idle service adds no latency.
+when the previous batch was full, so an idle service adds no latency. Heads missing from the
+cache are solved while the backbone encodes the batch.
 """
 
 from __future__ import annotations
@@ -167,10 +168,11 @@ class Batcher:
         start = time.monotonic()
         texts = [t for job in batch for t in job.texts]
         try:
-            tokens = loop.run_in_executor(self._executor, self._engine.tokenize, texts)
+            # The backbone pass and the solves of missing heads run at once, on their own threads.
+            z = loop.run_in_executor(self._executor, self._engine.encode, texts)
             heads = await self._cache.get_many([p for job in batch for p in job.prefs])
             groups, where = self._group(batch, heads)
-            probs = await loop.run_in_executor(self._executor, self._engine.forward, await tokens, groups)
+            probs = await loop.run_in_executor(self._executor, self._engine.apply, await z, groups)
         except Exception as exc:  # a failing batch answers its jobs with the error, never kills the worker
             for job in batch:
                 if not job.future.done():

@@ -1,6 +1,6 @@
 """The model side of the service: bundle, backbone on its device, head folding, mixed-batch forward.
 
-Synchronous and thread-confined by design: the batcher calls `tokenize`/`forward` from one
+Synchronous and thread-confined by design: the batcher calls `encode`/`apply` from one
 inference thread and the head cache calls `fold`/`tradeoff` from one solve thread, so the event
 loop never runs tensor code.
 """
@@ -8,6 +8,7 @@ loop never runs tensor code.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,15 @@ from reprmerge_core.backbone import Backbone
 from reprmerge_core.bundle import Bundle, load_bundle
 from reprmerge_core.correction import CorrectionSolver, HeadFolder
 from reprmerge_core.preference import Preference
+
+
+def solve_executor() -> ThreadPoolExecutor:
+    """One thread for head solves, with one intra-op thread (thread-local in torch's OpenMP/MKL).
+
+    A d x d Cholesky (d ~ 384-768) is too small to gain from threads, and on a busy CPU a threaded
+    LAPACK call spins against the backbone: measured 1.7 ms single-threaded vs 20+ ms with 2 threads.
+    """
+    return ThreadPoolExecutor(1, thread_name_prefix="head-solve", initializer=torch.set_num_threads, initargs=(1,))
 
 
 @dataclass(frozen=True)
@@ -83,17 +93,18 @@ class Engine:
         """Closed-form per-task loss of each preference's correction, (P, T), from the statistics."""
         return self.folder.solver.tradeoff(self._pref_tensor(prefs)).cpu()
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.backbone.tokenize(texts)
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Tokenise and run the backbone: pooled representations (len(texts), d), float32."""
+        return self.backbone.embed_tokens(self.backbone.tokenize(texts)).float()
 
     @torch.inference_mode()
-    def forward(self, tokens: dict[str, torch.Tensor], groups: Sequence[HeadGroup]) -> list[torch.Tensor]:
-        """Class probabilities per group, (len(rows), K) on CPU: one backbone pass, one matmul per head.
+    def apply(self, z: torch.Tensor, groups: Sequence[HeadGroup]) -> list[torch.Tensor]:
+        """Class probabilities per group, (len(rows), K) on CPU: one matmul per distinct head.
 
         Rows sharing a head are gathered and multiplied by that head once, so the per-row cost is
         K x d whatever the number of distinct preferences; softmax is taken per task slice.
         """
-        z = self.backbone.embed_tokens(tokens).float()
         bias = self.folder.bias
         logits = torch.cat([
             torch.addmm(bias, z[torch.as_tensor(g.rows, device=z.device)], g.head.weight.T) for g in groups

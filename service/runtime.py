@@ -19,7 +19,7 @@ import torch
 from reprmerge_core import __version__
 from reprmerge_core.preference import Preference, PreferenceError, canonical_preference
 from service.batcher import Batcher, JobResult
-from service.engine import Engine
+from service.engine import Engine, solve_executor
 from service.errors import InvalidInput, PayloadTooLarge, Unavailable
 from service.head_cache import HeadCache
 from service.metrics import Metrics
@@ -54,7 +54,7 @@ class Service:
         self.settings, self.engine, self.metrics = settings, engine, metrics
         # One thread each: batches run one at a time, and a head solve never waits behind a batch.
         self._infer = ThreadPoolExecutor(1, thread_name_prefix="inference")
-        self._solve = ThreadPoolExecutor(1, thread_name_prefix="head-solve")
+        self._solve = solve_executor()
         self.cache = HeadCache(engine.fold, settings.head_cache_bytes, self._solve, metrics)
         self.batcher = Batcher(
             engine, self.cache, self._infer, metrics, max_batch_size=settings.max_batch_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ from service.engine import Engine, Head
 from service.head_cache import HeadCache
 from service.metrics import Metrics
 from service.settings import ServiceSettings
+from tests.helpers import make_random_bundle
 
 TASKS = ("alpha", "beta", "gamma")
 KEY = "s3cret"
@@ -26,8 +28,6 @@ KEY = "s3cret"
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> Engine:
-    from tests.helpers import make_random_bundle
-
     bundle = make_random_bundle(tmp_path_factory.mktemp("svc") / "bundle", tiny_backbone_dir, torch.Generator().manual_seed(1))
     return Engine.load(bundle, device="cpu")
 
@@ -179,8 +179,6 @@ class CountingFold:
 
 
 def test_head_cache_single_flight_batches_misses_and_evicts_by_bytes() -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
     fold, metrics = CountingFold(), Metrics()
     head_bytes = 2 * 8 * 4
     cache = HeadCache(fold, budget_bytes=3 * head_bytes, executor=ThreadPoolExecutor(1), metrics=metrics)
@@ -201,8 +199,6 @@ def test_head_cache_single_flight_batches_misses_and_evicts_by_bytes() -> None:
 
 
 def test_head_cache_failed_solve_reaches_every_waiter_and_caches_nothing() -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
     def broken(prefs: Sequence[Preference]) -> list[Head]:
         raise RuntimeError("solver down")
 

@@ -12,9 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = kinds.add_parser("serve", help="engine and HTTP serving benchmark against the backbone-only ceiling")
     s.add_argument("--bundle", type=Path, help="bundle to serve (default: a synthetic one over the MiniLM backbone)")
     s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--batches", type=int, default=20, help="timed batches per engine case")
+    s.add_argument("--batches", type=int, default=10, help="rounds: timed batches per engine case")
     s.add_argument("--http-seconds", type=float, default=15.0, help="duration of each HTTP load run (0 skips HTTP)")
-    s.add_argument("--rate", type=float, default=0.0, help="open-loop request rate for HTTP (0: 80%% of measured capacity)")
+    s.add_argument("--rate", type=float, default=0.0, help="open-loop request rate for HTTP (0: half the measured engine capacity)")
     s.add_argument("--out", type=Path, help="also write the results as JSON here")
     s.set_defaults(func=run)
 

@@ -1,0 +1,8 @@
+"""Serving benchmark; the same as `reprmerge bench serve` (see service/bench.py for the cases)."""
+
+import sys
+
+from reprmerge_core.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", "serve", *sys.argv[1:]]))

@@ -1,0 +1,307 @@
+"""`reprmerge bench serve`: what serving per-request preferences costs, against the backbone alone.
+
+Engine, in-process, at one batch size (texts per backbone pass):
+  (a) backbone only (tokenise + encode): the ceiling;
+  (b) mixed batches over 1, 32 and 1000 distinct cached preferences (heads applied per group);
+  (c) every request a new preference (one batched fold of the batch's preferences + forward);
+  (d) baseline: a re-merged model per preference (preference-weighted task arithmetic from
+      reprmerge_core.merging, load_state_dict, one forward per preference);
+plus the latency of one head solve (all task heads fused). Then the same service over HTTP with an
+open-loop load generator (Poisson arrivals, so no coordinated omission): p50/p95/p99, throughput,
+goodput within an SLO, head-cache hit rate and distinct heads per batch.
+Without --bundle, a bundle over the real MiniLM backbone (d = 384) is synthesised: statistics from
+its own features of generated sentences and a random near-identity "expert" map, random heads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from reprmerge_core.backbone import Backbone, default_backbone_path
+from reprmerge_core.bundle import write_bundle
+from reprmerge_core.bundle.manifest import BackboneInfo, CorrectionInfo, MergeInfo, TaskInfo
+from reprmerge_core.correction import StatisticsAccumulator, TaskHead
+from reprmerge_core.merging.arithmetic import task_arithmetic
+from reprmerge_core.preference import Preference, canonical_preference
+from service.engine import Engine, Head, HeadGroup, solve_executor
+
+WORDS = ("model merging keeps one backbone for many tasks while a small closed form correction restores each "
+         "task representation the service batches requests with different preferences through one forward pass "
+         "and folds the correction into the heads so latency stays flat").split()
+SYNTHETIC_TASKS = {"sentiment": ["negative", "positive"], "topic": ["world", "sports", "business", "science"],
+                   "question": ["abbr", "entity", "description", "human", "location", "number"]}
+SLO_SECONDS = 0.5
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 24))) for _ in range(n)]
+
+
+def synthetic_bundle(out: Path, samples: int = 512, seed: int = 0) -> Path:
+    """A valid bundle over MiniLM: real merged features, a perturbed linear 'expert' per task, random heads."""
+    src = default_backbone_path()
+    backbone = Backbone.from_pretrained(src, device="cpu")
+    z = backbone.encode(sentences(samples, seed)).double()
+    g = torch.Generator().manual_seed(seed)
+    d = z.shape[1]
+    stats, heads = [], []
+    for labels in SYNTHETIC_TASKS.values():
+        expert_map = torch.eye(d, dtype=torch.float64) + 0.05 * torch.randn(d, d, generator=g, dtype=torch.float64)
+        acc = StatisticsAccumulator(d)
+        acc.update(z, z @ expert_map.T)
+        stats.append(acc.result())
+        heads.append(TaskHead(torch.randn(len(labels), d, generator=g), torch.randn(len(labels), generator=g)))
+    return write_bundle(
+        out, tasks=[TaskInfo(name=t, labels=l, calibration_samples=samples) for t, l in SYNTHETIC_TASKS.items()],
+        statistics=stats, heads=heads, backbone_dir=src,
+        correction=CorrectionInfo(beta=0.1, normalisation="energy"),
+        merge=MergeInfo(method="none", parameters={"note": "benchmark bundle: statistics of synthetic experts"}),
+        backbone=BackboneInfo(source="sentence-transformers/all-MiniLM-L6-v2", pooling="mean", max_length=128),
+    )
+
+
+def dirichlet(n: int, tasks: tuple[str, ...], seed: int) -> list[Preference]:
+    """n uniform draws from the simplex (normalised exponentials: Dirichlet(1, ..., 1)), canonicalised."""
+    g = torch.Generator().manual_seed(seed)
+    draws = -torch.log(torch.rand(n, len(tasks), generator=g, dtype=torch.float64))
+    return [canonical_preference(row.tolist(), tasks) for row in draws]
+
+
+class EngineBench:
+    """The engine cases (a)-(d) over fixed batches of texts.
+
+    Cases run round-robin, one batch each per round, and report the median: on a shared CPU the
+    load drifts, and interleaving keeps the ratios between cases fair.
+    """
+
+    def __init__(self, engine: Engine, batch_size: int, rounds: int) -> None:
+        self.engine, self.batch_size, self.rounds = engine, batch_size, rounds
+        self.texts = [sentences(batch_size, seed=100 + i) for i in range(rounds)]
+        self.solver_thread = solve_executor()
+        self._seed = 10_000
+
+    def _fresh(self, n: int) -> list[Preference]:
+        self._seed += 1
+        return dirichlet(n, self.engine.tasks, seed=self._seed)
+
+    def _fold(self, prefs: list[Preference]) -> dict[str, Head]:
+        """Fold as the service does: on the single-threaded solve executor."""
+        return {h.fingerprint: h for h in self.solver_thread.submit(self.engine.fold, prefs).result()}
+
+    def _apply(self, z: torch.Tensor, prefs: list[Preference], heads: dict[str, Head]) -> None:
+        rows: dict[str, list[int]] = {}
+        for i, p in enumerate(prefs):
+            rows.setdefault(p.fingerprint, []).append(i)
+        self.engine.apply(z, [HeadGroup(heads[fp], r) for fp, r in rows.items()])
+
+    def cases(self, distinct: tuple[int, ...] = (1, 32, 1000)) -> dict[str, Callable[[list[str]], None]]:
+        """name -> step(texts): one batch of the case, done the way the batcher does it."""
+        engine = self.engine
+        steps: dict[str, Callable[[list[str]], None]] = {"(a) backbone only": engine.encode}
+        rng = random.Random(0)
+        for n in distinct:
+            pool = dirichlet(n, engine.tasks, seed=n)
+            heads = {fp: h for start in range(0, n, 256) for fp, h in self._fold(pool[start:start + 256]).items()}
+            steps[f"(b) {n} distinct cached preferences"] = (
+                lambda texts, pool=pool, heads=heads: self._apply(engine.encode(texts), [rng.choice(pool) for _ in texts], heads))
+
+        def fresh(texts: list[str]) -> None:  # solves overlap the backbone pass, as in the batcher
+            prefs = self._fresh(len(texts))
+            solving = self.solver_thread.submit(engine.fold, prefs)
+            z = engine.encode(texts)
+            self._apply(z, prefs, {h.fingerprint: h for h in solving.result()})
+
+        steps["(c) new preference per request"] = fresh
+        return steps
+
+    def run(self) -> dict[str, tuple[float, float]]:
+        """name -> (median texts/s, median of per-round ratios to (a)), cases interleaved round by round."""
+        steps = self.cases()
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        for step in steps.values():  # warm-up
+            step(self.texts[0])
+        for r in range(self.rounds):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step(self.texts[r])
+                times[name].append(time.perf_counter() - start)
+        ceiling = times["(a) backbone only"]
+        return {name: (self.batch_size / statistics.median(t), statistics.median(a / b for a, b in zip(ceiling, t)))
+                for name, t in times.items()}
+
+    def solve_ms(self, repeats: int = 50) -> tuple[float, float]:
+        """Median wall and thread-CPU milliseconds of folding one new preference (all task heads).
+
+        Run on the solve thread as in the service; CPU time is what the solve costs when the machine
+        is shared, wall time what a request waits.
+        """
+        def one(pref: Preference) -> tuple[float, float]:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            self.engine.fold([pref])
+            return time.perf_counter() - wall, time.thread_time() - cpu
+
+        prefs = self._fresh(repeats + 1)
+        self.solver_thread.submit(one, prefs[-1]).result()
+        walls, cpus = zip(*(self.solver_thread.submit(one, p).result() for p in prefs[:repeats]))
+        return 1e3 * statistics.median(walls), 1e3 * statistics.median(cpus)
+
+    def remerge(self, preferences: int = 4) -> float:
+        """Baseline (d), texts/s: per preference theta_p = theta_0 + lam sum_k (T p_k) tau_k, load, encode its text.
+
+        Measured over `preferences` preferences (one text each) and reported per text, which is the
+        rate a batch of all-distinct preferences would get.
+        """
+        model = self.engine.backbone.model
+        base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        g = torch.Generator().manual_seed(3)
+        # Synthetic experts: every encoder tensor moved (the project's experts keep embeddings frozen).
+        tuned = [k for k, v in base.items() if v.is_floating_point() and "embeddings" not in k]
+        deltas = {k: 0.01 * torch.randn((len(self.engine.tasks), *base[k].shape), generator=g) for k in tuned}
+        T = len(self.engine.tasks)
+        texts = self.texts[0][:preferences]
+        try:
+            start = time.perf_counter()
+            for text, pref in zip(texts, self._fresh(len(texts))):
+                coef = torch.tensor(pref.weights, dtype=torch.float32) * T
+                merged = {k: base[k] + task_arithmetic(deltas[k] * coef.view(-1, *[1] * base[k].ndim), 0.3) for k in tuned}
+                model.load_state_dict(merged, strict=False)
+                self.engine.encode([text])
+            return len(texts) / (time.perf_counter() - start)
+        finally:
+            model.load_state_dict(base)
+
+
+# -- HTTP ------------------------------------------------------------------------------------------
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+async def open_loop(url: str, rate: float, seconds: float, prefs: Callable[[int], list[float]]) -> dict[str, float]:
+    """Poisson arrivals at `rate` requests/s for `seconds`; one text per request."""
+    rng = random.Random(0)
+    texts = sentences(256, seed=5)
+    latencies: list[float] = []
+    codes: dict[int, int] = {}
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        before = (await client.get("/metrics")).text
+
+        async def one(i: int) -> None:
+            start = time.perf_counter()
+            r = await client.post("/v1/predict", json={"texts": [texts[i % len(texts)]], "preference": prefs(i)})
+            codes[r.status_code] = codes.get(r.status_code, 0) + 1
+            if r.status_code == 200:
+                latencies.append(time.perf_counter() - start)
+
+        tasks, start, i = [], time.perf_counter(), 0
+        next_at = start
+        while next_at - start < seconds:
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(i)))
+            i += 1
+            next_at += rng.expovariate(rate)
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+        after = (await client.get("/metrics")).text
+    delta = {n: _metric(after, n) - _metric(before, n) for n in (
+        "reprmerge_head_cache_hits_total", "reprmerge_head_cache_misses_total",
+        "reprmerge_batch_distinct_heads_sum", "reprmerge_batch_distinct_heads_count", "reprmerge_batch_size_sum")}
+    lat = sorted(latencies) or [float("nan")]
+    pct = lambda q: 1e3 * lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
+    lookups = delta["reprmerge_head_cache_hits_total"] + delta["reprmerge_head_cache_misses_total"]
+    batches = max(delta["reprmerge_batch_distinct_heads_count"], 1)
+    return {
+        "offered_rps": rate, "sent": i, "ok": len(latencies), "rejected": i - len(latencies),
+        "throughput_rps": len(latencies) / elapsed, "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99),
+        "goodput_rps": sum(1 for x in latencies if x <= SLO_SECONDS) / elapsed,
+        "cache_hit_rate": delta["reprmerge_head_cache_hits_total"] / lookups if lookups else float("nan"),
+        "heads_per_batch": delta["reprmerge_batch_distinct_heads_sum"] / batches,
+        "texts_per_batch": delta["reprmerge_batch_size_sum"] / batches,
+    }
+
+
+def http_bench(bundle: Path, tasks: tuple[str, ...], rate: float, seconds: float) -> dict[str, dict[str, float]]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-c", "import sys; from reprmerge_core.cli import main; sys.exit(main())",
+           "serve", str(bundle), "--port", str(port), "--queue-limit", "4096", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("benchmark server did not become ready")
+            time.sleep(0.2)
+        grid = [p.weights for p in dirichlet(32, tasks, seed=11)]
+        zipf = random.Random(1)
+        zipf_weights = [1 / (k + 1) for k in range(len(grid))]
+        fresh = random.Random(2)
+        scenarios: dict[str, Callable[[int], list[float]]] = {
+            "1 preference": lambda i: grid[0],
+            "Zipf over 32": lambda i: zipf.choices(grid, zipf_weights)[0],
+            "fresh each request": lambda i: [fresh.random() + 1e-3 for _ in tasks],
+        }
+        return {name: asyncio.run(open_loop(url, rate, seconds, fn)) for name, fn in scenarios.items()}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def run_benchmark(bundle: Path | None, *, batch_size: int, batches: int, http_seconds: float, rate: float,
+                  out: Path | None) -> dict[str, Any]:
+    """Run every case, print the table, optionally write JSON; returns the results."""
+    with tempfile.TemporaryDirectory(prefix="reprmerge-bench-") as tmp:
+        bundle = bundle or synthetic_bundle(Path(tmp) / "bundle")
+        engine = Engine.load(bundle, device="cpu")
+        bench = EngineBench(engine, batch_size, batches)
+        speeds = bench.run()
+        remerge = bench.remerge()
+        speeds["(d) re-merged model per preference"] = (remerge, remerge / speeds["(a) backbone only"][0])
+        solve_wall, solve_cpu = bench.solve_ms()
+        targets = {"(a) backbone only": "ceiling", "(b) 32 distinct cached preferences": ">= 0.97",
+                   "(c) new preference per request": ">= 0.80", "(d) re-merged model per preference": "baseline"}
+        print(f"\nengine, in-process: batch {batch_size} texts, {torch.get_num_threads()} threads, "
+              f"d = {engine.folder.solver.dim_}, T = {len(engine.tasks)}, K = {engine.folder.bias.numel()}; "
+              f"median of {batches} interleaved rounds")
+        print(f"{'case':<40} {'texts/s':>9} {'x (a)':>7}  target")
+        for name, (tput, ratio) in speeds.items():
+            print(f"{name:<40} {tput:>9.1f} {ratio:>7.3f}  {targets.get(name, '')}")
+        print(f"one head solve (all task heads fused): {solve_wall:.2f} ms wall, {solve_cpu:.2f} ms CPU  (target <= 3 ms)")
+        results: dict[str, Any] = {"batch_size": batch_size, "solve_ms": {"wall": solve_wall, "cpu": solve_cpu},
+                                   "engine": {name: {"texts_per_s": t, "ratio": r} for name, (t, r) in speeds.items()}}
+        if http_seconds > 0:
+            offered = rate or 0.5 * speeds["(b) 32 distinct cached preferences"][0]  # half the engine's capacity, 1 text/request
+            results["http"] = http_bench(Path(bundle), engine.tasks, offered, http_seconds)
+            print(f"\nHTTP, open loop at {offered:.0f} req/s for {http_seconds:g} s, 1 text per request, SLO {SLO_SECONDS * 1e3:.0f} ms")
+            print(f"{'preferences':<20} {'ok/sent':>10} {'req/s':>7} {'goodput':>8} {'p50':>7} {'p95':>7} {'p99':>7} {'hit rate':>8} {'heads/b':>7} {'texts/b':>7}")
+            for name, r in results["http"].items():
+                print(f"{name:<20} {r['ok']:>4}/{r['sent']:<5} {r['throughput_rps']:>7.1f} {r['goodput_rps']:>8.1f} "
+                      f"{r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['cache_hit_rate']:>8.3f} "
+                      f"{r['heads_per_batch']:>7.2f} {r['texts_per_batch']:>7.2f}")
+    if out is not None:
+        out.write_text(json.dumps(results, indent=2))
+    return results
