@@ -15,8 +15,15 @@ from reprmerge_core.cli import main
 from reprmerge_core.merging import REPORT_FILE
 from tests.helpers import TOKENIZER_FILES
 
-TEXTS = ["free entry to win a prize now", "are we still meeting at noon?", "what is the capital of peru",
-         "a dull , lifeless film", "who wrote hamlet", "call me when you land", "an utterly charming story"]
+TEXTS = [
+    "free entry to win a prize now",
+    "are we still meeting at noon?",
+    "what is the capital of peru",
+    "a dull , lifeless film",
+    "who wrote hamlet",
+    "call me when you land",
+    "an utterly charming story",
+]
 
 
 def copy_tokenizer(src: Path, out: Path) -> None:
@@ -46,8 +53,10 @@ def make_expert(base_dir: Path, out: Path, seed: int, with_head: bool = False) -
 @pytest.fixture(scope="module")
 def experts(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("experts")
-    return {"spam": make_expert(tiny_backbone_dir, root / "spam", 1, with_head=True),
-            "trec": make_expert(tiny_backbone_dir, root / "trec", 2)}
+    return {
+        "spam": make_expert(tiny_backbone_dir, root / "spam", 1, with_head=True),
+        "trec": make_expert(tiny_backbone_dir, root / "trec", 2),
+    }
 
 
 def merge_args(base: Path, experts: dict[str, Path], out: Path, method: str, *extra: str) -> list[str]:
@@ -61,15 +70,31 @@ def state(path: Path) -> dict[str, torch.Tensor]:
     return AutoModel.from_pretrained(path).state_dict()
 
 
-def test_projection_merge_writes_a_loadable_checkpoint_and_report(tiny_backbone_dir: Path, experts: dict[str, Path], tmp_path: Path) -> None:
+def test_projection_merge_writes_a_loadable_checkpoint_and_report(
+    tiny_backbone_dir: Path, experts: dict[str, Path], tmp_path: Path
+) -> None:
     (tmp_path / "spam.txt").write_text("\n".join(TEXTS[:4]) + "\n")
     (tmp_path / "trec.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[3:]))
     out = tmp_path / "merged"
-    rc = main(merge_args(tiny_backbone_dir, experts, out, "projection", "--set", "basis=eigen",
-                         "--calibration", f"spam={tmp_path / 'spam.txt'}", "--calibration", f"trec={tmp_path / 'trec.jsonl'}"))
+    rc = main(
+        merge_args(
+            tiny_backbone_dir,
+            experts,
+            out,
+            "projection",
+            "--set",
+            "basis=eigen",
+            "--calibration",
+            f"spam={tmp_path / 'spam.txt'}",
+            "--calibration",
+            f"trec={tmp_path / 'trec.jsonl'}",
+        )
+    )
     assert rc == 0
     merged, base = state(out), state(tiny_backbone_dir)
-    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(tiny_backbone_dir).get_vocab()
+    assert (
+        AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(tiny_backbone_dir).get_vocab()
+    )
     assert torch.equal(merged["embeddings.word_embeddings.weight"], base["embeddings.word_embeddings.weight"])
     name = "encoder.layer.1.intermediate.dense.weight"
     assert not torch.equal(merged[name], base[name])
@@ -104,8 +129,9 @@ def test_sequential_regmean_runs(tiny_backbone_dir: Path, experts: dict[str, Pat
     assert report["params"]["sequential"] is True and len(report["layers"]) == 13
 
 
-def test_incompatible_expert_is_refused_naming_the_parameter(tiny_backbone_dir: Path, experts: dict[str, Path],
-                                                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_incompatible_expert_is_refused_naming_the_parameter(
+    tiny_backbone_dir: Path, experts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = BertConfig.from_pretrained(tiny_backbone_dir, intermediate_size=48)
     BertModel(config).save_pretrained(tmp_path / "odd")
     copy_tokenizer(tiny_backbone_dir, tmp_path / "odd")
@@ -113,21 +139,33 @@ def test_incompatible_expert_is_refused_naming_the_parameter(tiny_backbone_dir: 
     rc = main(merge_args(tiny_backbone_dir, {**experts, "odd": tmp_path / "odd"}, out, "task_arithmetic"))
     err = capsys.readouterr().err
     assert rc == 2 and not out.exists()
-    assert "parameter encoder.layer.0.intermediate.dense.weight: base shape (64, 32) vs expert 'odd' shape (48, 32)" in err
+    assert (
+        "parameter encoder.layer.0.intermediate.dense.weight: base shape (64, 32) vs expert 'odd' shape (48, 32)" in err
+    )
     assert "config intermediate_size: base 64 vs expert 'odd' 48" in err
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--set", "density=2"], "density"),
-    (["--set", "basis=eigen"], "basis"),  # not a ties parameter
-])
-def test_bad_parameters_are_refused_before_loading(tiny_backbone_dir: Path, experts: dict[str, Path], tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str], extra: list[str], message: str) -> None:
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "density=2"], "density"),
+        (["--set", "basis=eigen"], "basis"),  # not a ties parameter
+    ],
+)
+def test_bad_parameters_are_refused_before_loading(
+    tiny_backbone_dir: Path,
+    experts: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
     assert main(merge_args(tiny_backbone_dir, experts, tmp_path / "x", "ties", *extra)) == 2
     assert message in capsys.readouterr().err
 
 
-def test_data_aware_method_needs_calibration(tiny_backbone_dir: Path, experts: dict[str, Path], tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_data_aware_method_needs_calibration(
+    tiny_backbone_dir: Path, experts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(merge_args(tiny_backbone_dir, experts, tmp_path / "x", "regmean")) == 2
     assert "calibration" in capsys.readouterr().err

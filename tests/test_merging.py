@@ -32,10 +32,15 @@ def random_state(gen: torch.Generator, dtype: torch.dtype = torch.float32) -> di
     }
 
 
-def make_experts(base: dict[str, Tensor], gen: torch.Generator, k: int, frozen: tuple[str, ...] = ("emb.weight",)) -> dict[str, dict[str, Tensor]]:
+def make_experts(
+    base: dict[str, Tensor], gen: torch.Generator, k: int, frozen: tuple[str, ...] = ("emb.weight",)
+) -> dict[str, dict[str, Tensor]]:
     """Experts = base + random task vectors; `frozen` parameters stay at the base (as frozen embeddings)."""
     return {
-        f"t{i}": {n: v if n in frozen else v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for n, v in base.items()}
+        f"t{i}": {
+            n: v if n in frozen else v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+            for n, v in base.items()
+        }
         for i in range(k)
     }
 
@@ -56,7 +61,9 @@ def test_lambda_zero_is_the_base(method: str, params: dict) -> None:
     assert all(torch.equal(result.state_dict[n], base[n]) for n in base)
 
 
-@pytest.mark.parametrize(("method", "params"), [("task_arithmetic", {}), ("ties", {"density": 1.0}), ("dare", {"drop_rate": 0.0})])
+@pytest.mark.parametrize(
+    ("method", "params"), [("task_arithmetic", {}), ("ties", {"density": 1.0}), ("dare", {"drop_rate": 0.0})]
+)
 def test_one_expert_lambda_one_is_the_expert(method: str, params: dict) -> None:
     gen = torch.Generator().manual_seed(1)
     base = random_state(gen)
@@ -75,7 +82,9 @@ def test_unchanged_and_frozen_parameters_stay_bit_exact() -> None:
     assert not torch.equal(result.state_dict["lin.weight"], base["lin.weight"])
 
 
-def peft_merged(base: dict[str, Tensor], experts: dict[str, dict[str, Tensor]], fn, lam: float, **kwargs) -> dict[str, Tensor]:
+def peft_merged(
+    base: dict[str, Tensor], experts: dict[str, dict[str, Tensor]], fn, lam: float, **kwargs
+) -> dict[str, Tensor]:
     weights = torch.full((len(experts),), lam, dtype=F64)
     return {n: base[n] + fn([e[n] - base[n] for e in experts.values()], weights, **kwargs) for n in base}
 
@@ -104,10 +113,14 @@ def test_dare_matches_peft_with_the_same_mask(combine: str, peft_fn) -> None:
     gen = torch.Generator().manual_seed(4)
     base = random_state(gen, F64)
     experts = make_experts(base, gen, 3, frozen=())
-    ours = merge_state_dicts(base, experts, "dare", {"drop_rate": 0.3, "lam": 0.6, "seed": 7, "combine": combine}).state_dict
+    ours = merge_state_dicts(
+        base, experts, "dare", {"drop_rate": 0.3, "lam": 0.6, "seed": 7, "combine": combine}
+    ).state_dict
     for name in base:
         torch.manual_seed(parameter_seed(7, name))
-        reference = base[name] + peft_fn([e[name] - base[name] for e in experts.values()], torch.full((3,), 0.6, dtype=F64), density=0.7)
+        reference = base[name] + peft_fn(
+            [e[name] - base[name] for e in experts.values()], torch.full((3,), 0.6, dtype=F64), density=0.7
+        )
         torch.testing.assert_close(ours[name], reference, rtol=0, atol=1e-12, msg=name)
 
 
@@ -123,10 +136,16 @@ def test_dare_drop_statistics_and_seed() -> None:
     assert torch.equal(out, again) and not torch.equal(out, other)
 
 
-@pytest.mark.parametrize(("method", "params", "field"), [
-    ("ties", {"density": 1.5}, "density"), ("dare", {"drop_rate": 1.0}, "drop_rate"),
-    ("task_arithmetic", {"lamda": 1}, "lamda"), ("projection", {"rank": 2}, "rank"), ("regmean", {"alpha": -1}, "alpha"),
-])
+@pytest.mark.parametrize(
+    ("method", "params", "field"),
+    [
+        ("ties", {"density": 1.5}, "density"),
+        ("dare", {"drop_rate": 1.0}, "drop_rate"),
+        ("task_arithmetic", {"lamda": 1}, "lamda"),
+        ("projection", {"rank": 2}, "rank"),
+        ("regmean", {"alpha": -1}, "alpha"),
+    ],
+)
 def test_bad_parameters_name_the_field(method: str, params: dict, field: str) -> None:
     base = {"w": torch.zeros(2, 2)}
     with pytest.raises(ValueError, match=field):
@@ -141,13 +160,17 @@ def test_incompatible_state_dicts_name_the_parameter() -> None:
 
 # ---- one linear layer: output-space projection and RegMean ----
 
+
 def layer_problem(seed: int, k: int = 3, m: int = 4, n: int = 5, samples: int = 7, duplicate: bool = False):
     """Task updates (K, m, n), calibration inputs X_k (n, s) and their Grams; correlated inputs per task."""
     gen = torch.Generator().manual_seed(seed)
     deltas = torch.randn(k, m, n, generator=gen, dtype=F64)
     if duplicate:
         deltas[1] = deltas[0]
-    inputs = [torch.randn(n, n, generator=gen, dtype=F64) @ torch.randn(n, samples, generator=gen, dtype=F64) for _ in range(k)]
+    inputs = [
+        torch.randn(n, n, generator=gen, dtype=F64) @ torch.randn(n, samples, generator=gen, dtype=F64)
+        for _ in range(k)
+    ]
     grams = torch.stack([x @ x.T for x in inputs])
     return deltas, inputs, grams
 
@@ -183,7 +206,7 @@ def test_diagonal_qp_equals_brute_force_least_squares(duplicate: bool) -> None:
 
 def test_diagonal_qp_beats_averaging_and_task_arithmetic() -> None:
     for seed in range(5):
-        deltas, inputs, grams = layer_problem(seed)
+        deltas, _, grams = layer_problem(seed)
         loss = calibration_loss(diagonal_qp(deltas, grams).update, deltas, grams)
         for lam in (1 / 3, 0.1, 0.3, 0.5, 1.0):
             assert loss <= calibration_loss(lam * deltas.sum(0), deltas, grams) + 1e-9
@@ -213,11 +236,13 @@ def test_eigen_basis_from_grams_equals_explicit_outputs_and_brute_force() -> Non
 def test_regmean_equals_the_formula_and_is_the_unrestricted_optimum() -> None:
     gen = torch.Generator().manual_seed(8)
     base = {"lin.weight": torch.randn(4, 5, generator=gen, dtype=F64)}
-    deltas, inputs, grams = layer_problem(8, samples=9)
+    deltas, _, grams = layer_problem(8, samples=9)
     experts = {f"t{k}": {"lin.weight": base["lin.weight"] + deltas[k]} for k in range(3)}
     per_task = {f"t{k}": {"lin": grams[k]} for k in range(3)}
     alpha = 0.7
-    merged = merge_state_dicts(base, experts, "regmean", {"alpha": alpha, "ridge": 0.0}, per_task).state_dict["lin.weight"]
+    merged = merge_state_dicts(base, experts, "regmean", {"alpha": alpha, "ridge": 0.0}, per_task).state_dict[
+        "lin.weight"
+    ]
     shrunk = [alpha * g.numpy() + (1 - alpha) * np.diag(np.diag(g.numpy())) for g in grams]
     numerator = sum(e["lin.weight"].numpy() @ s for e, s in zip(experts.values(), shrunk))
     reference = numerator @ np.linalg.inv(sum(shrunk))
@@ -246,6 +271,7 @@ def test_data_aware_report_and_nonlinear_rule() -> None:
 
 # ---- calibration Grams and the sequential variant ----
 
+
 class TokenModel(nn.Module):
     """(B, T, n) inputs with an attention mask, like a transformer layer sees them."""
 
@@ -253,7 +279,7 @@ class TokenModel(nn.Module):
         super().__init__()
         self.lin = nn.Linear(3, 2)
 
-    def forward(self, input: Tensor, attention_mask: Tensor) -> Tensor:  # noqa: A002 - mirrors nn.Sequential
+    def forward(self, input: Tensor, attention_mask: Tensor) -> Tensor:
         return self.lin(input)
 
 
@@ -272,8 +298,16 @@ def test_layer_stages_of_bert_group_shared_inputs(tiny_backbone_dir) -> None:
     batch = {"input_ids": torch.tensor([[101, 2000, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
     stages = layer_stages(model, batch, linear)
     prefix = "encoder.layer.0."
-    assert stages[0] == [prefix + "attention.self.query", prefix + "attention.self.key", prefix + "attention.self.value"]
-    assert stages[1:4] == [[prefix + "attention.output.dense"], [prefix + "intermediate.dense"], [prefix + "output.dense"]]
+    assert stages[0] == [
+        prefix + "attention.self.query",
+        prefix + "attention.self.key",
+        prefix + "attention.self.value",
+    ]
+    assert stages[1:4] == [
+        [prefix + "attention.output.dense"],
+        [prefix + "intermediate.dense"],
+        [prefix + "output.dense"],
+    ]
     assert stages[-1] == ["pooler.dense"] and len(stages) == 9
 
 

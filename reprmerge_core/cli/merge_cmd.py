@@ -36,13 +36,32 @@ def _unique(pairs: list[tuple[str, str]], option: str) -> dict[str, str]:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge expert checkpoints into the base backbone")
     p.add_argument("--base", type=Path, required=True, help="base checkpoint directory")
-    p.add_argument("--expert", type=_pair, action="append", required=True, metavar="NAME=DIR",
-                   help="an expert checkpoint (repeat); a classification head in it is ignored")
+    p.add_argument(
+        "--expert",
+        type=_pair,
+        action="append",
+        required=True,
+        metavar="NAME=DIR",
+        help="an expert checkpoint (repeat); a classification head in it is ignored",
+    )
     p.add_argument("--method", required=True, choices=sorted(METHODS))
-    p.add_argument("--set", type=_pair, action="append", default=[], dest="params", metavar="KEY=VALUE",
-                   help="a method parameter (repeat), e.g. lambda=0.3, density=0.2, basis=eigen")
-    p.add_argument("--calibration", type=_pair, action="append", default=[], metavar="NAME=FILE",
-                   help="unlabeled inputs of an expert's task: text (one per line) or JSON lines with \"text\"")
+    p.add_argument(
+        "--set",
+        type=_pair,
+        action="append",
+        default=[],
+        dest="params",
+        metavar="KEY=VALUE",
+        help="a method parameter (repeat), e.g. lambda=0.3, density=0.2, basis=eigen",
+    )
+    p.add_argument(
+        "--calibration",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help='unlabeled inputs of an expert\'s task: text (one per line) or JSON lines with "text"',
+    )
     p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
@@ -55,14 +74,25 @@ def run(args: argparse.Namespace) -> int:
         params = {key: _value(value) for key, value in _unique(args.params, "--set").items()}
         files = _unique(args.calibration, "--calibration")
         texts = {name: read_texts(path) for name, path in files.items()} or None
-        result = merge_checkpoints(args.base, experts, args.method, params, texts, args.out,
-                                   batch_size=args.batch_size, max_length=args.max_length, progress=True)
+        result = merge_checkpoints(
+            args.base,
+            experts,
+            args.method,
+            params,
+            texts,
+            args.out,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            progress=True,
+        )
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"merge failed: {exc}", file=sys.stderr)
         return 2
     report = result.report
     rho = "" if report.rho is None else f", rho {report.rho:.4f} over {len(report.layers)} linear layers"
-    print(f"merged {len(experts)} experts with {args.method}{rho}: {len(report.merged_parameters)} parameters merged, "
-          f"{len(report.base_parameters)} kept at the base")
+    print(
+        f"merged {len(experts)} experts with {args.method}{rho}: {len(report.merged_parameters)} parameters merged, "
+        f"{len(report.base_parameters)} kept at the base"
+    )
     print(f"wrote {args.out} ({REPORT_FILE}; " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items()) + ")")
     return 0

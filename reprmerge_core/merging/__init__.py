@@ -34,6 +34,19 @@ from reprmerge_core.merging.merge import (
 from reprmerge_core.merging.sequential import merge_sequential
 
 __all__ = [
-    "METHODS", "REPORT_FILE", "LayerDiagnostics", "MergeReport", "MergeResult", "collect_grams", "diagnose", "layer_stages",
-    "merge_checkpoints", "merge_sequential", "merge_state_dicts", "overall_rho", "read_texts", "resolve", "text_batches",
+    "METHODS",
+    "REPORT_FILE",
+    "LayerDiagnostics",
+    "MergeReport",
+    "MergeResult",
+    "collect_grams",
+    "diagnose",
+    "layer_stages",
+    "merge_checkpoints",
+    "merge_sequential",
+    "merge_state_dicts",
+    "overall_rho",
+    "read_texts",
+    "resolve",
+    "text_batches",
 ]

@@ -7,8 +7,9 @@ pooler's (B, n) [CLS] rows) count whole. Sums are float64, so Grams of shards ad
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -45,8 +46,14 @@ def _rows(x: Tensor, batch: Batch) -> Tensor:
 
 
 @torch.inference_mode()
-def collect_grams(model: nn.Module, batches: Iterable[Batch], layers: Sequence[str], *,
-                  stop_early: bool = False, desc: str | None = None) -> dict[str, Tensor]:
+def collect_grams(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    layers: Sequence[str],
+    *,
+    stop_early: bool = False,
+    desc: str | None = None,
+) -> dict[str, Tensor]:
     """S = sum over calibration rows of x x^T for each named nn.Linear's input, streaming over `batches`.
 
     `stop_early` ends each forward once all `layers` have fired: right for sequential merging, where only
@@ -61,13 +68,14 @@ def collect_grams(model: nn.Module, batches: Iterable[Batch], layers: Sequence[s
     current: dict[str, Batch] = {}
     seen: set[str] = set()
 
-    def hook(name: str):  # noqa: ANN202 - torch hook signature
+    def hook(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
         def fn(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
             rows = _rows(args[0], current["batch"]).to(DTYPE).cpu()
             grams[name].addmm_(rows.T, rows)
             seen.add(name)
             if stop_early and len(seen) == len(grams):
                 raise _Done
+
         return fn
 
     handles = [modules[name].register_forward_pre_hook(hook(name)) for name in layers]
@@ -75,10 +83,8 @@ def collect_grams(model: nn.Module, batches: Iterable[Batch], layers: Sequence[s
         for batch in tqdm(batches, desc=desc, disable=desc is None, unit="batch", leave=False):
             current["batch"] = batch
             seen.clear()
-            try:
+            with contextlib.suppress(_Done):
                 _forward(model, batch)
-            except _Done:
-                pass
     finally:
         for handle in handles:
             handle.remove()
@@ -109,7 +115,9 @@ def layer_stages(model: nn.Module, batch: Batch, layers: Sequence[str]) -> list[
     return stages
 
 
-def text_batches(tokenizer: object, texts: Sequence[str], batch_size: int = 32, max_length: int = 128) -> list[dict[str, Tensor]]:
+def text_batches(
+    tokenizer: object, texts: Sequence[str], batch_size: int = 32, max_length: int = 128
+) -> list[dict[str, Tensor]]:
     """Tokenised batches, texts sorted by length so batches carry little padding (Grams ignore order)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -135,4 +143,3 @@ def read_texts(path: str | Path) -> list[str]:
             raise ValueError(f'{path}:{number}: expected an object with a string "text" field')
         texts.append(record["text"])
     return texts
-

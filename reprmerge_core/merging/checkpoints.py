@@ -25,8 +25,17 @@ from reprmerge_core.merging.sequential import merge_sequential
 REPORT_FILE = "merge_report.json"
 # Config fields that change what the encoder computes; heads' label maps, dropout and bookkeeping may differ.
 ARCHITECTURE_FIELDS = (
-    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
-    "max_position_embeddings", "type_vocab_size", "hidden_act", "layer_norm_eps", "position_embedding_type",
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "position_embedding_type",
 )
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 
@@ -65,13 +74,16 @@ def compatibility_problems(base_dir: Path, expert_dirs: Mapping[str, Path]) -> l
         config = AutoConfig.from_pretrained(path, local_files_only=True).to_dict()
         problems += [
             f"config {field}: base {base_config.get(field)!r} vs expert {task!r} {config.get(field)!r}"
-            for field in ARCHITECTURE_FIELDS if base_config.get(field) != config.get(field)
+            for field in ARCHITECTURE_FIELDS
+            if base_config.get(field) != config.get(field)
         ]
         vocab = _vocab(path)
         if base_vocab is not None and vocab is not None and vocab != base_vocab:
             differing = sorted(set(vocab.items()) ^ set(base_vocab.items()))[:3]
-            problems.append(f"tokenizer vocab of expert {task!r} differs from the base ({len(vocab)} vs "
-                            f"{len(base_vocab)} tokens; e.g. {', '.join(repr(token) for token, _ in differing)})")
+            problems.append(
+                f"tokenizer vocab of expert {task!r} differs from the base ({len(vocab)} vs "
+                f"{len(base_vocab)} tokens; e.g. {', '.join(repr(token) for token, _ in differing)})"
+            )
     return problems
 
 
@@ -104,8 +116,10 @@ def merge_checkpoints(
         missing = [task for task in expert_dirs if not calibration_texts.get(task)]
         unknown = sorted(set(calibration_texts) - set(expert_dirs))
         if missing or unknown:
-            raise ValueError(f"calibration texts are needed for exactly the experts {sorted(expert_dirs)}: "
-                             f"missing or empty for {missing}, unknown tasks {unknown}")
+            raise ValueError(
+                f"calibration texts are needed for exactly the experts {sorted(expert_dirs)}: "
+                f"missing or empty for {missing}, unknown tasks {unknown}"
+            )
     base_dir = Path(base_dir)
     paths = {task: Path(path) for task, path in expert_dirs.items()}
     problems = compatibility_problems(base_dir, paths)
@@ -120,7 +134,10 @@ def merge_checkpoints(
     timings["load_and_check"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    batches = {task: text_batches(tokenizer, texts, batch_size, max_length) for task, texts in (calibration_texts or {}).items()}
+    batches = {
+        task: text_batches(tokenizer, texts, batch_size, max_length)
+        for task, texts in (calibration_texts or {}).items()
+    }
     if sequential:
         result = merge_sequential(base_model, base, states, method, checked, batches, progress=progress)
     else:
@@ -128,8 +145,12 @@ def merge_checkpoints(
         if batches:
             changed = set(changed_parameters(base, states, checked.freeze))
             layers = [name for name in linear_layers(base_model) if f"{name}.weight" in changed]
-            grams = {task: collect_grams(experts[task], batches[task], layers, desc=f"calibration {task}" if progress else None)
-                     for task in experts}
+            grams = {
+                task: collect_grams(
+                    experts[task], batches[task], layers, desc=f"calibration {task}" if progress else None
+                )
+                for task in experts
+            }
         timings["calibration"] = time.perf_counter() - start
         start = time.perf_counter()
         result = merge_state_dicts(base, states, method, checked, grams)

@@ -64,7 +64,12 @@ class Method:
 METHODS: dict[str, Method] = {
     "task_arithmetic": Method(TaskArithmeticParams, lambda d, p, _n: task_arithmetic(d, p.lam)),
     "ties": Method(TiesParams, lambda d, p, _n: ties(d, p.density, p.lam)),
-    "dare": Method(DareParams, lambda d, p, n: dare(d, p.drop_rate, p.lam, p.combine, torch.Generator().manual_seed(parameter_seed(p.seed, n)))),
+    "dare": Method(
+        DareParams,
+        lambda d, p, n: dare(
+            d, p.drop_rate, p.lam, p.combine, torch.Generator().manual_seed(parameter_seed(p.seed, n))
+        ),
+    ),
     "regmean": Method(RegMeanParams, _average_rule, lambda d, g, p: regmean(d, g, p.alpha, p.ridge)),
     "projection": Method(ProjectionParams, _average_rule, _projection_rule),
 }
@@ -114,7 +119,9 @@ class MergeReport(BaseModel):
 
     @classmethod
     def start(cls, method: str, params: MergeParams, experts: Mapping[str, object]) -> MergeReport:
-        return cls(method=method, params=params.model_dump(), experts=list(experts), merged_parameters=[], base_parameters=[])
+        return cls(
+            method=method, params=params.model_dump(), experts=list(experts), merged_parameters=[], base_parameters=[]
+        )
 
     def finish(self, base: StateDict) -> None:
         """List what stayed at the base and compute the whole-model rho from the per-layer diagnostics."""
@@ -140,8 +147,10 @@ def state_dict_problems(base: StateDict, experts: Mapping[str, StateDict]) -> li
         if extra:
             problems.append(f"expert {task!r} has parameters the base lacks: {', '.join(extra)}")
         problems += [
-            f"parameter {name}: base shape {tuple(base[name].shape)} vs expert {task!r} shape {tuple(state[name].shape)}"
-            for name in base if name in state and base[name].shape != state[name].shape
+            f"parameter {name}: base shape {tuple(base[name].shape)} "
+            f"vs expert {task!r} shape {tuple(state[name].shape)}"
+            for name in base
+            if name in state and base[name].shape != state[name].shape
         ]
     return problems
 
@@ -157,7 +166,8 @@ def check_state_dicts(base: StateDict, experts: Mapping[str, StateDict]) -> None
 def changed_parameters(base: StateDict, experts: Mapping[str, StateDict], freeze: tuple[str, ...]) -> list[str]:
     """Names some expert changed and no freeze pattern matches: the only ones worth merging."""
     return [
-        name for name in base
+        name
+        for name in base
         if not any(fnmatch.fnmatchcase(name, pattern) for pattern in freeze)
         and not all(torch.equal(sd[name], base[name]) for sd in experts.values())
     ]
@@ -211,8 +221,11 @@ def merge_parameters(
             raise ValueError(f"{name} is not a floating-point tensor but differs between the base and an expert")
         base64, deltas = _task_vectors(base, experts, name)
         layer = name.removesuffix(".weight")
-        task_grams = _stacked_grams(grams, tasks, layer) if (
-            name.endswith(".weight") and grams and layer in grams[tasks[0]]) else None
+        task_grams = (
+            _stacked_grams(grams, tasks, layer)
+            if (name.endswith(".weight") and grams and layer in grams[tasks[0]])
+            else None
+        )
         if task_grams is not None and spec.linear_rule is not None:
             update = spec.linear_rule(deltas, task_grams, params)
         else:
@@ -239,19 +252,25 @@ def merge_state_dicts(
     """
     spec, checked = resolve(method, params)
     if isinstance(checked, DataAwareParams) and checked.sequential:
-        raise ValueError("sequential merging needs a model to propagate inputs: use merge_sequential or merge_checkpoints")
+        raise ValueError(
+            "sequential merging needs a model to propagate inputs: use merge_sequential or merge_checkpoints"
+        )
     if spec.data_aware and not grams:
         raise ValueError(f"method {method!r} is data-aware: pass grams (input Gram matrices per task and linear layer)")
     check_state_dicts(base, experts)
     if grams:
         _check_grams(grams, base, experts)
     report = MergeReport.start(method, checked, experts)
-    merged = merge_parameters(base, experts, spec, checked, changed_parameters(base, experts, checked.freeze), grams, report)
+    merged = merge_parameters(
+        base, experts, spec, checked, changed_parameters(base, experts, checked.freeze), grams, report
+    )
     report.finish(base)
     return MergeResult({name: merged.get(name, base[name]) for name in base}, report)
 
 
-def diagnose(base: StateDict, experts: Mapping[str, StateDict], merged: StateDict, grams: Grams) -> dict[str, LayerDiagnostics]:
+def diagnose(
+    base: StateDict, experts: Mapping[str, StateDict], merged: StateDict, grams: Grams
+) -> dict[str, LayerDiagnostics]:
     """Per-layer calibration fit of any merged state dict (e.g. one merged elsewhere or sequentially),
     measured against the given Grams, so different merges are compared on the same calibration data."""
     _check_grams(grams, base, experts)
@@ -260,5 +279,7 @@ def diagnose(base: StateDict, experts: Mapping[str, StateDict], merged: StateDic
     for layer in grams[tasks[0]]:
         name = f"{layer}.weight"
         base64, deltas = _task_vectors(base, experts, name)
-        diagnostics[layer] = LayerDiagnostics.of(merged[name].to(DTYPE) - base64, deltas, _stacked_grams(grams, tasks, layer))
+        diagnostics[layer] = LayerDiagnostics.of(
+            merged[name].to(DTYPE) - base64, deltas, _stacked_grams(grams, tasks, layer)
+        )
     return diagnostics

@@ -22,10 +22,14 @@ DTYPE = torch.float64
 
 def _check(deltas: Tensor, grams: Tensor) -> None:
     if deltas.ndim != 3 or grams.ndim != 3:
-        raise ValueError(f"deltas must be (K, m, n) and grams (K, n, n), got {tuple(deltas.shape)} and {tuple(grams.shape)}")
+        raise ValueError(
+            f"deltas must be (K, m, n) and grams (K, n, n), got {tuple(deltas.shape)} and {tuple(grams.shape)}"
+        )
     k, _, n = deltas.shape
     if grams.shape != (k, n, n):
-        raise ValueError(f"grams must be ({k}, {n}, {n}) to match deltas {tuple(deltas.shape)}, got {tuple(grams.shape)}")
+        raise ValueError(
+            f"grams must be ({k}, {n}, {n}) to match deltas {tuple(deltas.shape)}, got {tuple(grams.shape)}"
+        )
 
 
 def residual_energy(deltas: Tensor, grams: Tensor) -> float:
@@ -60,8 +64,10 @@ def regmean(deltas: Tensor, grams: Tensor, alpha: float = 1.0, ridge: float = 0.
     rhs = torch.einsum("kmn,knp->pm", deltas, shrunk)  # (sum_k Delta_k S_k)^T
     chol, info = torch.linalg.cholesky_ex(total)
     if int(info) != 0:
-        raise ValueError("summed Gram matrix is singular (an input direction never occurs in the calibration data); "
-                         "raise `ridge` or lower `alpha`")
+        raise ValueError(
+            "summed Gram matrix is singular (an input direction never occurs in the calibration data); "
+            "raise `ridge` or lower `alpha`"
+        )
     return torch.cholesky_solve(rhs, chol).T
 
 
@@ -95,7 +101,9 @@ def diagonal_qp(deltas: Tensor, grams: Tensor, ridge: float = 1e-10) -> QPSoluti
     coef = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
     failed = info != 0
     if bool(failed.any()):
-        coef[failed] = torch.linalg.lstsq(gram_rows[failed], rhs[failed].unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
+        coef[failed] = torch.linalg.lstsq(
+            gram_rows[failed], rhs[failed].unsqueeze(-1), driver="gelsd"
+        ).solution.squeeze(-1)
     update = torch.einsum("mj,jmn->mn", coef, deltas)
     return QPSolution(update, coef, float((coef * rhs).sum()))
 

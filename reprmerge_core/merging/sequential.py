@@ -46,8 +46,10 @@ def merge_sequential(
     Linear layers that share one input tensor (query/key/value) form one stage."""
     spec, checked = resolve(method, params)
     if not spec.data_aware:
-        raise ValueError(f"method {method!r} uses no calibration data; sequential merging applies to "
-                         f"{', '.join(name for name, m in METHODS.items() if m.data_aware)}")
+        raise ValueError(
+            f"method {method!r} uses no calibration data; sequential merging applies to "
+            f"{', '.join(name for name, m in METHODS.items() if m.data_aware)}"
+        )
     check_state_dicts(base, experts)
     if set(batches) != set(experts) or not all(batches[task] for task in experts):
         raise ValueError(f"calibration batches are needed for every expert {sorted(experts)}, got {sorted(batches)}")
