@@ -10,9 +10,10 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import ModelOutput
 
-Pooling = Literal["mean", "cls"]
-POOLINGS: tuple[str, ...] = ("mean", "cls")
+Pooling = Literal["mean", "cls", "pooler"]
+POOLINGS: tuple[str, ...] = ("mean", "cls", "pooler")
 
 
 def select_device(device: str | torch.device = "auto") -> torch.device:
@@ -33,8 +34,17 @@ def default_backbone_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-    """Sentence embedding from token states: mean over real tokens (as sentence-transformers) or [CLS]."""
+def pool(output: ModelOutput, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """Sentence embedding from an encoder's output.
+
+    `mean` averages real tokens (as sentence-transformers), `cls` takes the first token's state, and
+    `pooler` the model's own pooler output, the representation a BERT sequence classifier reads.
+    """
+    if pooling == "pooler":
+        if getattr(output, "pooler_output", None) is None:
+            raise ValueError("pooling 'pooler' needs a model with a pooler (e.g. BertModel with add_pooling_layer)")
+        return output.pooler_output
+    hidden = output.last_hidden_state
     if pooling == "cls":
         return hidden[:, 0]
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -90,8 +100,7 @@ class Backbone:
     def embed_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pooled representations (batch, d) of an already tokenised batch."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        hidden = self.model(**batch).last_hidden_state
-        return pool(hidden, batch["attention_mask"], self.pooling)
+        return pool(self.model(**batch), batch["attention_mask"], self.pooling)
 
     def encode(self, texts: Sequence[str], batch_size: int = 32, progress: bool | str = False) -> torch.Tensor:
         """Pooled representations (len(texts), d), float32, on the backbone's device."""

@@ -41,7 +41,8 @@ def reference_terms(data, beta: float = BETA):
         d = zm.shape[1]
         s = np.sum(zm * zm) / d
         A, B, e = zm.T @ zm / s, ze.T @ zm / s, np.sum(ze * ze) / s
-        U, _, Vt = np.linalg.svd(B)
+        # Procrustes with the documented tie-break toward the identity (1e-6 x mean singular value)
+        U, _, Vt = np.linalg.svd(B + 1e-6 * np.linalg.norm(B, "nuc") / d * np.eye(d))
         O = U @ Vt
         terms.append(dict(A=A, B=B, e=e, O=O, C=A + beta * np.eye(d), M=B + beta * O, s=s, zm=zm, ze=ze))
     return terms
@@ -233,3 +234,15 @@ def test_with_beta_equals_a_fresh_fit(setup) -> None:
     for beta in (0.01, 3.0):
         fresh = CorrectionSolver(beta=beta).fit(stats_of(data))
         torch.testing.assert_close(solver.with_beta(beta).task_corrections(), fresh.task_corrections())
+
+
+def test_procrustes_is_identity_on_directions_the_data_never_saw() -> None:
+    from reprmerge_core.correction import procrustes
+
+    rng = np.random.default_rng(6)
+    zm = rng.normal(size=(5, D))  # 5 samples in 12 dimensions: B has rank 5
+    B = torch.from_numpy(zm.T @ zm)  # expert == merged
+    torch.testing.assert_close(procrustes(B), torch.eye(D, dtype=torch.float64), atol=1e-9, rtol=0)
+    full = torch.from_numpy(rng.normal(size=(D, D)))
+    U, _, Vh = np.linalg.svd(full.numpy())
+    torch.testing.assert_close(procrustes(full), torch.from_numpy(U @ Vh), atol=1e-4, rtol=0)

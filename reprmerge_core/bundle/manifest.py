@@ -49,7 +49,7 @@ class MergeInfo(_Strict):
 
 class BackboneInfo(_Strict):
     source: str = Field(min_length=1)
-    pooling: str = Field(pattern=r"^(mean|cls)$")
+    pooling: str = Field(pattern=r"^(mean|cls|pooler)$")
     max_length: int = Field(ge=1)
 
 

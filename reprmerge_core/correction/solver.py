@@ -48,9 +48,21 @@ class Normalisation(str, Enum):
         return energy / stats.dim
 
 
-def procrustes(B: torch.Tensor) -> torch.Tensor:
-    """Orthogonal matrix closest to B (Frobenius): O = U V^T for B = U S V^T. Batched over leading dims."""
-    U, _, Vh = torch.linalg.svd(B)
+PROCRUSTES_TIE_BREAK = 1e-6
+
+
+def procrustes(B: torch.Tensor, tie_break: float = PROCRUSTES_TIE_BREAK) -> torch.Tensor:
+    """Orthogonal matrix closest to B (Frobenius): O = U V^T for B = U S V^T. Batched over leading dims.
+
+    With fewer calibration samples than dimensions B is singular and U V^T is arbitrary on its null
+    space: an SVD may rotate directions the data never saw. Adding `tie_break` times the mean singular
+    value to the diagonal picks, among the optimal O, the one closest to the identity there (argmax of
+    tr(O^T B) + eps tr(O)), and moves a full-rank solution by O(eps) only.
+    """
+    d = B.shape[-1]
+    eye = torch.eye(d, dtype=B.dtype, device=B.device)
+    scale = torch.linalg.matrix_norm(B, ord="nuc") / d
+    U, _, Vh = torch.linalg.svd(B + tie_break * scale[..., None, None] * eye)
     return U @ Vh
 
 

@@ -102,7 +102,7 @@ def _fit(backbone: Backbone, train: Task, recipe: TrainRecipe, progress: bool) -
             correct = 0
             for idx in torch.randperm(len(train), generator=order_rng).split(recipe.batch_size):
                 batch = {k: v.to(device) for k, v in backbone.tokenize([train.texts[i] for i in idx]).items()}
-                logits = head(pool(model(**batch).last_hidden_state, batch["attention_mask"], recipe.pooling))
+                logits = head(pool(model(**batch), batch["attention_mask"], recipe.pooling))
                 y = labels[idx].to(device)
                 loss = F.cross_entropy(logits, y)
                 optimizer.zero_grad(set_to_none=True)

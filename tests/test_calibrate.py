@@ -1,0 +1,90 @@
+"""`reprmerge calibrate` on real (tiny) transformers checkpoints: both head kinds and the refusals."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import BertConfig, BertForSequenceClassification
+
+from reprmerge_core.backbone import Backbone
+from reprmerge_core.bundle import load_bundle
+from reprmerge_core.cli import main as cli
+from reprmerge_core.correction import CorrectionSolver
+from tests.helpers import TOKENIZER_FILES, make_tiny_backbone
+
+TEXTS = [f"an input sentence about topic {i} and more {i % 3}" for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("user")
+    linear = make_tiny_backbone(root / "linear_expert", seed=3)
+    torch.manual_seed(4)
+    save_file({"weight": torch.randn(3, 32), "bias": torch.randn(3)}, str(linear / "head.safetensors"))
+    same = shutil.copytree(tiny_backbone_dir, root / "same_expert")
+    save_file({"weight": torch.randn(2, 32), "bias": torch.randn(2)}, str(same / "head.safetensors"))
+    config = BertConfig.from_pretrained(tiny_backbone_dir, num_labels=2, id2label={0: "neg", 1: "pos"},
+                                        label2id={"neg": 0, "pos": 1})
+    cls_dir = root / "cls_expert"
+    BertForSequenceClassification(config).save_pretrained(cls_dir)
+    for name in TOKENIZER_FILES:
+        if (tiny_backbone_dir / name).exists():
+            shutil.copy(tiny_backbone_dir / name, cls_dir / name)
+    for name in ("a", "b"):
+        (root / f"{name}.txt").write_text("\n".join(TEXTS) + "\n")
+    (root / "c.jsonl").write_text("\n".join(f'{{"text": "{t}"}}' for t in TEXTS))
+    return {"root": root, "linear": linear, "cls": cls_dir, "same": same, "backbone": tiny_backbone_dir}
+
+
+def test_calibrate_with_separate_linear_heads(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    c = checkpoints
+    out = tmp_path / "bundle"
+    assert cli(["calibrate", "--backbone", str(c["backbone"]), "--expert", f"topic={c['linear']}",
+                "--expert", f"same={c['same']}", "--calibration", f"topic={c['root'] / 'a.txt'}",
+                "--calibration", f"same={c['root'] / 'c.jsonl'}", "--out", str(out), "--folds", "3"]) == 0
+    bundle = load_bundle(out)
+    assert bundle.task_names == ["topic", "same"] and bundle.manifest.tasks[0].labels == ["0", "1", "2"]
+    assert [t.calibration_samples for t in bundle.manifest.tasks] == [24, 24]
+    # statistics equal those of the features computed directly
+    zm = Backbone.from_pretrained(c["backbone"], max_length=128, device="cpu").encode(TEXTS).double()
+    ze = Backbone.from_pretrained(c["linear"], max_length=128, device="cpu").encode(TEXTS).double()
+    torch.testing.assert_close(bundle.statistics[0].B, ze.T @ zm, rtol=1e-4, atol=1e-4)
+    # an expert identical to the backbone needs no correction: W = I
+    solver = CorrectionSolver(bundle.manifest.correction.beta).fit(bundle.statistics)
+    torch.testing.assert_close(solver.task_corrections()[1], torch.eye(32, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_calibrate_with_a_sequence_classification_expert(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    c = checkpoints
+    out = tmp_path / "bundle"
+    assert cli(["calibrate", "--backbone", str(c["cls"]), "--expert", f"sentiment={c['cls']}",
+                "--calibration", f"sentiment={c['root'] / 'b.txt'}", "--out", str(out), "--folds", "2"]) == 0
+    bundle = load_bundle(out)
+    assert bundle.manifest.backbone.pooling == "pooler"
+    assert bundle.manifest.tasks[0].labels == ["neg", "pos"]
+    model = BertForSequenceClassification.from_pretrained(c["cls"]).eval()
+    torch.testing.assert_close(bundle.heads[0].weight, model.classifier.weight.detach())
+    # the bundle's representation + head reproduce the classifier's logits
+    backbone = Backbone.from_pretrained(bundle.backbone_path, pooling="pooler", max_length=128, device="cpu")
+    z = backbone.encode(TEXTS[:4])
+    with torch.inference_mode():
+        expected = model(**backbone.tokenize(TEXTS[:4])).logits
+    torch.testing.assert_close(z @ bundle.heads[0].weight.T + bundle.heads[0].bias, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_calibrate_refuses_mismatches(checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    c = checkpoints
+    other = make_tiny_backbone(tmp_path / "wide", hidden=48)
+    out = tmp_path / "bundle"
+    args = ["calibrate", "--backbone", str(c["backbone"]), "--out", str(out)]
+    assert cli([*args, "--expert", f"w={other}", "--calibration", f"w={c['root'] / 'a.txt'}"]) == 2
+    assert "hidden_size" in capsys.readouterr().err
+    assert cli([*args, "--expert", f"topic={c['linear']}", "--calibration", f"other={c['root'] / 'a.txt'}"]) == 2
+    assert "exactly the experts" in capsys.readouterr().err
+    assert cli([*args, "--expert", f"bare={c['backbone']}", "--calibration", f"bare={c['root'] / 'a.txt'}"]) == 2
+    assert "neither head.safetensors" in capsys.readouterr().err
+    assert not out.exists()

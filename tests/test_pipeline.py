@@ -1,0 +1,81 @@
+"""The `tiny` suite end to end on real data and the real MiniLM: build, evaluate, rebuild."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from reprmerge_core.bundle import load_bundle
+from reprmerge_core.cli import main as cli
+from reprmerge_core.data import load_suite
+from reprmerge_core.evaluation import EvaluationInputs, evaluate_bundle
+from reprmerge_core.evaluation.report import write_report
+from reprmerge_core.pipeline import BuildConfig, build_bundle
+from reprmerge_core.pipeline.build import suite_from_extra
+from reprmerge_core.training import train_experts
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("expert-cache")
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    assert cli(["build", "--suite", "tiny", "--merge", "ties", "--out", str(out), "--device", "cpu",
+                "--cache-dir", str(cache)]) == 0
+    return out
+
+
+def test_bundle_records_what_built_it(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    m = bundle.manifest
+    assert m.task_names == ["sms_spam", "trec6", "movie_sentiment"]
+    assert [t.calibration_samples for t in m.tasks] == [128, 128, 128]
+    assert m.merge.method == "ties" and m.merge.parameters["density"] == 0.2
+    sel = m.correction.beta_selection
+    assert sel["chosen"] and m.correction.beta == sel["beta"] and min(sel["score"]) == sel["score"][sel["candidates"].index(sel["beta"])]
+    timings = m.extra["timings"]
+    assert timings["statistics_accumulate"] < 0.1 * timings["statistics_forward"]
+    assert len(m.extra["statistics_per_task_seconds"]) == 3
+
+
+def test_react_one_hot_beats_the_merged_backbone(tiny_bundle: Path, cache: Path, tmp_path: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    suite, recipe = suite_from_extra(bundle.manifest.extra)
+    splits = load_suite(suite)
+    experts = train_experts(splits, recipe, cache_dir=cache, device="cpu", progress=False)
+    assert not any(e.trained for e in experts)  # the build's experts, from the cache
+    report = evaluate_bundle(bundle, EvaluationInputs(splits, experts, torch.device("cpu")), grid_steps=2,
+                             baseline=False, sweep_beta=False, progress=False)
+    merged = report["scenarios"]["merged"]["mean_accuracy"]
+    one_hot = sum(report["one_hot"]["accuracy"]) / 3
+    assert one_hot > merged, f"ReACT one-hot {one_hot:.3f} does not beat the merged backbone {merged:.3f}"
+    assert report["one_hot"]["mean_normalised"] > report["scenarios"]["merged"]["mean_normalised"]
+    assert 0 < report["grid"]["react"]["hypervolume"] <= 1.2
+    out = write_report(report, tmp_path / "report")
+    assert {"report.md", "report.json", "pareto.png", "scenarios.png"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "report.json").read_text())["bundle_id"] == bundle.manifest.bundle_id
+
+
+def test_rebuild_reproduces_the_statistics(tiny_bundle: Path, cache: Path, tmp_path: Path) -> None:
+    again = build_bundle(BuildConfig(suite="tiny", merge="ties", device="cpu", cache_dir=cache), tmp_path / "again",
+                         progress=False)
+    first, second = load_bundle(tiny_bundle), load_bundle(again)
+    for a, b in zip(first.statistics, second.statistics):
+        scale = a.A.abs().max()
+        assert (a.A - b.A).abs().max() <= 1e-6 * scale and (a.B - b.B).abs().max() <= 1e-6 * scale
+        assert a.n == b.n and abs(a.e - b.e) <= 1e-6 * a.e
+    assert second.manifest.correction.beta == first.manifest.correction.beta
+
+
+def test_build_refuses_bad_requests(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["build", "--tasks", "sms_spam,nope", "--out", str(tmp_path / "x")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert cli(["build", "--suite", "tiny", "--set", "density=2", "--out", str(tmp_path / "x")]) == 2
+    assert "density" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
