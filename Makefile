@@ -22,9 +22,16 @@ $(STAMP): $(PY) pyproject.toml requirements-nodeps.txt
 
 install: $(STAMP)
 
-serve: $(STAMP)
-	@echo "reprmerge serve is not built yet: the service (issue 5) and the embedded default bundle (issue 4) do not exist in this version." >&2
-	@exit 2
+# The embedded default: the `tiny` suite (3 real tasks, TIES merge), built once and reused.
+DEFAULT_BUNDLE ?= .cache/bundles/tiny
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+$(DEFAULT_BUNDLE)/manifest.json: | $(STAMP)
+	$(VENV)/bin/reprmerge build --suite tiny --merge ties --out $(DEFAULT_BUNDLE) --overwrite
+
+serve: $(STAMP) $(DEFAULT_BUNDLE)/manifest.json
+	$(VENV)/bin/reprmerge serve $(DEFAULT_BUNDLE) --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
 	# One BLAS thread per process: the tests run a server and a client side by side on small tensors,
