@@ -311,6 +311,21 @@ def test_layer_stages_of_bert_group_shared_inputs(tiny_backbone_dir) -> None:
     assert stages[-1] == ["pooler.dense"] and len(stages) == 9
 
 
+def test_bert_layer_inputs_are_the_embeddings_of_real_tokens(tiny_backbone_dir) -> None:
+    model = BertModel.from_pretrained(tiny_backbone_dir)
+    batch = {
+        "input_ids": torch.tensor([[101, 2000, 2001, 102], [101, 2003, 102, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+    }
+    names = [f"encoder.layer.0.attention.self.{p}" for p in ("query", "key", "value")]
+    grams = collect_grams(model, [batch], names)
+    with torch.no_grad():
+        hidden = model.embeddings(input_ids=batch["input_ids"])
+    rows = hidden[batch["attention_mask"].bool()].to(F64)
+    for name in names:  # one shared input, computed once and added to each
+        torch.testing.assert_close(grams[name], rows.T @ rows)
+
+
 def two_layer() -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
 

@@ -58,20 +58,28 @@ def collect_grams(
 
     `stop_early` ends each forward once all `layers` have fired: right for sequential merging, where only
     layers up to the current stage matter and the rest of the network would be wasted work.
-    Puts the model in eval mode.
+    Layers reading the same input tensor (query/key/value) share one product. Accumulates on the model's
+    device, returns CPU tensors. Puts the model in eval mode.
     """
     modules = linear_layers(model)
     missing = [name for name in layers if name not in modules]
     if missing:
         raise ValueError(f"not nn.Linear modules of the model: {', '.join(missing)}")
-    grams = {name: torch.zeros(modules[name].in_features, modules[name].in_features, dtype=DTYPE) for name in layers}
+    device = next(model.parameters()).device
+    grams = {
+        name: torch.zeros(modules[name].in_features, modules[name].in_features, dtype=DTYPE, device=device)
+        for name in layers
+    }
     current: dict[str, Batch] = {}
+    last: dict[str, Tensor] = {}  # the previous hook's input and its product, reused when shared
     seen: set[str] = set()
 
     def hook(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
         def fn(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            rows = _rows(args[0], current["batch"]).to(DTYPE).cpu()
-            grams[name].addmm_(rows.T, rows)
+            if last.get("input") is not args[0]:
+                rows = _rows(args[0], current["batch"]).to(DTYPE)
+                last["input"], last["gram"] = args[0], rows.T @ rows
+            grams[name] += last["gram"]
             seen.add(name)
             if stop_early and len(seen) == len(grams):
                 raise _Done
@@ -83,12 +91,13 @@ def collect_grams(
         for batch in tqdm(batches, desc=desc, disable=desc is None, unit="batch", leave=False):
             current["batch"] = batch
             seen.clear()
+            last.clear()
             with contextlib.suppress(_Done):
                 _forward(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-    return grams
+    return {name: gram.cpu() for name, gram in grams.items()}
 
 
 @torch.inference_mode()

@@ -153,7 +153,7 @@ def merge_checkpoints(
             }
         timings["calibration"] = time.perf_counter() - start
         start = time.perf_counter()
-        result = merge_state_dicts(base, states, method, checked, grams)
+        result = merge_state_dicts(base, states, method, checked, grams, progress=progress)
         timings["merge"] = time.perf_counter() - start
     result.report.timings = {**timings, **result.report.timings}
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from reprmerge_core.merging.arithmetic import dare, task_arithmetic, ties
 from reprmerge_core.merging.params import (
@@ -207,6 +208,7 @@ def merge_parameters(
     names: list[str],
     grams: Grams | None,
     report: MergeReport,
+    progress: bool = False,
 ) -> dict[str, Tensor]:
     """Merge `names` (all changed by some expert), in float64, cast back to the base's dtype.
 
@@ -216,7 +218,7 @@ def merge_parameters(
     grams = grams or {}
     tasks = list(experts)
     merged = {}
-    for name in names:
+    for name in tqdm(names, desc="merge", unit="tensor", disable=not progress, leave=False):
         if not base[name].is_floating_point():
             raise ValueError(f"{name} is not a floating-point tensor but differs between the base and an expert")
         base64, deltas = _task_vectors(base, experts, name)
@@ -243,6 +245,8 @@ def merge_state_dicts(
     method: str,
     params: Mapping[str, Any] | MergeParams | None = None,
     grams: Grams | None = None,
+    *,
+    progress: bool = False,
 ) -> MergeResult:
     """Merge expert state dicts into the base with a registered method.
 
@@ -262,7 +266,7 @@ def merge_state_dicts(
         _check_grams(grams, base, experts)
     report = MergeReport.start(method, checked, experts)
     merged = merge_parameters(
-        base, experts, spec, checked, changed_parameters(base, experts, checked.freeze), grams, report
+        base, experts, spec, checked, changed_parameters(base, experts, checked.freeze), grams, report, progress
     )
     report.finish(base)
     return MergeResult({name: merged.get(name, base[name]) for name in base}, report)
