@@ -19,7 +19,9 @@ from reprmerge_core.training.recipe import RECIPES
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(prog="python -m reprmerge_core.training", description=__doc__.splitlines()[0])
     parser.add_argument("suite", choices=sorted(SUITES))
-    parser.add_argument("--cache-dir", type=Path, default=None, help="default: $REPRMERGE_CACHE or ~/.cache/reprmerge/experts")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="default: $REPRMERGE_CACHE or ~/.cache/reprmerge/experts"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
 
@@ -29,7 +31,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     build_seconds = time.perf_counter() - start
     rows = []
     for splits, expert in zip(suite, experts):
-        result = evaluate_head(expert.backbone(), expert.head, splits.test.texts, splits.test.labels, progress=f"test {splits.name}")
+        test = splits.test
+        result = evaluate_head(expert.backbone(), expert.head, test.texts, test.labels, progress=f"test {splits.name}")
         rows.append({
             "task": splits.name,
             "test_accuracy": result.accuracy,
@@ -38,11 +41,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "trained_now": expert.trained,
             "path": str(expert.path),
         })
-    report = {"suite": args.suite, "build_seconds": build_seconds, "total_seconds": time.perf_counter() - start, "experts": rows}
+    total_seconds = time.perf_counter() - start
+    report = {"suite": args.suite, "build_seconds": build_seconds, "total_seconds": total_seconds, "experts": rows}
     for row in rows:
         print(f"{row['task']:>16}  acc {row['test_accuracy']:.3f}  macro-F1 {row['test_macro_f1']:.3f}  "
               f"train {row['train_seconds']:.1f} s  {'trained' if row['trained_now'] else 'cached'}")
-    print(f"build (load data + train) {build_seconds:.1f} s, with test evaluation {report['total_seconds']:.1f} s")
+    print(f"build (load data + train) {build_seconds:.1f} s, with test evaluation {total_seconds:.1f} s")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return report

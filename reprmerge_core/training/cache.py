@@ -54,7 +54,11 @@ def weights_digest(checkpoint: Path) -> str:
 
 def library_versions() -> dict[str, str]:
     """Versions of the code that trains: a new release may train differently, so it changes the key."""
-    return {"reprmerge": reprmerge_core.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {
+        "reprmerge": reprmerge_core.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def cache_key(inputs: dict[str, Any]) -> str:
