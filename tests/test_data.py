@@ -96,7 +96,7 @@ def test_text6_is_the_pilot_suite() -> None:
     assert SUITES["text6"].tasks == ("sms_spam", "trec6", "bbc_news", "movie_sentiment", "tweet_sentiment",
                                      "subjectivity")
     assert SUITES["text6"].split == SplitConfig(test_size=500, calibration_size=500, train_size=2000, seed=0)
-    assert SUITES["tiny"].split == SplitConfig(test_size=200, calibration_size=128, train_size=256, seed=0)
+    assert SUITES["tiny"].split == SplitConfig(test_size=200, calibration_size=500, train_size=256, seed=0)
 
 
 def test_splits_are_deterministic_and_seeded() -> None:

@@ -35,7 +35,7 @@ def test_bundle_records_what_built_it(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle)
     m = bundle.manifest
     assert m.task_names == ["sms_spam", "trec6", "movie_sentiment"]
-    assert [t.calibration_samples for t in m.tasks] == [128, 128, 128]
+    assert [t.calibration_samples for t in m.tasks] == [500, 500, 500]
     assert m.merge.method == "ties" and m.merge.parameters["density"] == 0.2
     sel = m.correction.beta_selection
     assert sel["chosen"] and m.correction.beta == sel["beta"] and min(sel["score"]) == sel["score"][sel["candidates"].index(sel["beta"])]

@@ -84,9 +84,11 @@ class SuiteConfig(BaseModel):
 
 SUITES: dict[str, SuiteConfig] = {
     # data.md's tiny variant: small enough to build experts and all in about a minute on 2 CPU cores.
+    # 500 calibration inputs per task: fewer than the representation size (384) leave the statistics
+    # rank-deficient and the correction weaker; collecting them costs ~20 s here.
     "tiny": SuiteConfig(
         tasks=("sms_spam", "trec6", "movie_sentiment"),
-        split=SplitConfig(test_size=200, calibration_size=128, train_size=256),
+        split=SplitConfig(test_size=200, calibration_size=500, train_size=256),
     ),
     # data.md's six-task pilot.
     "text6": SuiteConfig(
