@@ -47,20 +47,22 @@ class JobResult:
 
 
 class Batcher:
-    """Owns the queue and the single worker that forms batches and runs them on the inference executor."""
+    """Owns the queue and the single worker that forms batches: backbone on `executor`, heads on `heads_executor`."""
 
     def __init__(
         self,
         engine: Engine,
         cache: HeadCache,
         executor: Executor,
+        heads_executor: Executor,
         metrics: Metrics,
         *,
         max_batch_size: int,
         max_wait: float,
         queue_limit: int,
     ) -> None:
-        self._engine, self._cache, self._executor, self._metrics = engine, cache, executor, metrics
+        self._engine, self._cache, self._metrics = engine, cache, metrics
+        self._executor, self._heads_executor = executor, heads_executor
         self._max_batch, self._max_wait, self._limit = max_batch_size, max_wait, queue_limit
         self._queue: deque[Job] = deque()
         self._wakeup = asyncio.Event()
@@ -172,7 +174,9 @@ class Batcher:
             z = loop.run_in_executor(self._executor, self._engine.encode, texts)
             heads = await self._cache.get_many([p for job in batch for p in job.prefs])
             groups, where = self._group(batch, heads)
-            probs = await loop.run_in_executor(self._executor, self._engine.apply, await z, groups)
+            # Applying heads is a few small matmuls: on the single-threaded heads executor they cannot
+            # stall on a thread team that other tenants of the CPU have descheduled.
+            probs = await loop.run_in_executor(self._heads_executor, self._engine.apply, await z, groups)
         except Exception as exc:  # a failing batch answers its jobs with the error, never kills the worker
             for job in batch:
                 if not job.future.done():

@@ -1,8 +1,8 @@
 """The model side of the service: bundle, backbone on its device, head folding, mixed-batch forward.
 
-Synchronous and thread-confined by design: the batcher calls `encode`/`apply` from one
-inference thread and the head cache calls `fold`/`tradeoff` from one solve thread, so the event
-loop never runs tensor code.
+Synchronous and thread-confined by design: the batcher calls `encode` on one inference thread,
+and `fold`, `tradeoff` and `apply` run on one single-threaded heads thread, so the event loop
+never runs tensor code.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ from reprmerge_core.preference import Preference
 
 
 def solve_executor() -> ThreadPoolExecutor:
-    """One thread for head solves, with one intra-op thread (thread-local in torch's OpenMP/MKL).
+    """One thread for head work (solves, application), with one intra-op thread (thread-local in torch).
 
-    A d x d Cholesky (d ~ 384-768) is too small to gain from threads, and on a busy CPU a threaded
-    LAPACK call spins against the backbone: measured 1.7 ms single-threaded vs 20+ ms with 2 threads.
+    A d x d Cholesky (d ~ 384-768) and a K x d head are too small to gain from threads, and on a busy
+    CPU a threaded call waits on descheduled team members: measured 1.7 ms single-threaded vs 20+ ms
+    with 2 threads for one solve, and 80 ms outliers for a 32 x 384 x 12 matmul.
     """
-    return ThreadPoolExecutor(1, thread_name_prefix="head-solve", initializer=torch.set_num_threads, initargs=(1,))
+    return ThreadPoolExecutor(1, thread_name_prefix="heads", initializer=torch.set_num_threads, initargs=(1,))
 
 
 @dataclass(frozen=True)

@@ -54,10 +54,10 @@ class Service:
         self.settings, self.engine, self.metrics = settings, engine, metrics
         # One thread each: batches run one at a time, and a head solve never waits behind a batch.
         self._infer = ThreadPoolExecutor(1, thread_name_prefix="inference")
-        self._solve = solve_executor()
-        self.cache = HeadCache(engine.fold, settings.head_cache_bytes, self._solve, metrics)
+        self._heads = solve_executor()
+        self.cache = HeadCache(engine.fold, settings.head_cache_bytes, self._heads, metrics)
         self.batcher = Batcher(
-            engine, self.cache, self._infer, metrics, max_batch_size=settings.max_batch_size,
+            engine, self.cache, self._infer, self._heads, metrics, max_batch_size=settings.max_batch_size,
             max_wait=settings.max_batch_wait, queue_limit=settings.queue_limit,
         )
         self.state = State.STARTING
@@ -72,7 +72,7 @@ class Service:
         uniform = self.preference(None)
         await self.cache.get_many([*one_hots, uniform])
         await self.batcher.submit(["warm-up"], [uniform], time.monotonic() + 600)
-        losses = await asyncio.get_running_loop().run_in_executor(self._solve, self.engine.tradeoff, one_hots)
+        losses = await asyncio.get_running_loop().run_in_executor(self._heads, self.engine.tradeoff, one_hots)
         self._best_loss = torch.diagonal(losses).tolist()
         self.metrics.build_info.labels(__version__, self.engine.bundle_id, str(self.engine.device)).set(1)
         self.state = State.READY
@@ -86,7 +86,7 @@ class Service:
     async def close(self) -> None:
         await self.batcher.stop()
         self._infer.shutdown(wait=True)
-        self._solve.shutdown(wait=True)
+        self._heads.shutdown(wait=True)
 
     @property
     def ready(self) -> bool:
@@ -167,7 +167,7 @@ class Service:
 
     async def tradeoff(self, prefs: Sequence[Preference]) -> TradeoffResponse:
         self.require_ready()
-        losses = await asyncio.get_running_loop().run_in_executor(self._solve, self.engine.tradeoff, prefs)
+        losses = await asyncio.get_running_loop().run_in_executor(self._heads, self.engine.tradeoff, prefs)
         return TradeoffResponse(bundle_id=self.engine.bundle_id, results=[
             TradeoffResult(preference=p.as_dict(), fingerprint=p.fingerprint, tasks={
                 t: TaskLoss(loss=loss, best=best) for t, loss, best in zip(self.engine.tasks, row, self._best_loss)
