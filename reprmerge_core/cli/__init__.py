@@ -8,9 +8,18 @@ import sys
 from collections.abc import Sequence
 
 from reprmerge_core import __version__
-from reprmerge_core.cli import bench_cmd, build_cmd, calibrate_cmd, evaluate_cmd, inspect_cmd, merge_cmd, serve_cmd
+from reprmerge_core.cli import (
+    bench_cmd,
+    build_cmd,
+    calibrate_cmd,
+    evaluate_cmd,
+    inspect_cmd,
+    merge_cmd,
+    reduce_cmd,
+    serve_cmd,
+)
 
-COMMANDS = (build_cmd, calibrate_cmd, evaluate_cmd, inspect_cmd, merge_cmd, serve_cmd, bench_cmd)
+COMMANDS = (build_cmd, calibrate_cmd, reduce_cmd, evaluate_cmd, inspect_cmd, merge_cmd, serve_cmd, bench_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,8 @@
-"""`reprmerge calibrate`: a bundle from your own merged backbone, expert checkpoints and unlabeled inputs."""
+"""`reprmerge calibrate`: a bundle from your own merged backbone, expert checkpoints and unlabeled inputs.
+
+With `--shard I/N` it writes the statistics of one shard (inputs i with i mod N == I) to the file
+`--out`; `reprmerge reduce` adds the N shard files into the bundle.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from reprmerge_core.backbone import POOLINGS
 from reprmerge_core.cli.build_cmd import _beta
 from reprmerge_core.cli.merge_cmd import _pair, _unique
 from reprmerge_core.merging import read_texts
-from reprmerge_core.pipeline.calibrate import calibrate_bundle
+from reprmerge_core.pipeline.calibrate import ShardSpec, calibrate_bundle, calibrate_shard
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="an expert checkpoint with head.safetensors or a sequence-classification head (repeat)")
     p.add_argument("--calibration", type=_pair, action="append", required=True, metavar="NAME=FILE",
                    help="unlabeled inputs of a task: plain text (one per line) or JSON lines with \"text\" (repeat)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="bundle directory (with --shard: the shard file)")
+    p.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="compute only shard I of N (inputs i with i mod N == I); add shards with `reprmerge reduce`")
     p.add_argument("--pooling", choices=POOLINGS, default="mean", help="representation for head.safetensors experts")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--beta", type=_beta, default="auto")
@@ -31,15 +37,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _shard(text: str) -> ShardSpec:
+    try:
+        return ShardSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         experts = _unique(args.expert, "--expert")
         calibration = {name: read_texts(path) for name, path in _unique(args.calibration, "--calibration").items()}
-        path = calibrate_bundle(args.backbone, experts, calibration, args.out, pooling=args.pooling,
-                                max_length=args.max_length, beta=args.beta, folds=args.folds,
-                                merge_method=args.merge_method, device=args.device, overwrite=args.overwrite)
+        options = {"pooling": args.pooling, "max_length": args.max_length, "beta": args.beta, "folds": args.folds,
+                   "merge_method": args.merge_method, "device": args.device, "overwrite": args.overwrite}
+        if args.shard is not None:
+            path = calibrate_shard(args.backbone, experts, calibration, args.out, args.shard, **options)
+        else:
+            path = calibrate_bundle(args.backbone, experts, calibration, args.out, **options)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
         print(f"calibrate failed: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote bundle {path}; inspect it with `reprmerge inspect {path}`")
+    if args.shard is not None:
+        print(f"wrote shard {args.shard.index}/{args.shard.count} to {path}; add all {args.shard.count} with `reprmerge reduce`")
+    else:
+        print(f"wrote bundle {path}; inspect it with `reprmerge inspect {path}`")
     return 0

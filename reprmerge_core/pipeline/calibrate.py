@@ -7,25 +7,39 @@ An expert is a transformers checkpoint whose task head is either
   read with the representation that layer reads: the model's pooler output where it has one, else [CLS].
 Everything is checked before any forward pass: architecture, representation size, vocabulary, heads,
 and that calibration inputs are given for exactly the experts.
+
+Beyond one machine: `calibrate_shard` computes the statistics of shard I of N (inputs i with
+i mod N == I) into one safetensors file, and `reduce_shards` adds the shards into a bundle. The
+statistics are sums kept per beta fold (fold of input i: i mod folds, as in one pass), so the
+reduced bundle equals the unsharded one up to float summation order, beta choice included.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import reduce
+from operator import add
 from pathlib import Path
+from typing import Literal
 
 import torch
-from safetensors.torch import load_file
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from reprmerge_core.backbone import Backbone, Pooling, select_device
 from reprmerge_core.bundle import write_bundle
+from reprmerge_core.bundle.io import _sha256
 from reprmerge_core.bundle.manifest import BackboneInfo, CorrectionInfo, MergeInfo, TaskInfo
 from reprmerge_core.calibration import collect_statistics, select_beta
-from reprmerge_core.correction import TaskHead
+from reprmerge_core.correction import TaskHead, TaskStatistics
 from reprmerge_core.correction.solver import Normalisation
 from reprmerge_core.merging.checkpoints import compatibility_problems
 
@@ -80,6 +94,77 @@ def read_expert(name: str, path: str | Path, pooling: Pooling) -> ExpertSource:
     return ExpertSource(name, path, head, _label_names(path, head.num_classes), "pooler" if has_pooler else "cls")
 
 
+@dataclass(frozen=True)
+class CalibrationPlan:
+    """Everything a bundle needs besides statistics; shards record it so `reduce_shards` can finish the bundle."""
+
+    backbone: Path
+    sources: list[ExpertSource]
+    pooling: Pooling
+    max_length: int
+    beta: float | str
+    normalisation: Normalisation
+    folds: int
+    merge_method: str
+
+
+def _plan(
+    backbone: Path, experts: Mapping[str, str | Path], calibration: Mapping[str, Sequence[str]], *, pooling: Pooling,
+    max_length: int, beta: float | str, normalisation: Normalisation, folds: int, merge_method: str,
+) -> CalibrationPlan:
+    """Every check that needs no forward pass (see the module docstring)."""
+    if not experts:
+        raise ValueError("at least one --expert is needed")
+    if set(calibration) != set(experts):
+        raise ValueError(f"calibration inputs are needed for exactly the experts {sorted(experts)}; "
+                         f"got {sorted(calibration)}")
+    for name, texts in calibration.items():
+        if len(texts) < folds:
+            raise ValueError(f"calibration for {name!r} has {len(texts)} inputs; at least {folds} are needed")
+    problems = compatibility_problems(backbone, {n: Path(p) for n, p in experts.items()})
+    if problems:
+        raise ValueError("experts do not match the backbone:\n  " + "\n  ".join(problems))
+    sources = [read_expert(name, path, pooling) for name, path in experts.items()]
+    poolings = {s.pooling for s in sources}
+    if len(poolings) != 1:
+        raise ValueError(f"experts read different representations ({sorted(poolings)}); one bundle needs one pooling")
+    return CalibrationPlan(backbone, sources, poolings.pop(), max_length, beta, normalisation, folds, merge_method)
+
+
+def _load_models(plan: CalibrationPlan, device: str) -> tuple[Backbone, list[Backbone]]:
+    dev = select_device(device)
+    merged = Backbone.from_pretrained(plan.backbone, pooling=plan.pooling, max_length=plan.max_length, device=dev)
+    for s in plan.sources:
+        if s.head.weight.shape[1] != merged.dim:
+            raise ValueError(f"expert {s.name!r}: head input size {s.head.weight.shape[1]} != representation size {merged.dim}")
+    models = [Backbone.from_pretrained(s.path, pooling=plan.pooling, max_length=plan.max_length, device=dev) for s in plan.sources]
+    return merged, models
+
+
+def _write(plan: CalibrationPlan, fold_stats: Sequence[Sequence[TaskStatistics]], out: str | Path, *,
+           timings: Mapping[str, float], extra: Mapping[str, object], overwrite: bool) -> Path:
+    """Choose beta on the per-fold statistics and write the bundle (one path for one pass and for reduced shards)."""
+    start = time.perf_counter()
+    folds = [[x.to("cpu") for x in task] for task in fold_stats]
+    selection = select_beta(folds, normalisation=plan.normalisation)
+    chosen = selection.beta if plan.beta == "auto" else float(plan.beta)
+    totals = [reduce(add, task) for task in folds]
+    return write_bundle(
+        out,
+        tasks=[TaskInfo(name=s.name, labels=s.labels, calibration_samples=x.n) for s, x in zip(plan.sources, totals)],
+        statistics=totals,
+        heads=[s.head for s in plan.sources],
+        backbone_dir=plan.backbone,
+        correction=CorrectionInfo(beta=chosen, normalisation=plan.normalisation,
+                                  beta_selection={"chosen": plan.beta == "auto", **selection.as_dict()}),
+        merge=MergeInfo(method=plan.merge_method),
+        backbone=BackboneInfo(source=str(plan.backbone), pooling=plan.pooling, max_length=plan.max_length),
+        extra={"timings": {**timings, "beta_selection": time.perf_counter() - start}, **extra,
+               "experts": {s.name: str(s.path) for s in plan.sources}},
+        overwrite=overwrite,
+    )
+
+
 def calibrate_bundle(
     backbone: str | Path,
     experts: Mapping[str, str | Path],
@@ -98,47 +183,246 @@ def calibrate_bundle(
     progress: bool = True,
 ) -> Path:
     """Statistics of `backbone` (already merged) against each expert on its task's inputs, as a bundle."""
-    backbone = Path(backbone)
-    if not experts:
-        raise ValueError("at least one --expert is needed")
-    if set(calibration) != set(experts):
-        raise ValueError(f"calibration inputs are needed for exactly the experts {sorted(experts)}; "
-                         f"got {sorted(calibration)}")
-    for name, texts in calibration.items():
-        if len(texts) < folds:
-            raise ValueError(f"calibration for {name!r} has {len(texts)} inputs; at least {folds} are needed")
-    problems = compatibility_problems(backbone, {n: Path(p) for n, p in experts.items()})
-    if problems:
-        raise ValueError("experts do not match the backbone:\n  " + "\n  ".join(problems))
-    sources = [read_expert(name, path, pooling) for name, path in experts.items()]
-    poolings = {s.pooling for s in sources}
-    if len(poolings) != 1:
-        raise ValueError(f"experts read different representations ({sorted(poolings)}); one bundle needs one pooling")
-    shared_pooling = poolings.pop()
-    dev = select_device(device)
-    merged = Backbone.from_pretrained(backbone, pooling=shared_pooling, max_length=max_length, device=dev)
-    for s in sources:
-        if s.head.weight.shape[1] != merged.dim:
-            raise ValueError(f"expert {s.name!r}: head input size {s.head.weight.shape[1]} != representation size {merged.dim}")
-    models = [Backbone.from_pretrained(s.path, pooling=shared_pooling, max_length=max_length, device=dev) for s in sources]
-    stats = collect_statistics(merged, models, [list(calibration[s.name]) for s in sources],
+    plan = _plan(Path(backbone), experts, calibration, pooling=pooling, max_length=max_length, beta=beta,
+                 normalisation=normalisation, folds=folds, merge_method=merge_method)
+    merged, models = _load_models(plan, device)
+    stats = collect_statistics(merged, models, [list(calibration[s.name]) for s in plan.sources],
                                folds=folds, batch_size=batch_size, progress=progress)
-    start = time.perf_counter()
-    selection = select_beta([[x.to("cpu") for x in task] for task in stats.folds], normalisation=normalisation)
-    chosen = selection.beta if beta == "auto" else float(beta)
-    return write_bundle(
-        out,
-        tasks=[TaskInfo(name=s.name, labels=s.labels, calibration_samples=n) for s, n in zip(sources, stats.samples)],
-        statistics=[x.to("cpu") for x in stats.total],
-        heads=[s.head for s in sources],
-        backbone_dir=backbone,
-        correction=CorrectionInfo(beta=chosen, normalisation=normalisation,
-                                  beta_selection={"chosen": beta == "auto", **selection.as_dict()}),
-        merge=MergeInfo(method=merge_method),
-        backbone=BackboneInfo(source=str(backbone), pooling=shared_pooling, max_length=max_length),
-        extra={"timings": {"statistics_forward": stats.forward_seconds, "statistics_accumulate": stats.accumulate_seconds,
-                           "beta_selection": time.perf_counter() - start},
-               "statistics_per_task_seconds": stats.task_seconds,
-               "experts": {s.name: str(s.path) for s in sources}},
-        overwrite=overwrite,
+    return _write(plan, stats.folds, out, overwrite=overwrite,
+                  timings={"statistics_forward": stats.forward_seconds, "statistics_accumulate": stats.accumulate_seconds},
+                  extra={"statistics_per_task_seconds": stats.task_seconds})
+
+
+# -- shards ----------------------------------------------------------------------------------------
+SHARD_FORMAT = "reprmerge-calibration-shard"
+# Manifest fields that differ between the shards of one calibration; every other field must agree.
+_PER_SHARD = {"index", "tensors_sha256", "statistics_forward_seconds"}
+_CHECKPOINT_SUFFIXES = {".json", ".safetensors", ".txt", ".model"}
+
+
+class ShardError(ValueError):
+    """A shard file that cannot be used, or shards that do not add up to one calibration."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Shard `index` of `count`: the calibration inputs i with i mod count == index, of every task."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"a shard is I/N with 0 <= I < N, got {self.index}/{self.count}")
+
+    @classmethod
+    def parse(cls, text: str) -> ShardSpec:
+        index, sep, count = text.partition("/")
+        if not (sep and index.isdigit() and count.isdigit()):
+            raise ValueError(f"a shard is I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+        return cls(int(index), int(count))
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShardTask(_Frozen):
+    name: str
+    labels: list[str]
+    inputs: int = Field(ge=1, description="calibration inputs of the task over all shards")
+    inputs_sha256: str = Field(description="hash of all the task's inputs, in order: shards must split the same data")
+    expert: str
+    expert_sha256: str
+
+
+class ShardManifest(_Frozen):
+    """Stored in the shard file's safetensors metadata; `tensors_sha256` guards the tensors."""
+
+    format: Literal["reprmerge-calibration-shard"] = SHARD_FORMAT
+    format_version: Literal[1] = 1
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
+    folds: int = Field(ge=2)
+    tasks: list[ShardTask] = Field(min_length=1)
+    backbone: str
+    backbone_sha256: str
+    pooling: Literal["mean", "cls", "pooler"]
+    max_length: int = Field(ge=1)
+    beta: float | Literal["auto"]
+    normalisation: Normalisation
+    merge_method: str
+    tensors_sha256: str = ""
+    statistics_forward_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    manifest: ShardManifest
+    folds: list[list[TaskStatistics]]  # [task][fold]
+    heads: list[TaskHead]
+
+
+def _checkpoint_sha256(path: Path) -> str:
+    """Content hash of a checkpoint's weights, config and tokenizer files."""
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _CHECKPOINT_SUFFIXES):
+        h.update(f"{file.name}\0{_sha256(file)}\0".encode())
+    return h.hexdigest()
+
+
+def _tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def calibrate_shard(
+    backbone: str | Path,
+    experts: Mapping[str, str | Path],
+    calibration: Mapping[str, Sequence[str]],
+    out: str | Path,
+    shard: ShardSpec,
+    *,
+    pooling: Pooling = "mean",
+    max_length: int = 128,
+    beta: float | str = "auto",
+    normalisation: Normalisation = Normalisation.ENERGY,
+    folds: int = 5,
+    merge_method: str = "unknown",
+    device: str = "auto",
+    batch_size: int = 32,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Per-fold statistics of one shard of the calibration inputs, written atomically to the file `out`.
+
+    Every shard is given all inputs and keeps its own, so each can record a hash of the whole data
+    set: `reduce_shards` refuses shards that split different data.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+    plan = _plan(Path(backbone), experts, calibration, pooling=pooling, max_length=max_length, beta=beta,
+                 normalisation=normalisation, folds=folds, merge_method=merge_method)
+    merged, models = _load_models(plan, device)
+    texts = [list(calibration[s.name]) for s in plan.sources]
+    # One group per (task, fold) this shard has inputs of, each collected as a one-fold "task".
+    groups = {(t, f): [x for i, x in enumerate(task) if i % shard.count == shard.index and i % folds == f]
+              for t, task in enumerate(texts) for f in range(folds)}
+    busy = [g for g, inputs in groups.items() if inputs]
+    stats = collect_statistics(merged, [models[t] for t, _ in busy], [groups[g] for g in busy],
+                               folds=1, batch_size=batch_size, progress=progress)
+    found = {g: task[0].to("cpu") for g, task in zip(busy, stats.folds)}
+    # a fold this shard has no inputs of (e.g. when N and folds share a factor) adds zeros
+    fold_stats = [[found[t, f] if (t, f) in found else TaskStatistics.zeros(merged.dim) for f in range(folds)]
+                  for t in range(len(texts))]
+    manifest = ShardManifest(
+        index=shard.index, count=shard.count, folds=folds,
+        tasks=[ShardTask(name=s.name, labels=s.labels, inputs=len(x), expert=str(s.path),
+                         inputs_sha256=hashlib.sha256(json.dumps(x).encode()).hexdigest(),
+                         expert_sha256=_checkpoint_sha256(s.path)) for s, x in zip(plan.sources, texts)],
+        backbone=str(plan.backbone), backbone_sha256=_checkpoint_sha256(plan.backbone), pooling=plan.pooling,
+        max_length=max_length, beta=beta, normalisation=normalisation, merge_method=merge_method,
+        statistics_forward_seconds=stats.forward_seconds,
     )
+    tensors = {"n": torch.tensor([[x.n for x in task] for task in fold_stats], dtype=torch.int64),
+               "e": torch.tensor([[x.e for x in task] for task in fold_stats], dtype=torch.float64)}
+    for s, task in zip(plan.sources, fold_stats):
+        for f, x in enumerate(task):
+            tensors[f"A.{s.name}.{f}"], tensors[f"B.{s.name}.{f}"] = x.A.contiguous(), x.B.contiguous()
+        tensors[f"weight.{s.name}"], tensors[f"bias.{s.name}"] = s.head.weight.contiguous(), s.head.bias.contiguous()
+    manifest = manifest.model_copy(update={"tensors_sha256": _tensors_sha256(tensors)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"manifest": manifest.model_dump_json()})
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def read_shard(path: str | Path) -> Shard:
+    """Load and check one shard file (format, manifest, tensor hash, shapes)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ShardError(path, f"unreadable safetensors file ({exc})") from exc
+    if "manifest" not in meta:
+        raise ShardError(path, "not a reprmerge calibration shard (no manifest in its metadata)")
+    try:
+        manifest = ShardManifest.model_validate_json(meta["manifest"])
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ShardError(path, f"invalid shard manifest at {'.'.join(map(str, err['loc']))}: {err['msg']}") from exc
+    if _tensors_sha256(tensors) != manifest.tensors_sha256:
+        raise ShardError(path, "sha256 mismatch: the shard is damaged or was modified")
+    try:
+        folds = [[TaskStatistics(tensors[f"A.{t.name}.{f}"], tensors[f"B.{t.name}.{f}"], int(tensors["n"][i, f]),
+                                 float(tensors["e"][i, f])) for f in range(manifest.folds)]
+                 for i, t in enumerate(manifest.tasks)]
+        heads = [TaskHead(tensors[f"weight.{t.name}"], tensors[f"bias.{t.name}"]) for t in manifest.tasks]
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ShardError(path, f"tensors do not match the shard manifest ({exc})") from exc
+    return Shard(path, manifest, folds, heads)
+
+
+def _check_complete(shards: Sequence[Shard]) -> list[Shard]:
+    """The shards in index order, once they are known to be exactly 0..N-1 of one calibration."""
+    first = shards[0]
+    common = first.manifest.model_dump(exclude=_PER_SHARD)
+    for s in shards[1:]:
+        other = s.manifest.model_dump(exclude=_PER_SHARD)
+        differs = sorted(k for k in common if common[k] != other[k])
+        if differs:
+            raise ShardError(s.path, f"is not from the calibration of {first.path} (differs in {', '.join(differs)}); "
+                                     "shards must share backbone, experts, tasks, inputs and settings")
+    count = first.manifest.count
+    by_index: dict[int, Shard] = {}
+    for s in shards:
+        if s.manifest.index in by_index:
+            raise ShardError(s.path, f"duplicate shard {s.manifest.index}/{count}, also in {by_index[s.manifest.index].path}")
+        by_index[s.manifest.index] = s
+    missing = [f"{i}/{count}" for i in range(count) if i not in by_index]
+    if missing:
+        raise ValueError(f"missing shards {', '.join(missing)}: got {len(shards)} of {count}")
+    return [by_index[i] for i in range(count)]
+
+
+def reduce_shards(paths: Sequence[str | Path], out: str | Path, *, backbone: str | Path | None = None,
+                  overwrite: bool = False) -> Path:
+    """Add the shards of one calibration into a bundle; equal to `calibrate_bundle` on all inputs.
+
+    `backbone` replaces the backbone path the shards recorded (e.g. another mount of the same
+    checkpoint); its content must hash the same.
+    """
+    if not paths:
+        raise ValueError("no shard files given")
+    shards = _check_complete([read_shard(p) for p in paths])
+    m = shards[0].manifest
+    backbone_dir = Path(backbone or m.backbone)
+    if not (backbone_dir / "config.json").is_file():
+        raise ValueError(f"backbone {backbone_dir} is not a checkpoint directory; pass --backbone with the one the shards used")
+    if _checkpoint_sha256(backbone_dir) != m.backbone_sha256:
+        raise ValueError(f"backbone {backbone_dir} differs from the one the shards were computed with (sha256 mismatch)")
+    fold_stats = [[reduce(add, (s.folds[t][f] for s in shards)) for f in range(m.folds)] for t in range(len(m.tasks))]
+    plan = CalibrationPlan(
+        backbone=backbone_dir, pooling=m.pooling, max_length=m.max_length, beta=m.beta, normalisation=m.normalisation,
+        folds=m.folds, merge_method=m.merge_method,
+        sources=[ExpertSource(t.name, Path(t.expert), head, t.labels, m.pooling) for t, head in zip(m.tasks, shards[0].heads)],
+    )
+    return _write(plan, fold_stats, out, overwrite=overwrite, extra={"shards": m.count},
+                  timings={"statistics_forward": sum(s.manifest.statistics_forward_seconds for s in shards)})
