@@ -1,0 +1,63 @@
+# syntax=docker/dockerfile:1
+# reprmerge serving image: CPU by default, CUDA with `--build-arg TORCH_VARIANT=cu126`.
+#   docker build -t reprmerge .                                   # CPU, default bundle built in the image
+#   docker build -t reprmerge:cuda --build-arg TORCH_VARIANT=cu126 .
+#   docker build --build-arg BUILD_BUNDLE=0 -t reprmerge:slim .    # bundle built at first start instead
+# The CUDA wheels carry their own CUDA libraries, so both variants share one slim runtime base; the
+# GPU driver comes from the host (NVIDIA container toolkit / device plugin).
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS builder
+ARG TORCH_VARIANT=cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
+RUN python -m venv /opt/venv
+WORKDIR /src
+# torch first, from the PyTorch index of the variant, at the project's pin (a plain `pip install`
+# would pull the multi-GB CUDA build onto CPU images).
+RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" torch==2.13.0
+COPY pyproject.toml README.md requirements-nodeps.txt ./
+COPY reprmerge_core ./reprmerge_core
+COPY service ./service
+RUN pip install --no-cache-dir . \
+    && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt
+
+FROM builder AS bundle
+# 1: build the embedded default bundle (the `tiny` suite, TIES merge) now; 0: at first start.
+ARG BUILD_BUNDLE=1
+# TOKENIZERS_PARALLELISM is a tokenizer switch, not a secret:
+# hadolint ignore=DL3064
+ENV HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false REPRMERGE_CACHE=/tmp/reprmerge-cache
+RUN mkdir -p /opt/reprmerge \
+    && if [ "$BUILD_BUNDLE" = 1 ]; then \
+        reprmerge build --suite tiny --merge ties --device cpu --out /opt/reprmerge/bundle \
+        && rm -rf /tmp/reprmerge-cache; \
+    fi
+
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="reprmerge" \
+      org.opencontainers.image.description="Per-request Pareto trade-offs between the tasks of one merged backbone"
+RUN groupadd --gid 10001 app && useradd --uid 10001 --gid app --create-home --shell /usr/sbin/nologin app
+COPY --from=builder /opt/venv /opt/venv
+COPY --from=bundle --chown=app:app /opt/reprmerge /opt/reprmerge
+COPY --chmod=0755 deploy/docker/entrypoint.sh /usr/local/bin/reprmerge-entrypoint
+# REPRMERGE_BUNDLE is left unset: the entrypoint then serves the embedded bundle. Mount your own
+# and set REPRMERGE_BUNDLE to its path to serve it instead.
+# TOKENIZERS_PARALLELISM is a tokenizer switch, not a secret:
+# hadolint ignore=DL3064
+ENV PATH=/opt/venv/bin:$PATH \
+    HF_HUB_OFFLINE=1 \
+    TOKENIZERS_PARALLELISM=false \
+    HF_HOME=/tmp/hf \
+    REPRMERGE_CACHE=/home/app/.cache/reprmerge \
+    REPRMERGE_HOST=0.0.0.0 \
+    REPRMERGE_PORT=8000 \
+    PYTHONUNBUFFERED=1
+USER 10001:10001
+WORKDIR /home/app
+EXPOSE 8000
+# /livez never touches the model; the start period covers warm-up (and a first-start bundle build).
+HEALTHCHECK --interval=15s --timeout=3s --start-period=600s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('REPRMERGE_PORT', '8000')}/livez\", timeout=2)"]
+# SIGTERM starts the service's drain (readiness 503, queue answered, then exit).
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["reprmerge-entrypoint"]
