@@ -65,7 +65,6 @@ def main() -> None:
         "--calibration", type=int, default=128, help="calibration inputs per task (at most the split's)"
     )
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
     base_dir = default_backbone_path()
     suite = load_suite(args.suite)
