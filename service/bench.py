@@ -309,11 +309,12 @@ def http_bench(bundle: Path, tasks: tuple[str, ...], rate: float, seconds: float
 
 
 def run_benchmark(bundle: Path | None, *, batch_size: int, batches: int, http_seconds: float, rate: float,
-                  out: Path | None) -> dict[str, Any]:
+                  out: Path | None, solve_dtype: str = "float64") -> dict[str, Any]:
     """Run every case, print the table, optionally write JSON; returns the results."""
     with tempfile.TemporaryDirectory(prefix="reprmerge-bench-") as tmp:
         bundle = bundle or synthetic_bundle(Path(tmp) / "bundle")
-        engine = Engine.load(bundle, device="cpu")
+        engine = Engine.load(bundle, device="cpu", solve_dtype=solve_dtype)
+        print(f"head solves in {solve_dtype}")
         bench = EngineBench(engine, batch_size, batches)
         speeds = bench.run()
         remerge = bench.remerge()

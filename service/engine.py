@@ -62,7 +62,7 @@ class Engine:
         self.slices: dict[str, slice] = dict(zip(self.tasks, folder.slices))
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto") -> Engine:
+    def load(cls, path: str | Path, device: str = "auto", solve_dtype: str = "float64") -> Engine:
         """Load and validate the bundle, put the backbone and the fitted solver on `device`."""
         bundle = load_bundle(path)
         m = bundle.manifest
@@ -70,7 +70,8 @@ class Engine:
             bundle.backbone_path, pooling=m.backbone.pooling, max_length=m.backbone.max_length, device=device
         )
         solver = CorrectionSolver(
-            m.correction.beta, m.correction.normalisation, use_prior=m.correction.use_prior, device=backbone.device
+            m.correction.beta, m.correction.normalisation, use_prior=m.correction.use_prior, device=backbone.device,
+            dtype=getattr(torch, solve_dtype),
         ).fit(bundle.statistics)
         return cls(bundle, backbone, HeadFolder(solver, bundle.heads))
 

@@ -250,3 +250,12 @@ def test_async_client_against_the_app(engine: Engine) -> None:
                 assert err.value.status == 422 and err.value.field == "preference.nope"
 
     asyncio.run(scenario())
+
+
+def test_float32_solves_match_float64(engine: Engine) -> None:
+    fast = Engine.load(engine.bundle.path, device="cpu", solve_dtype="float32")
+    prefs = [canonical_preference(p, TASKS) for p in ([1, 0, 0], [0.2, 0.5, 0.3], [1, 1, 1])]
+    z = engine.encode(["a fine day", "a dreadful night"])
+    for ref, got in zip(engine.fold(prefs), fast.fold(prefs)):
+        assert got.weight.dtype == ref.weight.dtype == torch.float32
+        torch.testing.assert_close(z @ got.weight.T, z @ ref.weight.T, rtol=1e-3, atol=1e-3)

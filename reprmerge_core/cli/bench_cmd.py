@@ -15,6 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--batches", type=int, default=10, help="rounds: timed batches per engine case")
     s.add_argument("--http-seconds", type=float, default=15.0, help="duration of each HTTP load run (0 skips HTTP)")
     s.add_argument("--rate", type=float, default=0.0, help="open-loop request rate for HTTP (0: half the measured engine capacity)")
+    s.add_argument("--solve-dtype", choices=["float64", "float32"], default="float64", help="precision of head solves")
     s.add_argument("--out", type=Path, help="also write the results as JSON here")
     s.set_defaults(func=run)
 
@@ -23,5 +24,5 @@ def run(args: argparse.Namespace) -> int:
     from service.bench import run_benchmark  # heavy imports only for this command
 
     run_benchmark(args.bundle, batch_size=args.batch_size, batches=args.batches,
-                  http_seconds=args.http_seconds, rate=args.rate, out=args.out)
+                  http_seconds=args.http_seconds, rate=args.rate, out=args.out, solve_dtype=args.solve_dtype)
     return 0

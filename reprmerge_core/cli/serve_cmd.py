@@ -21,6 +21,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "queue_limit": (int, "most queued requests before 429"),
     "head_cache_bytes": (int, "head cache budget in bytes"),
     "preference_grid": (int, "snap preferences to multiples of 1/grid"),
+    "solve_dtype": (str, "float64 (reference) or float32 (faster head solves)"),
     "api_key": (str, "require `Authorization: Bearer KEY` (prefer REPRMERGE_API_KEY: flags show in ps)"),
     "max_body_bytes": (int, "largest request body"),
     "max_inputs": (int, "most texts per request"),
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return 2
     try:
-        engine = Engine.load(settings.bundle, device=settings.device)
+        engine = Engine.load(settings.bundle, device=settings.device, solve_dtype=settings.solve_dtype)
     except (BundleError, ValueError) as exc:
         print(f"cannot serve {settings.bundle}: {exc}", file=sys.stderr)
         return 1
