@@ -14,6 +14,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _number(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def _row(cells: list[object]) -> str:
     return "| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells) + " |"
 
@@ -45,7 +49,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "Normalised accuracy (ReACT / expert), mean over tasks: "
               f"merged {sc['merged']['mean_normalised']:.3f}, equal {sc['equal']['mean_normalised']:.3f}, "
               f"one-hot {report['one_hot']['mean_normalised']:.3f}; priority (0.5 on one task): favoured "
-              f"{report['priority']['favoured_normalised']:.3f}, others {report['priority']['others_normalised']}.", ""]
+              f"{report['priority']['favoured_normalised']:.3f}, others {_number(report['priority']['others_normalised'])}.", ""]
     grid = report["grid"]
     lines += [f"## Preference grid ({len(grid['preferences'])} preferences, step 1/{grid['steps']})", ""]
     methods = [("ReACT (closed form)", "react"), ("preference-weighted task arithmetic", "task_arithmetic"),
