@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: serve test install bench clean
+.PHONY: serve test install bench clean loadtest
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_solve.py
+
+# Open-loop load test of a local server on loopback (about 2.5 min): runs/loadtest/report.md, .json, PNGs.
+# More: make loadtest LOADTEST_ARGS="--rate 40 --seconds 30 --sweep 1,100,10000"
+LOADTEST_OUT ?= runs/loadtest
+LOADTEST_ARGS ?=
+loadtest: $(STAMP) $(DEFAULT_BUNDLE)/manifest.json
+	$(PY) -c "import locust" 2>/dev/null || $(PIP) install --quiet -e '.[deploy]'
+	# one BLAS thread: the server and the load generator share this machine, and batches are small
+	OMP_NUM_THREADS=1 $(PY) deploy/loadtest/run.py --bundle $(DEFAULT_BUNDLE) --out $(LOADTEST_OUT) $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,81 @@
+"""A local `reprmerge serve` process on a free loopback port, for load and soak runs (never a remote host)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+CLI = "import sys; from reprmerge_core.cli import main; sys.exit(main())"
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """Prometheus exposition text -> {series (name plus labels): value}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            out[series] = float(value)
+    return out
+
+
+class LocalServer:
+    """`reprmerge serve BUNDLE` on 127.0.0.1; the log goes to a file; SIGTERM (a drain) on exit."""
+
+    def __init__(self, bundle: Path, log: Path, *flags: str, ready_timeout: float = 180) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self._args = [sys.executable, "-c", CLI, "serve", str(bundle), "--host", "127.0.0.1", "--port", str(port), *flags]
+        self._ready_timeout = ready_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> LocalServer:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen(self._args, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self._ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        self.__exit__(None, None, None)
+        raise TimeoutError(f"server not ready within {self._ready_timeout:g} s; log: {self.log}")
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as r:
+            return r.read().decode()
+
+    def metrics(self) -> dict[str, float]:
+        return metric_values(self.get("/metrics"))
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server process (Linux /proc)."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("VmRSS not found")
