@@ -12,7 +12,7 @@ from peft.utils import merge_utils as peft
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
 from reprmerge_core.cli import main
-from reprmerge_core.merging import REPORT_FILE
+from reprmerge_core.merging import REPORT_FILE, merge_sequential, text_batches
 from tests.helpers import TOKENIZER_FILES
 
 TEXTS = [
@@ -120,13 +120,30 @@ def test_ties_merge_matches_peft(tiny_backbone_dir: Path, experts: dict[str, Pat
     assert "rho" in json.loads((out / REPORT_FILE).read_text())
 
 
-def test_sequential_regmean_runs(tiny_backbone_dir: Path, experts: dict[str, Path], tmp_path: Path) -> None:
+def test_sequential_regmean_matches_the_library_on_a_fresh_model(
+    tiny_backbone_dir: Path, experts: dict[str, Path], tmp_path: Path
+) -> None:
     (tmp_path / "cal.txt").write_text("\n".join(TEXTS) + "\n")
     out = tmp_path / "seq"
     cal = [arg for task in experts for arg in ("--calibration", f"{task}={tmp_path / 'cal.txt'}")]
     assert main(merge_args(tiny_backbone_dir, experts, out, "regmean", "--set", "sequential=true", *cal)) == 0
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["params"]["sequential"] is True and len(report["layers"]) == 13
+    # the same merge through the library, on a model that shares no tensors with the base state
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone_dir)
+    batches = {task: text_batches(tokenizer, TEXTS, 32, 128) for task in experts}
+    fresh = BertModel.from_pretrained(tiny_backbone_dir)
+    reference = merge_sequential(
+        fresh,
+        state(tiny_backbone_dir),
+        {t: state(p) for t, p in experts.items()},
+        "regmean",
+        {"sequential": True},
+        batches,
+    )
+    merged = state(out)
+    for name, value in reference.state_dict.items():
+        torch.testing.assert_close(merged[name], value, msg=name)
 
 
 def test_incompatible_expert_is_refused_naming_the_parameter(

@@ -337,11 +337,16 @@ def regmean_numpy(weights: list[Tensor], grams: list[Tensor]) -> Tensor:
 
 def test_sequential_uses_merged_inputs_and_differs_from_one_shot() -> None:
     torch.manual_seed(11)
-    base = {n: v.detach().clone() for n, v in two_layer().state_dict().items()}
+    model = two_layer()
+    shared = model.state_dict()  # shares storage with the model that merge_sequential overwrites
+    base = {n: v.clone() for n, v in shared.items()}
     experts = {t: {n: v + 0.3 * torch.randn_like(v) for n, v in base.items()} for t in ("a", "b")}
     inputs = {t: torch.randn(20, 4, dtype=F64) for t in experts}
     batches = {t: [{"input": x[:12]}, {"input": x[12:]}] for t, x in inputs.items()}
     params = {"alpha": 1.0, "ridge": 0.0}
+    projection = merge_sequential(model, shared, experts, "projection", {"sequential": True}, batches).state_dict
+    fresh = merge_sequential(two_layer(), base, experts, "projection", {"sequential": True}, batches).state_dict
+    assert all(torch.equal(projection[n], fresh[n]) for n in fresh)  # sharing storage with the model is harmless
     result = merge_sequential(two_layer(), base, experts, "regmean", {**params, "sequential": True}, batches)
 
     # by hand: biases averaged; layer 1 from the raw inputs; layer 2 from the merged layer 1's outputs

@@ -53,6 +53,7 @@ def merge_sequential(
     check_state_dicts(base, experts)
     if set(batches) != set(experts) or not all(batches[task] for task in experts):
         raise ValueError(f"calibration batches are needed for every expert {sorted(experts)}, got {sorted(batches)}")
+    base = {name: tensor.clone() for name, tensor in base.items()}  # it may share storage with `model`
     report = MergeReport.start(method, checked, experts)
     names = changed_parameters(base, experts, checked.freeze)
     candidates = [layer for layer in linear_layers(model) if f"{layer}.weight" in names]
