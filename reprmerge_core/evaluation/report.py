@@ -126,7 +126,7 @@ def plot_scenarios(report: dict[str, Any], path: Path) -> None:
     ax.set_xticks(x, names, rotation=20)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, ncols=3, loc="lower center")
+    ax.legend(fontsize=7, ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
