@@ -94,6 +94,14 @@ def test_deployment_probes_grace_period_and_settings_agree_with_the_service() ->
     assert hpa_metrics == {r["name"]["as"] for r in rules["rules"]} and hpa_metrics <= _metric_names()
 
 
+def test_image_compose_and_deployment_share_the_allocator_setting() -> None:
+    pod = next(d for _, d in _manifests() if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["reprmerge"]["environment"]
+    value = env["MALLOC_MMAP_THRESHOLD_"]
+    assert compose["MALLOC_MMAP_THRESHOLD_"] == value and f"MALLOC_MMAP_THRESHOLD_={value}" in (ROOT / "Dockerfile").read_text()
+
+
 def test_shard_job_and_reduce_job_agree_on_the_shard_count() -> None:
     jobs = {d["metadata"]["name"]: d for d in _rendered("calibration") if d["kind"] == "Job"}
     shards = jobs["reprmerge-calibrate-shards"]["spec"]

@@ -14,6 +14,8 @@ from pathlib import Path
 from types import TracebackType
 
 CLI = "import sys; from reprmerge_core.cli import main; sys.exit(main())"
+# The allocator setting of the image and manifests (see the Dockerfile), so local runs measure what is deployed.
+DEPLOYED_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def metric_values(text: str) -> dict[str, float]:
@@ -29,7 +31,7 @@ def metric_values(text: str) -> dict[str, float]:
 class LocalServer:
     """`reprmerge serve BUNDLE` on 127.0.0.1; the log goes to a file; SIGTERM (a drain) on exit."""
 
-    def __init__(self, bundle: Path, log: Path, *flags: str, ready_timeout: float = 180) -> None:
+    def __init__(self, bundle: Path, log: Path, *flags: str, ready_timeout: float = 180, deployed_env: bool = True) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -37,11 +39,11 @@ class LocalServer:
         self.log = log
         self._args = [sys.executable, "-c", CLI, "serve", str(bundle), "--host", "127.0.0.1", "--port", str(port), *flags]
         self._ready_timeout = ready_timeout
+        self._env = {**os.environ, **(DEPLOYED_ENV if deployed_env else {}), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> LocalServer:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.proc = subprocess.Popen(self._args, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(self._args, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=self._env)
         deadline = time.monotonic() + self._ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

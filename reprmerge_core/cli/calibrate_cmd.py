@@ -14,7 +14,7 @@ from reprmerge_core.backbone import POOLINGS
 from reprmerge_core.cli.build_cmd import _beta
 from reprmerge_core.cli.merge_cmd import _pair, _unique
 from reprmerge_core.merging import read_texts
-from reprmerge_core.pipeline.calibrate import ShardSpec, calibrate_bundle, calibrate_shard
+from reprmerge_core.pipeline.calibrate import ShardSpec, calibrate_bundle
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,12 +48,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         experts = _unique(args.expert, "--expert")
         calibration = {name: read_texts(path) for name, path in _unique(args.calibration, "--calibration").items()}
-        options = {"pooling": args.pooling, "max_length": args.max_length, "beta": args.beta, "folds": args.folds,
-                   "merge_method": args.merge_method, "device": args.device, "overwrite": args.overwrite}
-        if args.shard is not None:
-            path = calibrate_shard(args.backbone, experts, calibration, args.out, args.shard, **options)
-        else:
-            path = calibrate_bundle(args.backbone, experts, calibration, args.out, **options)
+        path = calibrate_bundle(args.backbone, experts, calibration, args.out, shard=args.shard, pooling=args.pooling,
+                                max_length=args.max_length, beta=args.beta, folds=args.folds,
+                                merge_method=args.merge_method, device=args.device, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
         print(f"calibrate failed: {exc}", file=sys.stderr)
         return 2

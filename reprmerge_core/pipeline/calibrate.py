@@ -8,10 +8,10 @@ An expert is a transformers checkpoint whose task head is either
 Everything is checked before any forward pass: architecture, representation size, vocabulary, heads,
 and that calibration inputs are given for exactly the experts.
 
-Beyond one machine: `calibrate_shard` computes the statistics of shard I of N (inputs i with
-i mod N == I) into one safetensors file, and `reduce_shards` adds the shards into a bundle. The
-statistics are sums kept per beta fold (fold of input i: i mod folds, as in one pass), so the
-reduced bundle equals the unsharded one up to float summation order, beta choice included.
+Beyond one machine: `calibrate_bundle(..., shard=ShardSpec(I, N))` writes the statistics of shard I
+of N (inputs i with i mod N == I) into one safetensors file, and `reduce_shards` adds the shards into
+a bundle. The statistics are sums kept per beta fold (fold of input i: i mod folds, as in one pass),
+so the reduced bundle equals the unsharded one up to float summation order, beta choice included.
 """
 
 from __future__ import annotations
@@ -171,6 +171,7 @@ def calibrate_bundle(
     calibration: Mapping[str, Sequence[str]],
     out: str | Path,
     *,
+    shard: ShardSpec | None = None,
     pooling: Pooling = "mean",
     max_length: int = 128,
     beta: float | str = "auto",
@@ -182,12 +183,19 @@ def calibrate_bundle(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Statistics of `backbone` (already merged) against each expert on its task's inputs, as a bundle."""
+    """Statistics of `backbone` (already merged) against each expert on its task's inputs, as a bundle.
+
+    With `shard`, only that shard's inputs are used and `out` is a shard file for `reduce_shards`.
+    """
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     plan = _plan(Path(backbone), experts, calibration, pooling=pooling, max_length=max_length, beta=beta,
                  normalisation=normalisation, folds=folds, merge_method=merge_method)
     merged, models = _load_models(plan, device)
-    stats = collect_statistics(merged, models, [list(calibration[s.name]) for s in plan.sources],
-                               folds=folds, batch_size=batch_size, progress=progress)
+    texts = [list(calibration[s.name]) for s in plan.sources]
+    if shard is not None:
+        return _calibrate_shard(plan, merged, models, texts, Path(out), shard, batch_size=batch_size, progress=progress)
+    stats = collect_statistics(merged, models, texts, folds=folds, batch_size=batch_size, progress=progress)
     return _write(plan, stats.folds, out, overwrite=overwrite,
                   timings={"statistics_forward": stats.forward_seconds, "statistics_accumulate": stats.accumulate_seconds},
                   extra={"statistics_per_task_seconds": stats.task_seconds})
@@ -284,36 +292,14 @@ def _tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def calibrate_shard(
-    backbone: str | Path,
-    experts: Mapping[str, str | Path],
-    calibration: Mapping[str, Sequence[str]],
-    out: str | Path,
-    shard: ShardSpec,
-    *,
-    pooling: Pooling = "mean",
-    max_length: int = 128,
-    beta: float | str = "auto",
-    normalisation: Normalisation = Normalisation.ENERGY,
-    folds: int = 5,
-    merge_method: str = "unknown",
-    device: str = "auto",
-    batch_size: int = 32,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Per-fold statistics of one shard of the calibration inputs, written atomically to the file `out`.
+def _calibrate_shard(plan: CalibrationPlan, merged: Backbone, models: Sequence[Backbone], texts: Sequence[Sequence[str]],
+                     out: Path, shard: ShardSpec, *, batch_size: int, progress: bool) -> Path:
+    """Per-fold statistics of one shard of the inputs, written atomically to the file `out`.
 
     Every shard is given all inputs and keeps its own, so each can record a hash of the whole data
     set: `reduce_shards` refuses shards that split different data.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
-    plan = _plan(Path(backbone), experts, calibration, pooling=pooling, max_length=max_length, beta=beta,
-                 normalisation=normalisation, folds=folds, merge_method=merge_method)
-    merged, models = _load_models(plan, device)
-    texts = [list(calibration[s.name]) for s in plan.sources]
+    folds = plan.folds
     # One group per (task, fold) this shard has inputs of, each collected as a one-fold "task".
     groups = {(t, f): [x for i, x in enumerate(task) if i % shard.count == shard.index and i % folds == f]
               for t, task in enumerate(texts) for f in range(folds)}
@@ -330,7 +316,7 @@ def calibrate_shard(
                          inputs_sha256=hashlib.sha256(json.dumps(x).encode()).hexdigest(),
                          expert_sha256=_checkpoint_sha256(s.path)) for s, x in zip(plan.sources, texts)],
         backbone=str(plan.backbone), backbone_sha256=_checkpoint_sha256(plan.backbone), pooling=plan.pooling,
-        max_length=max_length, beta=beta, normalisation=normalisation, merge_method=merge_method,
+        max_length=plan.max_length, beta=plan.beta, normalisation=plan.normalisation, merge_method=plan.merge_method,
         statistics_forward_seconds=stats.forward_seconds,
     )
     tensors = {"n": torch.tensor([[x.n for x in task] for task in fold_stats], dtype=torch.int64),
