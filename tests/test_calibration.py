@@ -73,7 +73,7 @@ def test_held_out_score_equals_data_computation() -> None:
             for t, (zm, ze) in enumerate(raw):
                 zm_h, ze_h = zm[f::3], ze[f::3]
                 num[t] += np.sum((zm_h @ W[t].T - ze_h) ** 2)
-                den[t] += np.sum((zm_h - ze_h) ** 2)
+                den[t] += np.sum(ze_h**2)
         assert sel.one_hot[i] == pytest.approx(float(np.mean(num / den)), rel=1e-9)
 
 
@@ -83,6 +83,14 @@ def test_fewer_samples_than_dimensions_choose_a_stronger_prior() -> None:
     assert few.beta > many.beta
     assert few.score[few.candidates.index(few.beta)] == min(few.score)
     assert len(many.one_hot) == len(many.candidates) == len(many.equal)
+
+
+def test_an_expert_equal_to_the_backbone_keeps_scores_finite() -> None:
+    rng = np.random.default_rng(2)
+    zm = rng.normal(size=(40, 6))
+    folds = [[TaskStatistics.from_features(torch.from_numpy(zm[f::4]), torch.from_numpy(zm[f::4])) for f in range(4)]]
+    sel = select_beta(folds)
+    assert all(np.isfinite(sel.score)) and max(sel.score) < 1e-6
 
 
 def test_select_beta_validates_folds() -> None:

@@ -1,8 +1,10 @@
 """Choosing beta without labels: k-fold cross-validation of the held-out representation loss.
 
 For each candidate beta and fold, solve on the other folds' statistics and score on the held-out
-fold's statistics (closed form, no data pass): the loss of W relative to the loss of no correction,
-tr(W A W^T) - 2 tr(W B^T) + e over tr(A) - 2 tr(B) + e. The score averages, over tasks, the
+fold's statistics (closed form, no data pass): the relative squared error of the corrected
+representation, (tr(W A W^T) - 2 tr(W B^T) + e) / e with e the expert features' energy. (Dividing
+by e rather than by the error of no correction keeps the score finite when an expert equals the
+merged backbone.) The score averages, over tasks, the
 relative loss of the one-hot corrections W_t and of the equal-preference correction, since those
 are the two ends of what users ask for. The beta with the lowest score wins.
 """
@@ -26,8 +28,8 @@ DEFAULT_BETAS: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0
 class BetaSelection:
     beta: float
     candidates: list[float]
-    one_hot: list[float]  # mean relative held-out loss of W_t on task t, per candidate
-    equal: list[float]  # mean relative held-out loss of W_equal over tasks, per candidate
+    one_hot: list[float]  # mean relative held-out error of W_t on task t, per candidate
+    equal: list[float]  # mean relative held-out error of W_equal over tasks, per candidate
     score: list[float]
     folds: int
 
@@ -60,8 +62,7 @@ def select_beta(
         held = [task[f] for task in fold_stats]
         train = [reduce(add, [s for j, s in enumerate(task) if j != f]) for task in fold_stats]
         A, B, e = _stack(held)
-        identity = torch.eye(A.shape[-1], dtype=torch.float64, device=A.device).unsqueeze(0)
-        den += quadratic_loss(identity, A, B, e)[0].cpu()
+        den += e.cpu()
         prefs = torch.cat([torch.eye(T), torch.ones(1, T)]).double()
         fitted = CorrectionSolver(candidates[0], normalisation, use_prior=use_prior, device=A.device).fit(train)
         for i, beta in enumerate(candidates):
