@@ -87,7 +87,6 @@ def main() -> None:
             print(f"{d:>5} {T:>3} | {fit_s:>6.2f} | {t1 * 1e3:>10.2f} {sf / t1 / 1e9:>7.1f} | {tb * 1e3:>12.1f} "
                   f"{tb / args.batch * 1e3:>7.2f}ms {args.batch * sf / tb / 1e9:>7.1f} | {f1 * 1e3:>9.2f} {ff / f1 / 1e9:>7.1f} | "
                   f"{fb * 1e3:>11.1f}", flush=True)
-            del solver, folder, stats
 
 
 if __name__ == "__main__":

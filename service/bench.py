@@ -332,7 +332,7 @@ def run_benchmark(bundle: Path | None, *, batch_size: int, batches: int, http_se
         print(f"one head solve (all task heads fused): {solve_wall:.2f} ms wall, {solve_cpu:.2f} ms CPU  (target <= 3 ms)")
         parts = bench.components()
         backbone = parts["backbone"]
-        print(f"\nparts of one batch, each timed alone (ms; ratio = backbone / (backbone + part), no overlap credit):")
+        print("\nparts of one batch, each timed alone (ms; ratio = backbone / (backbone + part), no overlap credit):")
         for name, ms in parts.items():
             print(f"  {name:<24} {ms:>9.2f}" + ("" if name == "backbone" else f"   ratio {backbone / (backbone + ms):.3f}"))
         results: dict[str, Any] = {"batch_size": batch_size, "solve_ms": {"wall": solve_wall, "cpu": solve_cpu},

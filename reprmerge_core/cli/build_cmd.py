@@ -8,19 +8,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from reprmerge_core.cli.merge_cmd import _pair, _unique, _value
+from reprmerge_core.cli.args import beta_value, json_value, pair, unique
 from reprmerge_core.data import SUITES
 from reprmerge_core.merging import METHODS
 from reprmerge_core.pipeline import BuildConfig, build_bundle
-
-
-def _beta(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"beta must be a positive number or 'auto', got {text!r}") from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,10 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--suite", choices=sorted(SUITES), help="a built-in suite")
     which.add_argument("--tasks", help="comma-separated task names instead of a suite")
     p.add_argument("--merge", default="ties", choices=sorted(METHODS), help="merge method (default ties)")
-    p.add_argument("--set", type=_pair, action="append", default=[], dest="params", metavar="KEY=VALUE",
+    p.add_argument("--set", type=pair, action="append", default=[], dest="params", metavar="KEY=VALUE",
                    help="a merge parameter (repeat), e.g. density=0.2")
     p.add_argument("--calibration-size", type=int, default=None, help="calibration inputs per task (default: the suite's)")
-    p.add_argument("--beta", type=_beta, default="auto", help="correction strength, or 'auto' (k-fold CV, default)")
+    p.add_argument("--beta", type=beta_value, default="auto", help="correction strength, or 'auto' (k-fold CV, default)")
     p.add_argument("--folds", type=int, default=5, help="folds of the beta cross-validation")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--cache-dir", type=Path, default=None, help="expert cache (default ~/.cache/reprmerge or $REPRMERGE_CACHE)")
@@ -45,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = BuildConfig(
             suite=args.suite or tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
-            merge=args.merge, merge_params={k: _value(v) for k, v in _unique(args.params, "--set").items()},
+            merge=args.merge, merge_params={k: json_value(v) for k, v in unique(args.params, "--set").items()},
             calibration_size=args.calibration_size, beta=args.beta, folds=args.folds, device=args.device,
             cache_dir=args.cache_dir,
         )

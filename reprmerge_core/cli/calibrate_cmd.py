@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 from reprmerge_core.backbone import POOLINGS
-from reprmerge_core.cli.build_cmd import _beta
-from reprmerge_core.cli.merge_cmd import _pair, _unique
+from reprmerge_core.cli.args import beta_value, pair, unique
 from reprmerge_core.merging import read_texts
 from reprmerge_core.pipeline.calibrate import ShardSpec, calibrate_bundle
 
@@ -20,16 +19,16 @@ from reprmerge_core.pipeline.calibrate import ShardSpec, calibrate_bundle
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="build a bundle from your own checkpoints")
     p.add_argument("--backbone", type=Path, required=True, help="the merged backbone checkpoint directory")
-    p.add_argument("--expert", type=_pair, action="append", required=True, metavar="NAME=DIR",
+    p.add_argument("--expert", type=pair, action="append", required=True, metavar="NAME=DIR",
                    help="an expert checkpoint with head.safetensors or a sequence-classification head (repeat)")
-    p.add_argument("--calibration", type=_pair, action="append", required=True, metavar="NAME=FILE",
+    p.add_argument("--calibration", type=pair, action="append", required=True, metavar="NAME=FILE",
                    help="unlabeled inputs of a task: plain text (one per line) or JSON lines with \"text\" (repeat)")
     p.add_argument("--out", type=Path, required=True, help="bundle directory (with --shard: the shard file)")
     p.add_argument("--shard", type=_shard, metavar="I/N",
                    help="compute only shard I of N (inputs i with i mod N == I); add shards with `reprmerge reduce`")
     p.add_argument("--pooling", choices=POOLINGS, default="mean", help="representation for head.safetensors experts")
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--beta", type=_beta, default="auto")
+    p.add_argument("--beta", type=beta_value, default="auto")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--merge-method", default="unknown", help="recorded in the manifest")
     p.add_argument("--device", default="auto")
@@ -46,8 +45,8 @@ def _shard(text: str) -> ShardSpec:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        experts = _unique(args.expert, "--expert")
-        calibration = {name: read_texts(path) for name, path in _unique(args.calibration, "--calibration").items()}
+        experts = unique(args.expert, "--expert")
+        calibration = {name: read_texts(path) for name, path in unique(args.calibration, "--calibration").items()}
         path = calibrate_bundle(args.backbone, experts, calibration, args.out, shard=args.shard, pooling=args.pooling,
                                 max_length=args.max_length, beta=args.beta, folds=args.folds,
                                 merge_method=args.merge_method, device=args.device, overwrite=args.overwrite)

@@ -10,7 +10,6 @@ from pathlib import Path
 from reprmerge_core.bundle import BundleError, load_bundle
 
 
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="summarise and validate a bundle")
     p.add_argument("bundle", type=Path, help="bundle directory")

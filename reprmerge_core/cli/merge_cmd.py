@@ -3,34 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from reprmerge_core.cli.args import json_value, pair, unique
 from reprmerge_core.merging import METHODS, REPORT_FILE, merge_checkpoints, read_texts
-
-
-def _pair(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name or not value:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name, value
-
-
-def _value(text: str) -> object:
-    """JSON when it parses (numbers, true/false, lists), else the plain string (e.g. basis=eigen)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _unique(pairs: list[tuple[str, str]], option: str) -> dict[str, str]:
-    names = [name for name, _ in pairs]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ValueError(f"{option} names must be unique; repeated: {', '.join(repeated)}")
-    return dict(pairs)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", type=Path, required=True, help="base checkpoint directory")
     p.add_argument(
         "--expert",
-        type=_pair,
+        type=pair,
         action="append",
         required=True,
         metavar="NAME=DIR",
@@ -47,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", required=True, choices=sorted(METHODS))
     p.add_argument(
         "--set",
-        type=_pair,
+        type=pair,
         action="append",
         default=[],
         dest="params",
@@ -56,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--calibration",
-        type=_pair,
+        type=pair,
         action="append",
         default=[],
         metavar="NAME=FILE",
@@ -70,9 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        experts = _unique(args.expert, "--expert")
-        params = {key: _value(value) for key, value in _unique(args.params, "--set").items()}
-        files = _unique(args.calibration, "--calibration")
+        experts = unique(args.expert, "--expert")
+        params = {key: json_value(value) for key, value in unique(args.params, "--set").items()}
+        files = unique(args.calibration, "--calibration")
         texts = {name: read_texts(path) for name, path in files.items()} or None
         result = merge_checkpoints(
             args.base,

@@ -1,0 +1,38 @@
+"""Argument types shared by the subcommands: NAME=VALUE pairs, JSON-ish values, beta."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def json_value(text: str) -> object:
+    """JSON when it parses (numbers, true/false, lists), else the plain string (e.g. basis=eigen)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def unique(pairs: list[tuple[str, str]], option: str) -> dict[str, str]:
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{option} names must be unique; repeated: {', '.join(repeated)}")
+    return dict(pairs)
+
+
+def beta_value(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"beta must be a positive number or 'auto', got {text!r}") from None
