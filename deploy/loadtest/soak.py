@@ -29,7 +29,8 @@ def main() -> None:
     p.add_argument("--distinct", type=int, default=10000, help="Zipf mix over this many preferences: cache churn")
     p.add_argument("--every", type=float, default=5, help="seconds between samples")
     p.add_argument("--glibc-default-malloc", action="store_true",
-                   help="run the server without the image's MALLOC_MMAP_THRESHOLD_ (shows the RSS growth it prevents)")
+                   help="run the server without the image's MALLOC_MMAP_THRESHOLD_: checks that `reprmerge serve` pins "
+                        "glibc's mmap threshold itself (service/server.py)")
     args = p.parse_args()
     if not 0 < args.seconds <= 900:
         p.error("--seconds must be in (0, 900]")
