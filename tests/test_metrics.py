@@ -35,9 +35,7 @@ def test_uniformity_by_hand() -> None:
     assert uniformity(np.array([[0.25, 0.75]]), np.array([[0.3, 0.1]])) == pytest.approx(1.0)
     # one-hot preference: a = (1, 0), KL = log 2, U = 0
     assert uniformity(np.array([[1.0, 0.0]]), np.array([[0.2, 0.4]])) == pytest.approx(0.0)
-    p, l = np.array([0.5, 0.5, 0.0]), np.array([0.1, 0.3, 0.5])
-    a = np.array([0.25, 0.75, 0.0])
+    p, l = np.array([0.5, 0.5, 0.0]), np.array([0.1, 0.3, 0.5])  # a = (0.25, 0.75, 0)
     expected = 1 - (0.25 * math.log(0.75) + 0.75 * math.log(2.25)) / math.log(3)
     assert uniformity(p[None], l[None]) == pytest.approx(expected)
-    assert a.sum() == 1
     assert uniformity(np.array([[0.5, 0.5]]), np.zeros((1, 2))) == 1.0

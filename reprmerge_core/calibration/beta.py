@@ -18,6 +18,7 @@ from operator import add
 
 import torch
 
+from reprmerge_core.bundle.manifest import CorrectionInfo
 from reprmerge_core.correction.solver import CorrectionSolver, Normalisation, quadratic_loss
 from reprmerge_core.correction.statistics import TaskStatistics
 
@@ -77,3 +78,11 @@ def select_beta(
         beta=float(candidates[best]), candidates=[float(c) for c in candidates],
         one_hot=rel[:, 0].tolist(), equal=rel[:, 1].tolist(), score=score.tolist(), folds=k,
     )
+
+
+def choose_correction(fold_stats: Sequence[Sequence[TaskStatistics]], beta: float | str,
+                      normalisation: Normalisation | str = Normalisation.ENERGY) -> CorrectionInfo:
+    """The bundle's correction settings: `beta="auto"` takes the cross-validated one; the curve is kept either way."""
+    selection = select_beta([[s.to("cpu") for s in task] for task in fold_stats], normalisation=normalisation)
+    return CorrectionInfo(beta=selection.beta if beta == "auto" else float(beta), normalisation=Normalisation(normalisation),
+                          beta_selection={"chosen": beta == "auto", **selection.as_dict()})

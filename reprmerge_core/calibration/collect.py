@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import reduce
 from operator import add
 
+import torch
 from tqdm.auto import tqdm
 
 from reprmerge_core.backbone import Backbone, batched
@@ -65,9 +66,9 @@ def collect_statistics(
             tokens = merged.tokenize(chunk)
             zm, ze = merged.embed_tokens(tokens), expert.embed_tokens(tokens)
             mid = time.perf_counter()
-            fold_of = [(offset + i) % folds for i in range(len(chunk))]
-            for f in set(fold_of):
-                rows = [i for i, fi in enumerate(fold_of) if fi == f]
+            fold_of = (torch.arange(len(chunk), device=zm.device) + offset) % folds
+            for f in fold_of.unique().tolist():
+                rows = fold_of == f
                 accs[f].update(zm[rows], ze[rows])
             result.forward_seconds += mid - start
             result.accumulate_seconds += time.perf_counter() - mid

@@ -40,14 +40,14 @@ class EvaluationInputs:
     device: torch.device
 
 
-def _summary(scores: Scores, expert_acc: np.ndarray) -> dict[str, Any]:
-    """Per-task accuracy, macro-F1 and normalised accuracy of a single preference's scores (row 0)."""
+def _summary(scores: Scores, expert_acc: np.ndarray, row: int = 0) -> dict[str, Any]:
+    """Per-task accuracy, macro-F1 and normalised accuracy of one preference's scores (one row)."""
     return {
-        "accuracy": scores.accuracy[0].tolist(),
-        "macro_f1": scores.macro_f1[0].tolist(),
-        "normalised": (scores.accuracy[0] / expert_acc).tolist(),
-        "mean_accuracy": float(scores.accuracy[0].mean()),
-        "mean_normalised": float((scores.accuracy[0] / expert_acc).mean()),
+        "accuracy": scores.accuracy[row].tolist(),
+        "macro_f1": scores.macro_f1[row].tolist(),
+        "normalised": (scores.accuracy[row] / expert_acc).tolist(),
+        "mean_accuracy": float(scores.accuracy[row].mean()),
+        "mean_normalised": float((scores.accuracy[row] / expert_acc).mean()),
     }
 
 
@@ -59,6 +59,15 @@ def _grid_summary(prefs: np.ndarray, scores: Scores, expert_acc: np.ndarray) -> 
         "mean_normalised": float(normalised.mean()),
         "normalised": normalised.tolist(),
     }
+
+
+def _equal_and_one_hot(tests: Sequence[TestSet], folder: HeadFolder, expert_acc: np.ndarray) -> dict[str, float]:
+    """Mean normalised accuracy at the equal and the one-hot preferences, from one batched fold."""
+    T = len(tests)
+    prefs = torch.cat([torch.full((1, T), 1.0 / T), torch.eye(T)]).double()
+    acc = score(tests, folder.fold(prefs)).accuracy
+    return {"equal_mean_normalised": float((acc[0] / expert_acc).mean()),
+            "one_hot_mean_normalised": float((acc[1:].diagonal() / expert_acc).mean())}
 
 
 def _encode_tests(backbone: Backbone, splits: Sequence[TaskSplits], batch_size: int, desc: str | None) -> list[TestSet]:
@@ -95,12 +104,11 @@ def evaluate_bundle(
         raise ValueError(f"splits and experts must follow the bundle's task order {names}")
     steps = grid_steps or (4 if T <= 3 else 2)
     timings: dict[str, float] = {}
-    desc: Callable[[str], str | None] = lambda label: label if progress else None  # noqa: E731
 
     start = time.perf_counter()
     merged = Backbone.from_pretrained(bundle.backbone_path, pooling=m.backbone.pooling,
                                       max_length=m.backbone.max_length, device=inputs.device)
-    tests = _encode_tests(merged, inputs.splits, batch_size, desc("encode tests (merged)"))
+    tests = _encode_tests(merged, inputs.splits, batch_size, "encode tests (merged)" if progress else None)
     timings["encode_tests"] = time.perf_counter() - start
     experts_eval = [evaluate_head(e.backbone(device=inputs.device), e.head, s.test.texts, s.test.labels, batch_size=batch_size)
                     for e, s in tqdm(list(zip(inputs.experts, inputs.splits)), desc="experts", disable=not progress)]
@@ -122,8 +130,9 @@ def evaluate_bundle(
                       **{f"priority:{n}": priority[[t]] for t, n in enumerate(names)}}
     identity = folder.fold_matrices(torch.eye(m.representation_dim, dtype=torch.float64)[None])
     scenarios: dict[str, Any] = {"merged": _summary(score(tests, identity), expert_acc)}
-    for label, p in scenario_prefs.items():
-        scenarios[label] = _summary(score(tests, folder.fold(torch.from_numpy(p))), expert_acc)
+    scenario_scores = score(tests, folder.fold(torch.from_numpy(np.concatenate(list(scenario_prefs.values())))))
+    for row, label in enumerate(scenario_prefs):
+        scenarios[label] = _summary(scenario_scores, expert_acc, row)
 
     report: dict[str, Any] = {
         "bundle_id": m.bundle_id, "tasks": names, "beta": c.beta, "normalisation": c.normalisation.value,
@@ -162,15 +171,10 @@ def evaluate_bundle(
         timings["task_arithmetic_baseline"] = time.perf_counter() - start
 
     if sweep_beta:
-        report["beta_sweep"] = []
-        for beta in DEFAULT_BETAS:
-            f = HeadFolder(solver.with_beta(beta), bundle.heads)
-            equal = score(tests, f.fold(torch.full((1, T), 1.0 / T, dtype=torch.float64)))
-            one_hot = score(tests, f.fold(torch.eye(T, dtype=torch.float64)))
-            report["beta_sweep"].append({
-                "beta": beta, "equal_mean_normalised": float((equal.accuracy[0] / expert_acc).mean()),
-                "one_hot_mean_normalised": float((one_hot.accuracy.diagonal() / expert_acc).mean()),
-            })
+        report["beta_sweep"] = [
+            {"beta": beta, **_equal_and_one_hot(tests, HeadFolder(solver.with_beta(beta), bundle.heads), expert_acc)}
+            for beta in DEFAULT_BETAS
+        ]
     if sweep_calibration:
         start = time.perf_counter()
         report["calibration_sweep"] = _calibration_sweep(bundle, merged, inputs, tests, expert_acc, solver_for, batch_size, progress)
@@ -203,16 +207,9 @@ def _calibration_sweep(bundle: Bundle, merged: Backbone, inputs: EvaluationInput
     experts = [e.backbone(device=inputs.device) for e in inputs.experts]
     stats = collect_statistics(merged, experts, [list(s.calibration) for s in inputs.splits],
                                folds=CALIBRATION_FOLDS, batch_size=batch_size, progress=progress)
-    T = len(tests)
     rows = []
     for k in (1, 2, 5, CALIBRATION_FOLDS):
         subset = [reduce(add, task[:k]).to("cpu") for task in stats.folds]
-        folder = HeadFolder(solver_for(stats=subset), bundle.heads)
-        equal = score(tests, folder.fold(torch.full((1, T), 1.0 / T, dtype=torch.float64)))
-        one_hot = score(tests, folder.fold(torch.eye(T, dtype=torch.float64)))
-        rows.append({
-            "fraction": k / CALIBRATION_FOLDS, "samples_per_task": [s.n for s in subset],
-            "equal_mean_normalised": float((equal.accuracy[0] / expert_acc).mean()),
-            "one_hot_mean_normalised": float((one_hot.accuracy.diagonal() / expert_acc).mean()),
-        })
+        rows.append({"fraction": k / CALIBRATION_FOLDS, "samples_per_task": [s.n for s in subset],
+                     **_equal_and_one_hot(tests, HeadFolder(solver_for(stats=subset), bundle.heads), expert_acc)})
     return rows

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from reprmerge_core.backbone import Backbone, default_backbone_path, select_device
 from reprmerge_core.bundle import write_bundle
-from reprmerge_core.bundle.manifest import BackboneInfo, CorrectionInfo, MergeInfo, TaskInfo
-from reprmerge_core.calibration import collect_statistics, select_beta
+from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
+from reprmerge_core.calibration import choose_correction, collect_statistics
 from reprmerge_core.correction.solver import Normalisation
 from reprmerge_core.data import SuiteConfig, load_suite, resolve_suite
 from reprmerge_core.merging import merge_checkpoints, resolve
@@ -98,9 +98,8 @@ def build_bundle(config: BuildConfig, out: str | Path, *, overwrite: bool = Fals
         timings["statistics_accumulate"] = stats.accumulate_seconds
 
         start = time.perf_counter()
-        selection = select_beta([[s.to("cpu") for s in task] for task in stats.folds], normalisation=config.normalisation)
+        correction = choose_correction(stats.folds, config.beta, config.normalisation)
         timings["beta_selection"] = time.perf_counter() - start
-        beta = selection.beta if config.beta == "auto" else float(config.beta)
 
         return write_bundle(
             out,
@@ -109,8 +108,7 @@ def build_bundle(config: BuildConfig, out: str | Path, *, overwrite: bool = Fals
             statistics=[s.to("cpu") for s in stats.total],
             heads=[e.head for e in experts],
             backbone_dir=work,
-            correction=CorrectionInfo(beta=beta, normalisation=config.normalisation,
-                                      beta_selection={"chosen": config.beta == "auto", **selection.as_dict()}),
+            correction=correction,
             merge=MergeInfo(method=config.merge, parameters=merge_params.model_dump(mode="json")),
             backbone=BackboneInfo(source=f"merge of {len(experts)} experts fine-tuned from all-MiniLM-L6-v2",
                                   pooling=recipe.pooling, max_length=recipe.max_length),

@@ -37,8 +37,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from reprmerge_core.backbone import Backbone, Pooling, select_device
 from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.io import _sha256
-from reprmerge_core.bundle.manifest import BackboneInfo, CorrectionInfo, MergeInfo, TaskInfo
-from reprmerge_core.calibration import collect_statistics, select_beta
+from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
+from reprmerge_core.calibration import choose_correction, collect_statistics
 from reprmerge_core.correction import TaskHead, TaskStatistics
 from reprmerge_core.correction.solver import Normalisation
 from reprmerge_core.merging.checkpoints import compatibility_problems
@@ -59,8 +59,9 @@ class ExpertSource:
 
 def _label_names(path: Path, classes: int) -> list[str]:
     info = path / "expert.json"
-    if info.is_file() and isinstance(json.loads(info.read_text()).get("labels"), list):
-        labels = [str(x) for x in json.loads(info.read_text())["labels"]]
+    recorded = json.loads(info.read_text()).get("labels") if info.is_file() else None
+    if isinstance(recorded, list):
+        labels = [str(x) for x in recorded]
     else:
         id2label = AutoConfig.from_pretrained(path, local_files_only=True).id2label or {}
         # a config's id2label names this head only when it has one entry per class
@@ -146,8 +147,7 @@ def _write(plan: CalibrationPlan, fold_stats: Sequence[Sequence[TaskStatistics]]
     """Choose beta on the per-fold statistics and write the bundle (one path for one pass and for reduced shards)."""
     start = time.perf_counter()
     folds = [[x.to("cpu") for x in task] for task in fold_stats]
-    selection = select_beta(folds, normalisation=plan.normalisation)
-    chosen = selection.beta if plan.beta == "auto" else float(plan.beta)
+    correction = choose_correction(folds, plan.beta, plan.normalisation)
     totals = [reduce(add, task) for task in folds]
     return write_bundle(
         out,
@@ -155,8 +155,7 @@ def _write(plan: CalibrationPlan, fold_stats: Sequence[Sequence[TaskStatistics]]
         statistics=totals,
         heads=[s.head for s in plan.sources],
         backbone_dir=plan.backbone,
-        correction=CorrectionInfo(beta=chosen, normalisation=plan.normalisation,
-                                  beta_selection={"chosen": plan.beta == "auto", **selection.as_dict()}),
+        correction=correction,
         merge=MergeInfo(method=plan.merge_method),
         backbone=BackboneInfo(source=str(plan.backbone), pooling=plan.pooling, max_length=plan.max_length),
         extra={"timings": {**timings, "beta_selection": time.perf_counter() - start}, **extra,
