@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reprmerge_core import __version__
 from service import oip
-from service.deps import get_service, problems, set_timings
+from service.deps import disconnected, get_service, problems, set_timings
 from service.engine import Engine
 from service.errors import InvalidInput, MalformedRequest, ServiceError, from_status
 from service.metrics import Metrics
@@ -108,15 +109,16 @@ async def info(service: Service = Depends(get_service)) -> InfoResponse:
              summary="labels and class probabilities per input, task and preference",
              responses=problems(400, 401, 413, 422, 429, 503, 504))
 async def predict(
-    body: PredictRequest, request: Request, response: Response,
-    timeout: str | None = TimeoutHeader, service: Service = Depends(get_service),
-) -> PredictResponse:
+    body: PredictRequest, request: Request, timeout: str | None = TimeoutHeader,
+    service: Service = Depends(get_service),
+) -> Response:
     deadline = service.deadline(timeout)
     prefs, tasks = service.preferences(body), service.tasks(body.tasks)
     service.check_texts(body.texts)
-    result = await service.infer(body.texts, prefs, deadline)
-    set_timings(request, response, result)
-    return service.predict_response(prefs, tasks, result)
+    result = await service.infer(body.texts, prefs, deadline, partial(disconnected, request))
+    answer = Response(await service.render(service.predict_body, prefs, tasks, result), media_type="application/json")
+    set_timings(request, answer, result)
+    return answer
 
 
 @router.post("/v1/tradeoff", response_model=TradeoffResponse, tags=["v1"],

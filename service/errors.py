@@ -65,6 +65,12 @@ class DeadlineExceeded(ServiceError):
     status, title, slug = 504, "Deadline passed before the model", "deadline"
 
 
+class ClientGone(ServiceError):
+    """The client disconnected first; 499 as in nginx, seen only in logs and metrics."""
+
+    status, title, slug = 499, "Client closed the request", "client-gone"
+
+
 def from_status(status: int, detail: str) -> ServiceError:
     """The error class for a framework status (404, 405, ...) so every error shares one body."""
     for cls in (MalformedRequest, Unauthorized, NotFound, PayloadTooLarge, InvalidInput, QueueFull, Unavailable, DeadlineExceeded):

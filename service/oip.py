@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reprmerge_core import __version__
 from reprmerge_core.preference import Preference
-from service.deps import get_service, problems, set_timings
+from service.deps import disconnected, get_service, problems, set_timings
 from service.errors import InvalidInput, MalformedRequest, NotFound
 from service.runtime import TIMEOUT_HEADER, Service
 
@@ -142,7 +143,7 @@ async def infer(
     pref = _preference(params.get("preference"), service)
     tasks = service.tasks(_task_list(params.get("tasks")), field="parameters.tasks")
     wanted = _wanted_outputs(req, tasks)
-    result = await service.infer(texts, [pref], deadline)
+    result = await service.infer(texts, [pref], deadline, partial(disconnected, request), field="inputs[0].data")
     set_timings(request, response, result)
     probs = result.probabilities[0]
     outputs = []
