@@ -243,25 +243,33 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         full = False
+        previous: tuple[float, int] | None = None  # (start, padded tokens) of the batch before, while busy
         while True:
             batch = await self._next_batch(linger=full)
             if not batch:
                 continue
             rows = [ids for job in batch for ids in job.ids]
-            full = len(rows) >= self._max_batch or len(rows) * max(map(len, rows)) >= self._max_tokens
+            padded = len(rows) * max(map(len, rows))
+            full = len(rows) >= self._max_batch or padded >= self._max_tokens
             await self._in_flight.acquire()
+            start = time.monotonic()
+            if previous is not None:  # busy: one batch per cycle, with every serial cost of the worker in it
+                self.throughput.observe(previous[1], start - previous[0])
             encoded: asyncio.Future[None] = loop.create_future()
             task = asyncio.create_task(self._run_batch(batch, rows, encoded))
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
             await encoded  # the backbone is free: form the next batch while this one's heads are applied
+            previous = (start, padded)
+            if not self._queue:  # going idle: this batch's own time is all there is to learn from
+                self.throughput.observe(padded, time.monotonic() - start)
+                previous = None
 
     async def _run_batch(self, batch: list[Job], rows: list[Sequence[int]], encoded: asyncio.Future[None]) -> None:
         """Encode, apply heads, answer; `encoded` resolves as soon as the backbone is free again."""
         loop = asyncio.get_running_loop()
         start = time.monotonic()
-        padded = len(rows) * max(map(len, rows))
-        self._running_tokens = padded
+        self._running_tokens = len(rows) * max(map(len, rows))
         # The heads of this batch are solved on their thread while the backbone encodes it.
         heads = asyncio.ensure_future(self._cache.get_many([p for job in batch for p in job.prefs]))
         try:
@@ -270,7 +278,6 @@ class Batcher:
             finally:
                 self._running_tokens = 0
                 encoded.set_result(None)
-            self.throughput.observe(padded, time.monotonic() - start)
             groups, where = self._group(batch, await heads)
             # Applying heads is a few small matmuls: on the single-threaded heads executor they cannot
             # stall on a thread team that other tenants of the CPU have descheduled.
