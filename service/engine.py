@@ -35,11 +35,12 @@ class Head:
     """The fused heads H_t W_p of one preference, all tasks stacked: logits = z @ weight.T + bias."""
 
     fingerprint: str
-    weight: torch.Tensor  # (K, d) on the engine's device
+    weight: torch.Tensor  # (K, d) on the engine's device, owning its storage
 
     @property
     def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
+        """Bytes of the storage this head keeps alive: a view would pin (and count) its whole base tensor."""
+        return self.weight.untyped_storage().nbytes()
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ class Engine:
     def fold(self, prefs: Sequence[Preference]) -> list[Head]:
         """Fused heads of several preferences in one batched solve (never forms W_p)."""
         fused = self.folder.fold(self._pref_tensor(prefs))
-        return [Head(p.fingerprint, fused.weight[i].contiguous()) for i, p in enumerate(prefs)]
+        # clone: a view of fused.weight would keep the whole (P, K, d) fold output alive per cached head.
+        return [Head(p.fingerprint, fused.weight[i].clone()) for i, p in enumerate(prefs)]
 
     def tradeoff(self, prefs: Sequence[Preference]) -> torch.Tensor:
         """Closed-form per-task loss of each preference's correction, (P, T), from the statistics."""

@@ -55,6 +55,7 @@ BAD_INPUTS = [
     ("weight as string", {"texts": ["a"], "preference": {"alpha": "1"}}, {}, 422, "preference.alpha"),
     ("NaN weight", '{"texts": ["a"], "preference": {"alpha": NaN}}', {}, 422, "preference.alpha"),
     ("negative weight", {"texts": ["a"], "preference": [1, -0.5, 0]}, {}, 422, "preference[1]"),
+    ("integer weight beyond float", '{"texts": ["a"], "preference": {"beta": 1%s}}' % ("0" * 400), {}, 422, "preference.beta"),
     ("all-zero preference", {"texts": ["a"], "preference": [0, 0, 0]}, {}, 422, "preference"),
     ("wrong length", {"texts": ["a"], "preference": [1, 2]}, {}, 422, "preference"),
     ("unknown task in preference", {"texts": ["a"], "preference": {"zeta": 1}}, {}, 422, "preference.zeta"),
@@ -139,6 +140,26 @@ def test_tradeoff_and_info(client: TestClient, engine: Engine) -> None:
     assert one_hot["alpha"]["loss"] == pytest.approx(one_hot["alpha"]["best"])
     for t in TASKS:  # the task's own correction is optimal for it
         assert uniform[t]["loss"] >= uniform[t]["best"] - 1e-9
+
+
+def test_v2_integer_weight_beyond_float_range_is_422_naming_the_field(client: TestClient) -> None:
+    """json.loads keeps a 400-digit integer exact; float() of it used to raise OverflowError (500)."""
+    for pref in ('{"beta": 1%s}' % ("0" * 400), {"beta": 10**400}):
+        body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                "parameters": {"preference": pref}}
+        r = client.post("/v2/models/reprmerge/infer", content=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert r.json()["field"] == "parameters.preference.beta" and "at most" in r.json()["detail"]
+
+
+def test_cached_heads_own_their_storage_and_count_what_they_hold(engine: Engine) -> None:
+    """A head that is a view of the (P, K, d) fold output pins all of it: count storage, not elements."""
+    heads = engine.fold(_prefs(5))
+    K, d = engine.folder.bias.numel(), engine.folder.solver.dim_
+    for head in heads:
+        assert head.weight.shape == (K, d)
+        assert head.weight.untyped_storage().nbytes() == K * d * head.weight.element_size() == head.nbytes
+    assert len({h.weight.untyped_storage().data_ptr() for h in heads}) == len(heads)
 
 
 def test_preference_snapping_shares_one_head(engine: Engine) -> None:
