@@ -4,7 +4,8 @@ Admission refuses work the service cannot finish (queue full -> 429 with Retry-A
 503); the worker drops jobs whose deadline passed or whose caller left before they reach the model
 (504). A batch starts as soon as the model is free: it waits up to `max_wait` for more work only
 when the previous batch was full, so an idle service adds no latency. Heads missing from the
-cache are solved while the backbone encodes the batch.
+cache are solved (service.heads) while the backbone encodes the batch; a job whose head could not
+be solved gets that error, its batch-mates their answers.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch
 
 from reprmerge_core.preference import Preference
 from service.engine import Engine, Head, HeadGroup
-from service.errors import DeadlineExceeded, QueueFull, Unavailable
-from service.head_cache import HeadCache
+from service.errors import DeadlineExceeded, QueueFull, ServiceError, Unavailable
+from service.heads import Heads
 from service.metrics import Metrics
 
 
@@ -47,22 +48,21 @@ class JobResult:
 
 
 class Batcher:
-    """Owns the queue and the single worker that forms batches: backbone on `executor`, heads on `heads_executor`."""
+    """Owns the queue and the single worker that forms batches: backbone on `executor`, heads through `heads`."""
 
     def __init__(
         self,
         engine: Engine,
-        cache: HeadCache,
+        heads: Heads,
         executor: Executor,
-        heads_executor: Executor,
         metrics: Metrics,
         *,
         max_batch_size: int,
         max_wait: float,
         queue_limit: int,
     ) -> None:
-        self._engine, self._cache, self._metrics = engine, cache, metrics
-        self._executor, self._heads_executor = executor, heads_executor
+        self._engine, self._heads, self._metrics = engine, heads, metrics
+        self._executor = executor
         self._max_batch, self._max_wait, self._limit = max_batch_size, max_wait, queue_limit
         self._queue: deque[Job] = deque()
         self._wakeup = asyncio.Event()
@@ -172,11 +172,9 @@ class Batcher:
         try:
             # The backbone pass and the solves of missing heads run at once, on their own threads.
             z = loop.run_in_executor(self._executor, self._engine.encode, texts)
-            heads = await self._cache.get_many([p for job in batch for p in job.prefs])
+            heads = await self._heads.get_many([p for job in batch for p in job.prefs], max(j.deadline for j in batch))
             groups, where = self._group(batch, heads)
-            # Applying heads is a few small matmuls: on the single-threaded heads executor they cannot
-            # stall on a thread team that other tenants of the CPU have descheduled.
-            probs = await loop.run_in_executor(self._heads_executor, self._engine.apply, await z, groups)
+            probs = await self._heads.apply(await z, groups) if groups else []
         except Exception as exc:  # a failing batch answers its jobs with the error, never kills the worker
             for job in batch:
                 if not job.future.done():
@@ -189,6 +187,9 @@ class Batcher:
         self._metrics.batch_size.observe(len(texts))
         self._metrics.batch_heads.observe(len(groups))
         for job, places in zip(batch, where):
+            if places is None:  # answered with its solve's error
+                self._answered(job)
+                continue
             queue_time = start - job.enqueued
             self._metrics.queue_duration.observe(queue_time)
             if not job.future.done():
@@ -196,18 +197,32 @@ class Batcher:
             self._answered(job)
 
     @staticmethod
-    def _group(batch: list[Job], heads: dict[str, Head]) -> tuple[list[HeadGroup], list[list[tuple[int, int, int]]]]:
-        """Rows per distinct head, and for each job and preference its (group, start, end) in that group."""
-        rows: dict[str, list[int]] = {fp: [] for fp in heads}
-        index = {fp: i for i, fp in enumerate(heads)}
-        where: list[list[tuple[int, int, int]]] = []
+    def _group(batch: list[Job], found: dict[str, Head | ServiceError]
+               ) -> tuple[list[HeadGroup], list[list[tuple[int, int, int]] | None]]:
+        """Rows per distinct head, and for each job and preference its (group, start, end) in that group.
+
+        A job with a preference whose solve failed gets that error now and no places (None).
+        """
+        heads = {fp: h for fp, h in found.items() if isinstance(h, Head)}
+        index: dict[str, int] = {}  # fingerprint -> group, in order of first use
+        rows: list[list[int]] = []
+        where: list[list[tuple[int, int, int]] | None] = []
         offset = 0
         for job in batch:
+            error = next((found[p.fingerprint] for p in job.prefs if p.fingerprint not in heads), None)
+            if error is not None:
+                if not job.future.done():
+                    job.future.set_exception(error)
+                where.append(None)
+                offset += len(job.texts)
+                continue
             places = []
             for p in job.prefs:
-                group_rows = rows[p.fingerprint]
-                places.append((index[p.fingerprint], len(group_rows), len(group_rows) + len(job.texts)))
-                group_rows.extend(range(offset, offset + len(job.texts)))
+                group = index.setdefault(p.fingerprint, len(index))
+                if group == len(rows):
+                    rows.append([])
+                places.append((group, len(rows[group]), len(rows[group]) + len(job.texts)))
+                rows[group].extend(range(offset, offset + len(job.texts)))
             where.append(places)
             offset += len(job.texts)
-        return [HeadGroup(heads[fp], rows[fp]) for fp in heads], where
+        return [HeadGroup(heads[fp], rows[group]) for fp, group in index.items()], where

@@ -6,12 +6,10 @@ share one validation and one batching path.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 
 import torch
@@ -19,9 +17,9 @@ import torch
 from reprmerge_core import __version__
 from reprmerge_core.preference import Preference, PreferenceError, canonical_preference
 from service.batcher import Batcher, JobResult
-from service.engine import Engine, solve_executor
-from service.errors import InvalidInput, PayloadTooLarge, Unavailable
-from service.head_cache import HeadCache
+from service.engine import Engine, torch_executor
+from service.errors import InvalidInput, PayloadTooLarge, ServiceError, Unavailable
+from service.heads import Heads
 from service.metrics import Metrics
 from service.schemas import (
     InfoResponse,
@@ -48,16 +46,15 @@ class State(str, Enum):
 
 
 class Service:
-    """Owns the engine, the head cache, the batcher and their two worker threads."""
+    """Owns the engine, the heads subsystem, the batcher and the inference thread."""
 
     def __init__(self, settings: ServiceSettings, engine: Engine, metrics: Metrics) -> None:
         self.settings, self.engine, self.metrics = settings, engine, metrics
         # One thread each: batches run one at a time, and a head solve never waits behind a batch.
-        self._infer = ThreadPoolExecutor(1, thread_name_prefix="inference")
-        self._heads = solve_executor()
-        self.cache = HeadCache(engine.fold, settings.head_cache_bytes, self._heads, metrics)
+        self.inference = torch_executor("inference", settings.inference_thread_count)
+        self.heads = Heads(engine, settings, metrics)
         self.batcher = Batcher(
-            engine, self.cache, self._infer, self._heads, metrics, max_batch_size=settings.max_batch_size,
+            engine, self.heads, self.inference, metrics, max_batch_size=settings.max_batch_size,
             max_wait=settings.max_batch_wait, queue_limit=settings.queue_limit,
         )
         self.state = State.STARTING
@@ -66,14 +63,18 @@ class Service:
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         """Warm up (one batch, one-hot and uniform heads, reference losses), then turn ready."""
+        self.heads.start()
         self.batcher.start()
         tasks = self.engine.tasks
         one_hots = [self._canonical([1.0 if i == t else 0.0 for i in range(len(tasks))]) for t in range(len(tasks))]
         uniform = self.preference(None)
-        await self.cache.get_many([*one_hots, uniform])
-        await self.batcher.submit(["warm-up"], [uniform], time.monotonic() + 600)
-        losses = await asyncio.get_running_loop().run_in_executor(self._heads, self.engine.tradeoff, one_hots)
-        self._best_loss = torch.diagonal(losses).tolist()
+        deadline = time.monotonic() + 600
+        for head in (await self.heads.get_many([*one_hots, uniform], deadline)).values():
+            if isinstance(head, ServiceError):
+                raise head
+        await self.batcher.submit(["warm-up"], [uniform], deadline)
+        losses = await self.heads.tradeoff(one_hots, deadline)
+        self._best_loss = [row[t] for t, row in enumerate(losses)]
         self.metrics.build_info.labels(__version__, self.engine.bundle_id, str(self.engine.device)).set(1)
         self.state = State.READY
         log.info("ready: bundle %s on %s", self.engine.bundle_id, self.engine.device)
@@ -85,8 +86,8 @@ class Service:
 
     async def close(self) -> None:
         await self.batcher.stop()
-        self._infer.shutdown(wait=True)
-        self._heads.shutdown(wait=True)
+        self.inference.shutdown(wait=True)
+        await self.heads.stop()
 
     @property
     def ready(self) -> bool:
@@ -165,13 +166,13 @@ class Service:
         best = max(range(len(scores)), key=scores.__getitem__)
         return TaskPrediction(label=labels[best], probabilities=dict(zip(labels, scores)))
 
-    async def tradeoff(self, prefs: Sequence[Preference]) -> TradeoffResponse:
+    async def tradeoff(self, prefs: Sequence[Preference], deadline: float) -> TradeoffResponse:
         self.require_ready()
-        losses = await asyncio.get_running_loop().run_in_executor(self._heads, self.engine.tradeoff, prefs)
+        losses = await self.heads.tradeoff(prefs, deadline)
         return TradeoffResponse(bundle_id=self.engine.bundle_id, results=[
             TradeoffResult(preference=p.as_dict(), fingerprint=p.fingerprint, tasks={
                 t: TaskLoss(loss=loss, best=best) for t, loss, best in zip(self.engine.tasks, row, self._best_loss)
-            }) for p, row in zip(prefs, losses.tolist())
+            }) for p, row in zip(prefs, losses)
         ])
 
     def info(self) -> InfoResponse:

@@ -199,6 +199,17 @@ class CorrectionSolver:
         prior = (W**2).sum(dim=(-1, -2))[:, None] - 2 * _inner(W, self.O_) + self.O_sq_
         return quadratic_loss(W, self.A_, self.B_, self.e_) + self.beta * prior
 
+    @property
+    def tradeoff_bytes_per_preference(self) -> int:
+        """Upper bound of `tradeoff`'s temporaries per preference, for callers that bound its memory.
+
+        W_p is formed: its numerator, sum_t p_t C_t, the Cholesky factor and a solve output in the
+        solve dtype, then G_p and a contiguous copy of W_p in float64 (peak RSS measured at 4 d^2 x 8).
+        """
+        self.require_fit()
+        size = torch.finfo(self.dtype).bits // 8
+        return self.dim_ * self.dim_ * (4 * size + 2 * 8)
+
     def tradeoff(self, prefs: torch.Tensor) -> torch.Tensor:
         """Per-task closed-form loss at W_p for each preference, shape (P, T)."""
         return self.loss(self.solve(prefs))
