@@ -4,6 +4,7 @@ A miss is a small computation, not a download: concurrent misses on one preferen
 solve, the misses of one lookup are solved together in chunks of at most `chunk` preferences (so
 one solve's temporaries stay bounded), and every waiter of a solve gets its value or its error,
 whatever the solve does: raise, return fewer values than asked, or be dropped at its deadline.
+When a chunk's solve raises, its preferences are solved one by one, so only those that fail fail.
 """
 
 from __future__ import annotations
@@ -92,20 +93,29 @@ class SolveCache(Generic[V]):
         return found
 
     async def _solve(self, prefs: list[Preference], futures: dict[str, asyncio.Future[V]], deadline: float) -> None:
+        try:
+            await self._settle(prefs, futures, deadline)
+        finally:
+            for fp in futures:
+                self._pending.pop(fp, None)
+
+    async def _settle(self, prefs: list[Preference], futures: dict[str, asyncio.Future[V]], deadline: float) -> None:
+        """Solve `prefs` and resolve every one of `futures`: with its value, or with an error."""
         start = time.perf_counter()
         try:
             values = await self._solve_fn(prefs, deadline)
         except ServiceError as exc:  # refused, expired or shutting down: the waiters get it as it is
             self._fail(futures, exc)
             return
-        except Exception as exc:  # every waiter gets the error; the cache stays unchanged
-            log.error("solving %d preferences failed", len(prefs), exc_info=exc)
+        except Exception as exc:
+            if len(prefs) > 1:  # one bad preference must not fail its chunk-mates: solve each alone
+                log.warning("solving %d preferences failed (%s); solving them one by one", len(prefs), exc)
+                await asyncio.gather(*(self._settle([p], {p.fingerprint: futures[p.fingerprint]}, deadline) for p in prefs))
+                return
+            log.error("solving preference %s failed", prefs[0].fingerprint, exc_info=exc)
             self._fail(futures, ServiceError(
                 f"solving this preference failed ({type(exc).__name__}); the server log has details"))
             return
-        finally:
-            for fp in futures:
-                self._pending.pop(fp, None)
         if self._metrics is not None:
             self._metrics.solve_duration.observe(time.perf_counter() - start)
         for pref, value in zip(prefs, values):
