@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -45,7 +46,10 @@ class Preference:
 def _weight(value: object, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PreferenceError(field, f"weight must be a number, got {type(value).__name__}")
-    w = float(value)
+    try:
+        w = float(value)
+    except OverflowError:  # an int beyond the float range (~1.8e308): JSON allows any number of digits
+        raise PreferenceError(field, f"weight must be at most {sys.float_info.max:.3g}, got a larger integer") from None
     if not math.isfinite(w):
         raise PreferenceError(field, f"weight must be finite, got {value!r}")
     if w < 0:

@@ -123,9 +123,11 @@ async def predict(
 
 @router.post("/v1/tradeoff", response_model=TradeoffResponse, tags=["v1"],
              summary="closed-form per-task loss of a preference, from the statistics alone",
-             responses=problems(400, 401, 413, 422, 503))
-async def tradeoff(body: TradeoffRequest, service: Service = Depends(get_service)) -> TradeoffResponse:
-    return await service.tradeoff(service.preferences(body))
+             responses=problems(400, 401, 413, 422, 429, 503, 504))
+async def tradeoff(body: TradeoffRequest, timeout: str | None = TimeoutHeader,
+                   service: Service = Depends(get_service)) -> TradeoffResponse:
+    deadline = service.deadline(timeout)
+    return await service.tradeoff(service.preferences(body), deadline)
 
 
 def create_app(settings: ServiceSettings, engine: Engine, metrics: Metrics | None = None) -> FastAPI:

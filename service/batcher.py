@@ -26,8 +26,8 @@ import torch
 
 from reprmerge_core.preference import Preference
 from service.engine import Engine, Head, HeadGroup
-from service.errors import ClientGone, DeadlineExceeded, QueueFull, Unavailable
-from service.head_cache import HeadCache
+from service.errors import ClientGone, DeadlineExceeded, QueueFull, ServiceError, Unavailable
+from service.heads import Heads
 from service.metrics import Metrics
 
 # Batches encoded but not yet answered (heads applied on the heads thread): bounds the memory of
@@ -82,14 +82,13 @@ class Throughput:
 
 
 class Batcher:
-    """Owns the queue and the single worker that forms batches: backbone on `executor`, heads on `heads_executor`."""
+    """Owns the queue and the single worker that forms batches: backbone on `executor`, heads through `heads`."""
 
     def __init__(
         self,
         engine: Engine,
-        cache: HeadCache,
+        heads: Heads,
         executor: Executor,
-        heads_executor: Executor,
         metrics: Metrics,
         *,
         max_batch_size: int,
@@ -97,8 +96,8 @@ class Batcher:
         max_wait: float,
         queue_limit: int,
     ) -> None:
-        self._engine, self._cache, self._metrics = engine, cache, metrics
-        self._executor, self._heads_executor = executor, heads_executor
+        self._engine, self._heads, self._metrics = engine, heads, metrics
+        self._executor = executor
         self._max_batch, self._max_tokens = max_batch_size, max_batch_tokens
         self._max_wait, self._limit = max_wait, queue_limit
         self._queue: deque[Job] = deque()
@@ -271,7 +270,8 @@ class Batcher:
         start = time.monotonic()
         self._running_tokens = len(rows) * max(map(len, rows))
         # The heads of this batch are solved on their thread while the backbone encodes it.
-        heads = asyncio.ensure_future(self._cache.get_many([p for job in batch for p in job.prefs]))
+        heads = asyncio.ensure_future(
+            self._heads.get_many([p for job in batch for p in job.prefs], max(j.deadline for j in batch)))
         try:
             try:
                 z = await loop.run_in_executor(self._executor, self._engine.embed, rows)
@@ -279,9 +279,7 @@ class Batcher:
                 self._running_tokens = 0
                 encoded.set_result(None)
             groups, where = self._group(batch, await heads)
-            # Applying heads is a few small matmuls: on the single-threaded heads executor they cannot
-            # stall on a thread team that other tenants of the CPU have descheduled.
-            probs = await loop.run_in_executor(self._heads_executor, self._engine.apply, z, groups)
+            probs = await self._heads.apply(z, groups) if groups else []
         except Exception as exc:  # a failing batch answers its jobs with the error, never kills the worker
             if not heads.done():
                 heads.cancel()
@@ -299,6 +297,9 @@ class Batcher:
         self._metrics.batch_size.observe(len(rows))
         self._metrics.batch_heads.observe(len(groups))
         for job, places in zip(batch, where):
+            if places is None:  # answered with its solve's error
+                self._answered(job)
+                continue
             queue_time = start - job.enqueued
             self._metrics.queue_duration.observe(queue_time)
             if not job.future.done():
@@ -306,18 +307,32 @@ class Batcher:
             self._answered(job)
 
     @staticmethod
-    def _group(batch: list[Job], heads: dict[str, Head]) -> tuple[list[HeadGroup], list[list[tuple[int, int, int]]]]:
-        """Rows per distinct head, and for each job and preference its (group, start, end) in that group."""
-        rows: dict[str, list[int]] = {fp: [] for fp in heads}
-        index = {fp: i for i, fp in enumerate(heads)}
-        where: list[list[tuple[int, int, int]]] = []
+    def _group(batch: list[Job], found: dict[str, Head | ServiceError]
+               ) -> tuple[list[HeadGroup], list[list[tuple[int, int, int]] | None]]:
+        """Rows per distinct head, and for each job and preference its (group, start, end) in that group.
+
+        A job with a preference whose solve failed gets that error now and no places (None).
+        """
+        heads = {fp: h for fp, h in found.items() if isinstance(h, Head)}
+        index: dict[str, int] = {}  # fingerprint -> group, in order of first use
+        rows: list[list[int]] = []
+        where: list[list[tuple[int, int, int]] | None] = []
         offset = 0
         for job in batch:
+            error = next((found[p.fingerprint] for p in job.prefs if p.fingerprint not in heads), None)
+            if error is not None:
+                if not job.future.done():
+                    job.future.set_exception(error)
+                where.append(None)
+                offset += len(job.ids)
+                continue
             places = []
             for p in job.prefs:
-                group_rows = rows[p.fingerprint]
-                places.append((index[p.fingerprint], len(group_rows), len(group_rows) + len(job.ids)))
-                group_rows.extend(range(offset, offset + len(job.ids)))
+                group = index.setdefault(p.fingerprint, len(index))
+                if group == len(rows):
+                    rows.append([])
+                places.append((group, len(rows[group]), len(rows[group]) + len(job.ids)))
+                rows[group].extend(range(offset, offset + len(job.ids)))
             where.append(places)
             offset += len(job.ids)
-        return [HeadGroup(heads[fp], rows[fp]) for fp in heads], where
+        return [HeadGroup(heads[fp], rows[group]) for fp, group in index.items()], where

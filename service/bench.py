@@ -39,7 +39,7 @@ from reprmerge_core.bundle.manifest import BackboneInfo, CorrectionInfo, MergeIn
 from reprmerge_core.correction import StatisticsAccumulator, TaskHead
 from reprmerge_core.merging.arithmetic import task_arithmetic
 from reprmerge_core.preference import Preference, canonical_preference
-from service.engine import Engine, Head, HeadGroup, solve_executor
+from service.engine import Engine, Head, HeadGroup, torch_executor
 
 WORDS = ("model merging keeps one backbone for many tasks while a small closed form correction restores each "
          "task representation the service batches requests with different preferences through one forward pass "
@@ -95,7 +95,7 @@ class EngineBench:
     def __init__(self, engine: Engine, batch_size: int, rounds: int) -> None:
         self.engine, self.batch_size, self.rounds = engine, batch_size, rounds
         self.texts = [sentences(batch_size, seed=100 + i) for i in range(rounds)]
-        self.heads_thread = solve_executor()
+        self.heads_thread = torch_executor("heads", 1)
         self._seed = 10_000
 
     def _fresh(self, n: int) -> list[Preference]:

@@ -1,7 +1,7 @@
 """The model side of the service: bundle, backbone on its device, head folding, mixed-batch forward.
 
 Synchronous and thread-confined by design: the batcher calls `encode` on one inference thread,
-and `fold`, `tradeoff` and `apply` run on one single-threaded heads thread, so the event loop
+and `fold`, `tradeoff` and `apply` run on the heads thread (service.heads), so the event loop
 never runs tensor code.
 """
 
@@ -20,14 +20,14 @@ from reprmerge_core.correction import CorrectionSolver, HeadFolder
 from reprmerge_core.preference import Preference
 
 
-def solve_executor() -> ThreadPoolExecutor:
-    """One thread for head work (solves, application), with one intra-op thread (thread-local in torch).
+def torch_executor(name: str, threads: int) -> ThreadPoolExecutor:
+    """One worker thread that runs torch with `threads` intra-op threads.
 
-    A d x d Cholesky (d ~ 384-768) and a K x d head are too small to gain from threads, and on a busy
-    CPU a threaded call waits on descheduled team members: measured 1.7 ms single-threaded vs 20+ ms
-    with 2 threads for one solve, and 80 ms outliers for a 32 x 384 x 12 matmul.
+    torch.set_num_threads acts on the calling thread (its OpenMP team size) and also sets the
+    default that threads which start using torch later pick up: so every executor sets its own
+    count in its initializer, and none inherits another's by accident.
     """
-    return ThreadPoolExecutor(1, thread_name_prefix="heads", initializer=torch.set_num_threads, initargs=(1,))
+    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(threads,))
 
 
 class UntokenizableText(ValueError):
@@ -43,11 +43,12 @@ class Head:
     """The fused heads H_t W_p of one preference, all tasks stacked: logits = z @ weight.T + bias."""
 
     fingerprint: str
-    weight: torch.Tensor  # (K, d) on the engine's device
+    weight: torch.Tensor  # (K, d) on the engine's device, owning its storage
 
     @property
     def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
+        """Bytes of the storage this head keeps alive: a view would pin (and count) its whole base tensor."""
+        return self.weight.untyped_storage().nbytes()
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,20 @@ class Engine:
     def fold(self, prefs: Sequence[Preference]) -> list[Head]:
         """Fused heads of several preferences in one batched solve (never forms W_p)."""
         fused = self.folder.fold(self._pref_tensor(prefs))
-        return [Head(p.fingerprint, fused.weight[i].contiguous()) for i, p in enumerate(prefs)]
+        # clone: a view of fused.weight would keep the whole (P, K, d) fold output alive per cached head.
+        return [Head(p.fingerprint, fused.weight[i].clone()) for i, p in enumerate(prefs)]
 
-    def tradeoff(self, prefs: Sequence[Preference]) -> torch.Tensor:
-        """Closed-form per-task loss of each preference's correction, (P, T), from the statistics."""
-        return self.folder.solver.tradeoff(self._pref_tensor(prefs)).cpu()
+    def fold_chunk(self, budget_bytes: int) -> int:
+        """Most preferences one `fold` may take for its temporaries to stay within `budget_bytes` (at least 1)."""
+        return max(1, budget_bytes // self.folder.fold_bytes_per_preference)
+
+    def tradeoff_chunk(self, budget_bytes: int) -> int:
+        """Most preferences one `tradeoff` may take for its temporaries to stay within `budget_bytes` (at least 1)."""
+        return max(1, budget_bytes // self.folder.solver.tradeoff_bytes_per_preference)
+
+    def tradeoff(self, prefs: Sequence[Preference]) -> list[tuple[float, ...]]:
+        """Closed-form per-task losses of each preference's correction, from the statistics (one row per preference)."""
+        return [tuple(row) for row in self.folder.solver.tradeoff(self._pref_tensor(prefs)).tolist()]
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, unpadded; raises `ValueError` naming the first text the tokenizer refuses."""

@@ -31,6 +31,7 @@ class Metrics:
         self.batch_size = Histogram(f"{PREFIX}_batch_size", "Inputs (texts) per backbone pass", buckets=SIZE_BUCKETS, registry=r)
         self.batch_heads = Histogram(f"{PREFIX}_batch_distinct_heads", "Distinct preference heads per batch", buckets=SIZE_BUCKETS, registry=r)
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Requests admitted and waiting for a batch", registry=r)
+        self.heads_queue_depth = Gauge(f"{PREFIX}_heads_queue_depth", "Work items waiting for the heads thread", registry=r)
         self.in_flight = Gauge(f"{PREFIX}_in_flight_requests", "HTTP requests being handled", registry=r)
         self.cache_hits = Counter(f"{PREFIX}_head_cache_hits", "Head lookups answered from the cache", registry=r)
         self.cache_misses = Counter(f"{PREFIX}_head_cache_misses", "Head lookups that needed a solve (or joined one)", registry=r)

@@ -21,9 +21,9 @@ import torch
 from reprmerge_core import __version__
 from reprmerge_core.preference import Preference, PreferenceError, canonical_preference
 from service.batcher import Batcher, JobResult
-from service.engine import Engine, UntokenizableText, solve_executor
-from service.errors import InvalidInput, PayloadTooLarge, Unavailable
-from service.head_cache import HeadCache
+from service.engine import Engine, UntokenizableText, torch_executor
+from service.errors import InvalidInput, PayloadTooLarge, ServiceError, Unavailable
+from service.heads import Heads
 from service.metrics import Metrics
 from service.schemas import (
     InfoResponse,
@@ -48,18 +48,17 @@ class State(str, Enum):
 
 
 class Service:
-    """Owns the engine, the head cache, the batcher and their two worker threads."""
+    """Owns the engine, the heads subsystem, the batcher and the inference thread."""
 
     def __init__(self, settings: ServiceSettings, engine: Engine, metrics: Metrics) -> None:
         self.settings, self.engine, self.metrics = settings, engine, metrics
         # One thread each: batches run one at a time, and a head solve never waits behind a batch.
-        self._infer = ThreadPoolExecutor(1, thread_name_prefix="inference")
-        self._heads = solve_executor()
+        self.inference = torch_executor("inference", settings.inference_thread_count)
+        self.heads = Heads(engine, settings, metrics)
         # Tokenising at admission and rendering answers: Python-heavy work kept off the event loop.
         self._codec = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="codec")
-        self.cache = HeadCache(engine.fold, settings.head_cache_bytes, self._heads, metrics)
         self.batcher = Batcher(
-            engine, self.cache, self._infer, self._heads, metrics, max_batch_size=settings.max_batch_size,
+            engine, self.heads, self.inference, metrics, max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens, max_wait=settings.max_batch_wait, queue_limit=settings.queue_limit,
         )
         self.state = State.STARTING
@@ -68,17 +67,21 @@ class Service:
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         """Warm up (one batch, one-hot and uniform heads, reference losses), then turn ready."""
+        self.heads.start()
         self.batcher.start()
         tasks = self.engine.tasks
         one_hots = [self._canonical([1.0 if i == t else 0.0 for i in range(len(tasks))]) for t in range(len(tasks))]
         uniform = self.preference(None)
-        await self.cache.get_many([*one_hots, uniform])
+        deadline = time.monotonic() + 600
+        for head in (await self.heads.get_many([*one_hots, uniform], deadline)).values():
+            if isinstance(head, ServiceError):
+                raise head
         # A full batch of the longest texts: compiles kernels for the real shapes and measures the
         # throughput that admission control estimates waits with.
         warm = " ".join(["warm-up"] * self.engine.backbone.max_length)
-        await self.infer([warm] * self.settings.max_batch_size, [uniform], time.monotonic() + 600, require_ready=False)
-        losses = await asyncio.get_running_loop().run_in_executor(self._heads, self.engine.tradeoff, one_hots)
-        self._best_loss = torch.diagonal(losses).tolist()
+        await self.infer([warm] * self.settings.max_batch_size, [uniform], deadline, require_ready=False)
+        losses = await self.heads.tradeoff(one_hots, deadline)
+        self._best_loss = [row[t] for t, row in enumerate(losses)]
         self.metrics.build_info.labels(__version__, self.engine.bundle_id, str(self.engine.device)).set(1)
         self.state = State.READY
         log.info("ready: bundle %s on %s", self.engine.bundle_id, self.engine.device)
@@ -91,8 +94,8 @@ class Service:
     async def close(self) -> None:
         await self.batcher.stop()
         self._codec.shutdown(wait=True)
-        self._infer.shutdown(wait=True)
-        self._heads.shutdown(wait=True)
+        self.inference.shutdown(wait=True)
+        await self.heads.stop()
 
     @property
     def ready(self) -> bool:
@@ -187,13 +190,13 @@ class Service:
             results.append({"preference": pref.as_dict(), "fingerprint": pref.fingerprint, "predictions": predictions})
         return orjson.dumps({"bundle_id": self.engine.bundle_id, "results": results})
 
-    async def tradeoff(self, prefs: Sequence[Preference]) -> TradeoffResponse:
+    async def tradeoff(self, prefs: Sequence[Preference], deadline: float) -> TradeoffResponse:
         self.require_ready()
-        losses = await asyncio.get_running_loop().run_in_executor(self._heads, self.engine.tradeoff, prefs)
+        losses = await self.heads.tradeoff(prefs, deadline)
         return TradeoffResponse(bundle_id=self.engine.bundle_id, results=[
             TradeoffResult(preference=p.as_dict(), fingerprint=p.fingerprint, tasks={
                 t: TaskLoss(loss=loss, best=best) for t, loss, best in zip(self.engine.tasks, row, self._best_loss)
-            }) for p, row in zip(prefs, losses.tolist())
+            }) for p, row in zip(prefs, losses)
         ])
 
     def info(self) -> InfoResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -38,9 +39,36 @@ class ServiceSettings(BaseSettings):
     solve_dtype: Literal["float64", "float32"] = Field(
         "float64", description="precision of head solves: float32 is ~1.5x faster, float64 the reference")
 
+    # Threads: torch intra-op threads per executor, each set on its own thread. The backbone pass
+    # is the only large computation; head work (a d x d Cholesky, K x d matmuls) is too small to gain
+    # from a thread team, and on a busy CPU a team waits on descheduled members (one solve: 1.7 ms on
+    # 1 thread, 20+ ms on 2). A 2-core box: inference 2, heads 1 (the defaults). A big CPU pod:
+    # inference = the pod's CPU limit (set it: a cgroup quota is not visible as CPUs), heads 1-2.
+    inference_threads: int | None = Field(
+        None, ge=1, description="intra-op threads of the backbone pass; default: the CPUs this process may run on")
+    heads_threads: int = Field(1, ge=1, description="intra-op threads of head solves, head application and trade-offs")
+
+    # The heads thread (service/heads.py).
+    heads_queue_limit: int = Field(
+        32, ge=1, description="most work items waiting for the heads thread before trade-offs are refused with 429")
+    fold_chunk_bytes: int = Field(
+        64 << 20, ge=1, description="bound on the temporaries of one head solve or trade-off; more preferences "
+                                          "are solved in chunks (at d = 384: 27 per fold chunk, 9 per trade-off chunk)")
+    tradeoff_cache_entries: int = Field(4096, ge=0, description="trade-off results kept, by preference fingerprint")
+    fail_solve_fingerprint: str | None = Field(
+        None, pattern=r"^[0-9a-f]{16}$",
+        description="fault injection for tests only: the head solve of the preference with this fingerprint raises")
+
     # Request limits.
     api_key: SecretStr | None = Field(None, description="bearer key required on every route but probes and /metrics")
     max_body_bytes: int = Field(2 << 20, ge=1024)
     max_inputs: int = Field(32, ge=1, description="most texts per request")
     max_text_chars: int = Field(10_000, ge=1, description="longest text accepted, in characters")
     max_preferences: int = Field(16, ge=1, description="most preferences answered in one request")
+
+    @property
+    def inference_thread_count(self) -> int:
+        """`inference_threads`, or the CPUs this process may run on (its affinity mask) when unset."""
+        if self.inference_threads is not None:
+            return self.inference_threads
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -156,6 +156,18 @@ def test_closed_form_loss_equals_data_loss(setup) -> None:
             assert closed[i, t] == pytest.approx(data_loss(Ws[i].numpy(), r), rel=1e-9)
 
 
+def test_tradeoff_equals_the_direct_float64_formula(setup) -> None:
+    """The G = W^T W form of the loss against NumPy: W_p solved explicitly, tr(W A W^T) and ||W - O||^2 literally."""
+    _, solver, ref = setup
+    prefs = np.array([[1, 0, 0], [0.2, 0.5, 0.3], [1, 1, 1], [0, 3, 1]], dtype=np.float64)
+    got = solver.tradeoff(torch.from_numpy(prefs)).numpy()
+    for i, p in enumerate(prefs / prefs.sum(1, keepdims=True)):
+        W = sum(pt * r["M"] for pt, r in zip(p, ref)) @ np.linalg.inv(sum(pt * r["C"] for pt, r in zip(p, ref)))
+        for t, r in enumerate(ref):
+            direct = np.trace(W @ r["A"] @ W.T) - 2 * np.trace(W @ r["B"].T) + r["e"] + BETA * np.sum((W - r["O"]) ** 2)
+            assert got[i, t] == pytest.approx(direct, rel=1e-12)
+
+
 def test_energy_normalisation_makes_beta_scale_and_size_free() -> None:
     data = make_data(seed=5)
     W = CorrectionSolver(beta=BETA).fit(stats_of(data)).task_corrections()

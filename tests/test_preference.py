@@ -45,6 +45,8 @@ def test_scale_and_float_noise_share_one_fingerprint() -> None:
         ({"sms_spam": -0.1}, "preference.sms_spam", "non-negative"),
         ({"trec6": float("nan")}, "preference.trec6", "finite"),
         ({"trec6": float("inf")}, "preference.trec6", "finite"),
+        ({"trec6": 10**400}, "preference.trec6", "at most"),
+        ([1, 10**309, 1], "preference[1]", "at most"),
         ({"trec6": "1"}, "preference.trec6", "number"),
         ({"trec6": True}, "preference.trec6", "number"),
         ([1, 2], "preference", "expected 3 weights"),

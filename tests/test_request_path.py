@@ -18,8 +18,9 @@ from reprmerge_core.backbone import Backbone, default_backbone_path
 from reprmerge_core.preference import canonical_preference
 from service.batcher import Batcher
 from service.engine import Engine
-from service.head_cache import HeadCache
+from service.heads import Heads
 from service.metrics import Metrics
+from service.settings import ServiceSettings
 from tests.helpers import make_random_bundle
 from tests.test_service_http import ServerProcess
 
@@ -60,17 +61,17 @@ def test_batches_respect_the_padded_token_budget_and_text_cap(bundle: Path) -> N
     long_text, short_text = " ".join(["word"] * 40), "short"
 
     async def scenario() -> list[int]:
-        infer, heads = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
-        metrics = Metrics()
-        batcher = Batcher(engine, HeadCache(engine.fold, 1 << 20, heads, metrics), infer, heads, metrics,
-                          max_batch_size=8, max_batch_tokens=64, max_wait=0.0, queue_limit=100)
+        infer, metrics = ThreadPoolExecutor(1), Metrics()
+        heads = Heads(engine, ServiceSettings(bundle=bundle), metrics)
+        heads.start()
+        batcher = Batcher(engine, heads, infer, metrics, max_batch_size=8, max_batch_tokens=64, max_wait=0.0, queue_limit=100)
         batcher.start()
         jobs = [[long_text] * 3, [short_text] * 2, [short_text] * 5, [long_text], [short_text] * 8, [short_text]]
         ids = [engine.token_ids(texts) for texts in jobs]
         results = await asyncio.gather(*(batcher.submit(i, [pref], time.monotonic() + 30) for i in ids))
         await batcher.stop()
+        await heads.stop()
         infer.shutdown()
-        heads.shutdown()
         return [r.probabilities[0].shape[0] for r in results]
 
     sizes = asyncio.run(scenario())

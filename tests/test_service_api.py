@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -17,7 +17,8 @@ from reprmerge_core.preference import Preference, canonical_preference
 from service.app import create_app, field_of
 from service.client import AsyncClient, Client, ProblemError
 from service.engine import Engine, Head
-from service.head_cache import HeadCache
+from service.errors import ServiceError
+from service.head_cache import SolveCache
 from service.metrics import Metrics
 from service.settings import ServiceSettings
 from tests.helpers import make_random_bundle
@@ -55,6 +56,7 @@ BAD_INPUTS = [
     ("weight as string", {"texts": ["a"], "preference": {"alpha": "1"}}, {}, 422, "preference.alpha"),
     ("NaN weight", '{"texts": ["a"], "preference": {"alpha": NaN}}', {}, 422, "preference.alpha"),
     ("negative weight", {"texts": ["a"], "preference": [1, -0.5, 0]}, {}, 422, "preference[1]"),
+    ("integer weight beyond float", '{"texts": ["a"], "preference": {"beta": 1%s}}' % ("0" * 400), {}, 422, "preference.beta"),
     ("all-zero preference", {"texts": ["a"], "preference": [0, 0, 0]}, {}, 422, "preference"),
     ("wrong length", {"texts": ["a"], "preference": [1, 2]}, {}, 422, "preference"),
     ("unknown task in preference", {"texts": ["a"], "preference": {"zeta": 1}}, {}, 422, "preference.zeta"),
@@ -141,6 +143,26 @@ def test_tradeoff_and_info(client: TestClient, engine: Engine) -> None:
         assert uniform[t]["loss"] >= uniform[t]["best"] - 1e-9
 
 
+def test_v2_integer_weight_beyond_float_range_is_422_naming_the_field(client: TestClient) -> None:
+    """json.loads keeps a 400-digit integer exact; float() of it used to raise OverflowError (500)."""
+    for pref in ('{"beta": 1%s}' % ("0" * 400), {"beta": 10**400}):
+        body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                "parameters": {"preference": pref}}
+        r = client.post("/v2/models/reprmerge/infer", content=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert r.json()["field"] == "parameters.preference.beta" and "at most" in r.json()["detail"]
+
+
+def test_cached_heads_own_their_storage_and_count_what_they_hold(engine: Engine) -> None:
+    """A head that is a view of the (P, K, d) fold output pins all of it: count storage, not elements."""
+    heads = engine.fold(_prefs(5))
+    K, d = engine.folder.bias.numel(), engine.folder.solver.dim_
+    for head in heads:
+        assert head.weight.shape == (K, d)
+        assert head.weight.untyped_storage().nbytes() == K * d * head.weight.element_size() == head.nbytes
+    assert len({h.weight.untyped_storage().data_ptr() for h in heads}) == len(heads)
+
+
 def test_preference_snapping_shares_one_head(engine: Engine) -> None:
     with _client(engine, preference_grid=10) as c:
         a = c.post("/v1/predict", json={"texts": ["x"], "preference": [0.501, 0.499, 0]}).json()["results"][0]
@@ -173,41 +195,59 @@ class CountingFold:
         self.calls: list[int] = []
         self.dim = dim
 
-    def __call__(self, prefs: Sequence[Preference]) -> list[Head]:
+    async def __call__(self, prefs: Sequence[Preference], deadline: float) -> list[Head]:
         self.calls.append(len(prefs))
+        await asyncio.sleep(0)
         return [Head(p.fingerprint, torch.zeros(2, self.dim)) for p in prefs]
 
 
 def test_head_cache_single_flight_batches_misses_and_evicts_by_bytes() -> None:
     fold, metrics = CountingFold(), Metrics()
     head_bytes = 2 * 8 * 4
-    cache = HeadCache(fold, budget_bytes=3 * head_bytes, executor=ThreadPoolExecutor(1), metrics=metrics)
+    cache = SolveCache(fold, 3 * head_bytes, lambda h: h.nbytes, chunk=16, metrics=metrics)
     prefs = _prefs(4)
 
     async def scenario() -> None:
         # 10 concurrent lookups of the same two preferences: one solve of both.
-        results = await asyncio.gather(*(cache.get_many(prefs[:2]) for _ in range(10)))
+        results = await asyncio.gather(*(cache.get_many(prefs[:2], math.inf) for _ in range(10)))
         assert fold.calls == [2] and all(set(r) == {p.fingerprint for p in prefs[:2]} for r in results)
-        await cache.get_many(prefs[:2])  # hits
+        await cache.get_many(prefs[:2], math.inf)  # hits
         assert fold.calls == [2]
-        await cache.get_many(prefs[2:])  # two more misses, one batched call; budget holds three
-        assert fold.calls == [2, 2] and len(cache) == 3 and cache.nbytes == 3 * head_bytes
+        await cache.get_many(prefs[2:], math.inf)  # two more misses, one batched call; budget holds three
+        assert fold.calls == [2, 2] and len(cache) == 3 and cache.cost == 3 * head_bytes
         assert prefs[0].fingerprint not in cache  # least recently used went first
 
     asyncio.run(scenario())
     assert metrics.cache_evictions._value.get() == 1  # type: ignore[attr-defined]
 
 
-def test_head_cache_failed_solve_reaches_every_waiter_and_caches_nothing() -> None:
-    def broken(prefs: Sequence[Preference]) -> list[Head]:
-        raise RuntimeError("solver down")
+def test_head_cache_solves_misses_in_chunks() -> None:
+    fold = CountingFold()
+    cache = SolveCache(fold, 1 << 20, lambda h: h.nbytes, chunk=2)
+    found = asyncio.run(cache.get_many(_prefs(5), math.inf))
+    assert sorted(fold.calls) == [1, 2, 2] and len(found) == 5 and all(isinstance(h, Head) for h in found.values())
 
-    cache = HeadCache(broken, budget_bytes=1 << 20, executor=ThreadPoolExecutor(1), metrics=Metrics())
 
-    async def scenario() -> list[object]:
-        return await asyncio.gather(*(cache.get_many(_prefs(1)) for _ in range(3)), return_exceptions=True)
+@pytest.mark.parametrize("how", ["raise", "short"])
+def test_head_cache_failed_or_short_solve_reaches_every_waiter_and_caches_nothing_wrong(how: str) -> None:
+    """A raising solve, or one that returns fewer heads than asked, used to leave waiters hanging forever."""
+    async def broken(prefs: Sequence[Preference], deadline: float) -> list[Head]:
+        await asyncio.sleep(0)
+        if how == "raise":
+            raise RuntimeError("solver down")
+        return [Head(prefs[0].fingerprint, torch.zeros(2, 8))]
 
-    assert all(isinstance(r, RuntimeError) for r in asyncio.run(scenario())) and len(cache) == 0
+    cache = SolveCache(broken, 1 << 20, lambda h: h.nbytes, chunk=16)
+    prefs = _prefs(2)
+
+    async def scenario() -> list[dict[str, object]]:
+        return await asyncio.wait_for(asyncio.gather(*(cache.get_many(prefs, math.inf) for _ in range(3))), timeout=10)
+
+    for found in asyncio.run(scenario()):
+        first, second = found[prefs[0].fingerprint], found[prefs[1].fingerprint]
+        assert isinstance(second, ServiceError) and second.status == 500
+        assert isinstance(first, ServiceError if how == "raise" else Head)
+    assert len(cache) == (0 if how == "raise" else 1)
 
 
 # -- client ---------------------------------------------------------------------------------------

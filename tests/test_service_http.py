@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
+from reprmerge_core.preference import canonical_preference
 from tests.helpers import make_random_bundle
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven tired wizards quietly brew strange potions".split()
@@ -140,6 +141,30 @@ def test_overload_gets_429_quickly_and_recovers(bundle: Path, tmp_path: Path) ->
         assert srv.metric('reprmerge_rejections_total{reason="queue_full"}') == codes.count(429)
     finally:
         srv.stop()
+
+
+def test_a_failing_solve_fails_only_its_requests_and_the_server_keeps_serving(
+        bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A raising solve used to fail its whole batch (a short one hung the batch worker for good)."""
+    bad = [0.1, 0.2, 0.7]
+    monkeypatch.setenv("REPRMERGE_FAIL_SOLVE_FINGERPRINT", canonical_preference(bad, ("alpha", "beta", "gamma")).fingerprint)
+    srv = ServerProcess(bundle, tmp_path / "fault.log", "--max-batch-wait", "0.05")
+    try:
+        bodies = _bodies(60, seed=3)
+        for body in bodies[::4]:
+            body.pop("preferences", None)
+            body["preference"] = bad
+        responses = asyncio.run(_fire(srv.url, bodies, timeout=30))
+        assert all(isinstance(r, httpx.Response) for r in responses), [r for r in responses if isinstance(r, Exception)][:3]
+        for i, r in enumerate(responses):
+            assert r.status_code == (500 if i % 4 == 0 else 200), r.text  # type: ignore[union-attr]
+        failed = responses[0].json()  # type: ignore[union-attr]
+        assert responses[0].headers["content-type"] == "application/problem+json" and failed["status"] == 500  # type: ignore[union-attr]
+        assert httpx.post(f"{srv.url}/v1/predict", json={"texts": ["after the failure"], "preference": [1, 2, 3]}).status_code == 200
+        assert httpx.get(f"{srv.url}/readyz").status_code == 200
+    finally:
+        srv.stop()
+    assert "injected solve failure" in (tmp_path / "fault.log").read_text()
 
 
 def test_sigterm_under_load_answers_every_accepted_request(bundle: Path, tmp_path: Path) -> None:

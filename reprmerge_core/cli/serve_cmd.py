@@ -30,6 +30,10 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "max_text_chars": (int, "longest text in characters"),
     "default_timeout": (float, "deadline in seconds when a request has no X-Request-Timeout"),
     "model_name": (str, "model name on the /v2 routes"),
+    "inference_threads": (int, "intra-op threads of the backbone pass (default: the CPUs this process may use)"),
+    "heads_threads": (int, "intra-op threads of head solves and trade-offs (default 1)"),
+    "heads_queue_limit": (int, "most work items waiting for the heads thread before trade-offs get 429"),
+    "fold_chunk_bytes": (int, "bound on the temporaries of one head solve or trade-off, in bytes"),
 }
 
 

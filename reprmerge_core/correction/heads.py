@@ -70,6 +70,17 @@ class HeadFolder:
         bounds = torch.tensor([0] + [h.num_classes for h in heads]).cumsum(0).tolist()
         self.slices = tuple(slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]))
 
+    @property
+    def fold_bytes_per_preference(self) -> int:
+        """Upper bound of `fold`'s temporaries per preference, for callers that bound a fold's memory.
+
+        Two d x d matrices in the solve dtype (sum_t p_t C_t and its Cholesky factor; peak RSS
+        measured at exactly that) plus a few K x d right-hand sides and outputs.
+        """
+        size = torch.finfo(self.solver.dtype).bits // 8
+        K, d = self._H.shape
+        return 2 * d * d * size + 6 * K * d * size
+
     def fold(self, prefs: torch.Tensor) -> FusedHeads:
         """Fused heads H_t W_p for a (P, T) stack of preferences."""
         numer = self.solver.aggregate(prefs, self._HM)

@@ -66,14 +66,19 @@ def procrustes(B: torch.Tensor, tie_break: float = PROCRUSTES_TIE_BREAK) -> torc
     return U @ Vh
 
 
+def _inner(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Frobenius inner products <X_p, Y_t> of (P, d, d) and (T, d, d): one (P, d^2) x (d^2, T) matmul."""
+    return X.flatten(1) @ Y.flatten(1).T
+
+
 def quadratic_loss(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """sum over samples of ||W z_m - z_e||^2 from statistics: tr(W A W^T) - 2 tr(W B^T) + e.
 
-    W is (P, d, d), A and B are (T, d, d), e is (T,); the result is (P, T).
+    W is (P, d, d), A and B are (T, d, d), e is (T,); the result is (P, T). tr(W A W^T) = <A, W^T W>:
+    forming G = W^T W once costs P d^3, where W A_t W^T per task would cost P T d^3.
     """
-    quad = torch.einsum("pij,tjk,pik->pt", W, A, W)
-    cross = torch.einsum("pij,tij->pt", W, B)
-    return quad - 2 * cross + e
+    G = W.transpose(-1, -2) @ W
+    return _inner(G, A) - 2 * _inner(W, B) + e
 
 
 def _check_preferences(prefs: torch.Tensor, num_tasks: int) -> torch.Tensor:
@@ -139,6 +144,7 @@ class CorrectionSolver:
         eye = torch.eye(A.shape[-1], dtype=torch.float64, device=self.device)
         self.scales_ = scales
         self.A_, self.B_, self.e_, self.O_ = A, B, e, O
+        self.O_sq_ = (O**2).sum(dim=(-1, -2))  # ||O_t||^2: d for an orthogonal prior, kept exact here
         self.C_ = (A + self.beta * eye).to(self.dtype)
         self.M_ = (B + self.beta * O).to(self.dtype)
         self.num_tasks_, self.dim_ = A.shape[0], A.shape[-1]
@@ -189,8 +195,20 @@ class CorrectionSolver:
         W = W.to(self.device, torch.float64)
         if W.ndim == 2:
             W = W.unsqueeze(0)
-        prior = ((W.unsqueeze(1) - self.O_.unsqueeze(0)) ** 2).sum(dim=(-1, -2))
+        # ||W - O_t||^2 = ||W||^2 - 2 <W, O_t> + ||O_t||^2, without a (P, T, d, d) difference tensor.
+        prior = (W**2).sum(dim=(-1, -2))[:, None] - 2 * _inner(W, self.O_) + self.O_sq_
         return quadratic_loss(W, self.A_, self.B_, self.e_) + self.beta * prior
+
+    @property
+    def tradeoff_bytes_per_preference(self) -> int:
+        """Upper bound of `tradeoff`'s temporaries per preference, for callers that bound its memory.
+
+        W_p is formed: its numerator, sum_t p_t C_t, the Cholesky factor and a solve output in the
+        solve dtype, then G_p and a contiguous copy of W_p in float64 (peak RSS measured at 4 d^2 x 8).
+        """
+        self.require_fit()
+        size = torch.finfo(self.dtype).bits // 8
+        return self.dim_ * self.dim_ * (4 * size + 2 * 8)
 
     def tradeoff(self, prefs: torch.Tensor) -> torch.Tensor:
         """Per-task closed-form loss at W_p for each preference, shape (P, T)."""
