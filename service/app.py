@@ -16,7 +16,7 @@ from reprmerge_core import __version__
 from service import oip
 from service.deps import get_service, problems, set_timings
 from service.engine import Engine
-from service.errors import InvalidInput, MalformedRequest, ServiceError, from_status
+from service.errors import InvalidInput, MalformedRequest, ServiceError, field_of, from_status
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware, problem_response
 from service.runtime import TIMEOUT_HEADER, Service
@@ -30,17 +30,6 @@ DESCRIPTION = """Per-request trade-offs between the tasks of one merged backbone
 Every request names a preference over tasks; its closed-form correction is folded into the task
 heads (cached by canonical preference), and requests with different preferences share one
 backbone pass. Errors are `application/problem+json` (RFC 9457)."""
-
-
-def field_of(loc: tuple[int | str, ...]) -> str:
-    """`('body', 'preference', 'dict[str,float]', 'a')` -> `preference.a`: drop the location and union tags."""
-    out = ""
-    for part in loc[1:] if loc and loc[0] in ("body", "query", "header", "path") else loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif "[" not in part:
-            out += f".{part}" if out else part
-    return out or "body"
 
 
 def _request_id(request: Request) -> str:

@@ -221,3 +221,18 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(server: ServerProcess,
         except Unsatisfiable:  # an operation without inputs has no invalid cases to generate
             assert mode is GenerationMode.NEGATIVE
 
+
+
+def test_a_lone_surrogate_fails_only_its_own_request(server: ServerProcess) -> None:
+    """Raw bytes ED A0 80 (Python's JSON decoder accepts them) among 40 co-batched requests: one 422, 40 answers."""
+    poison = b'{"texts": ["fine", "\xed\xa0\x80"]}'
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=50)) as c:
+            good = [c.post("/v1/predict", json=b) for b in _bodies(40, seed=5)]
+            bad = c.post("/v1/predict", content=poison, headers={"Content-Type": "application/json"})
+            return await asyncio.gather(bad, *good)
+
+    bad, *good = asyncio.run(scenario())
+    assert bad.status_code == 422 and bad.json()["field"] == "texts[1]", bad.text
+    assert [r.status_code for r in good] == [200] * 40
