@@ -29,6 +29,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # Probes and metrics stay reachable without the key (kubelet and Prometheus carry none).
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+# Statuses after which the connection is not reused: a 500 may leave it in any state (uvicorn closes
+# it), and a 503 comes while draining, when the server is about to close every connection. Saying
+# so lets a client's pool open a fresh connection instead of writing to one the server is closing.
+CLOSE_AFTER = frozenset({500, 503})
 access_log = logging.getLogger("reprmerge.access")
 
 
@@ -42,6 +46,8 @@ def problem_response(err: ServiceError, request_id: str, path: str) -> JSONRespo
     if path.startswith("/v2"):
         body["error"] = err.detail
     headers = {**err.headers, "X-Request-ID": request_id}
+    if err.status in CLOSE_AFTER:
+        headers["Connection"] = "close"
     return JSONResponse(body, status_code=err.status, headers=headers, media_type="application/problem+json")
 
 

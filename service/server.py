@@ -81,5 +81,5 @@ def serve(settings: ServiceSettings, engine: Engine) -> None:
         log.info("glibc mmap threshold pinned at %d bytes", MMAP_THRESHOLD_BYTES)
     app = create_app(settings, engine)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.drain_timeout)
+                            timeout_graceful_shutdown=settings.drain_timeout, timeout_keep_alive=settings.keep_alive)
     DrainingServer(config, app.state.service).run()

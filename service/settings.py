@@ -39,3 +39,8 @@ class ServiceSettings(BaseSettings):
     max_inputs: int = Field(32, ge=1, description="most texts per request")
     max_text_chars: int = Field(10_000, ge=1, description="longest text accepted, in characters")
     max_preferences: int = Field(16, ge=1, description="most preferences answered in one request")
+
+    # HTTP connections (uvicorn).
+    keep_alive: float = Field(
+        75.0, gt=0, description="seconds an idle keep-alive connection stays open; well above client pool expiry "
+        "(httpx 5 s, urllib3/aiohttp similar) so a client never reuses a connection the server is closing")

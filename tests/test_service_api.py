@@ -221,7 +221,20 @@ def test_draining_turns_readyz_and_predict_to_503(engine: Engine) -> None:
         assert c.get("/readyz").status_code == 503
         r = c.post("/v1/predict", json=OK)
         assert r.status_code == 503 and r.headers["retry-after"] and r.json()["status"] == 503
+        assert r.headers["connection"] == "close"  # the server is closing its connections: do not reuse this one
         assert c.get("/livez").status_code == 200
+
+
+def test_a_500_tells_the_client_to_close_the_connection(engine: Engine) -> None:
+    """uvicorn closes the connection after an unhandled error; without `Connection: close` a pool reuses it."""
+    with _client(engine) as c:
+        def broken(names: object, field: str = "tasks") -> list[str]:
+            raise RuntimeError("injected fault")
+
+        c.app.state.service.tasks = broken  # type: ignore[union-attr]
+        r = c.post("/v1/predict", json=OK)
+        assert r.status_code == 500 and r.headers["connection"] == "close"
+        assert "connection" not in c.get("/livez").headers
 
 
 def test_field_of_drops_locations_and_union_tags() -> None:

@@ -236,3 +236,29 @@ def test_a_lone_surrogate_fails_only_its_own_request(server: ServerProcess) -> N
     bad, *good = asyncio.run(scenario())
     assert bad.status_code == 422 and bad.json()["field"] == "texts[1]", bad.text
     assert [r.status_code for r in good] == [200] * 40
+
+
+def _http(sock: socket.socket, request: bytes, timeout: float = 10) -> bytes:
+    """Send one raw request and read one response (headers and Content-Length body); b"" if the server closed."""
+    sock.settimeout(timeout)
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return data
+
+
+def test_an_idle_connection_outlives_the_clients_pool_expiry(server: ServerProcess) -> None:
+    """httpx expires pooled connections after 5 s idle; the server must keep them longer, or a reuse at ~5 s dies."""
+    get = f"GET /livez HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        assert _http(sock, get).startswith(b"HTTP/1.1 200")
+        time.sleep(5.5)
+        assert _http(sock, get).startswith(b"HTTP/1.1 200")
