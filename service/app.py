@@ -134,5 +134,6 @@ def create_app(settings: ServiceSettings, engine: Engine, metrics: Metrics | Non
     app.include_router(router)
     app.include_router(oip.router)
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
-    app.add_middleware(RequestMiddleware, metrics=service.metrics, max_body_bytes=settings.max_body_bytes, api_key=api_key)
+    app.add_middleware(RequestMiddleware, metrics=service.metrics, max_body_bytes=settings.max_body_bytes,
+                       body_timeout=settings.body_timeout, api_key=api_key)
     return app

@@ -69,6 +69,10 @@ class NotFound(ServiceError):
     status, title, slug = 404, "Not found", "not-found"
 
 
+class RequestTimeout(ServiceError):
+    status, title, slug = 408, "Request not received in time", "request-timeout"
+
+
 class PayloadTooLarge(ServiceError):
     status, title, slug = 413, "Request too large", "too-large"
 
@@ -91,7 +95,8 @@ class DeadlineExceeded(ServiceError):
 
 def from_status(status: int, detail: str) -> ServiceError:
     """The error class for a framework status (404, 405, ...) so every error shares one body."""
-    for cls in (MalformedRequest, Unauthorized, NotFound, PayloadTooLarge, InvalidInput, QueueFull, Unavailable, DeadlineExceeded):
+    for cls in (MalformedRequest, Unauthorized, NotFound, RequestTimeout, PayloadTooLarge, InvalidInput, QueueFull,
+                Unavailable, DeadlineExceeded):
         if cls.status == status:
             return cls(detail)
     err = ServiceError(detail)
