@@ -17,7 +17,7 @@ from reprmerge_core import __version__
 from service import oip
 from service.deps import disconnected, get_service, problems, set_timings
 from service.engine import Engine
-from service.errors import InvalidInput, MalformedRequest, ServiceError, from_status
+from service.errors import InvalidInput, MalformedRequest, ServiceError, field_of, from_status
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware, problem_response
 from service.runtime import TIMEOUT_HEADER, Service
@@ -31,17 +31,6 @@ DESCRIPTION = """Per-request trade-offs between the tasks of one merged backbone
 Every request names a preference over tasks; its closed-form correction is folded into the task
 heads (cached by canonical preference), and requests with different preferences share one
 backbone pass. Errors are `application/problem+json` (RFC 9457)."""
-
-
-def field_of(loc: tuple[int | str, ...]) -> str:
-    """`('body', 'preference', 'dict[str,float]', 'a')` -> `preference.a`: drop the location and union tags."""
-    out = ""
-    for part in loc[1:] if loc and loc[0] in ("body", "query", "header", "path") else loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif "[" not in part:
-            out += f".{part}" if out else part
-    return out or "body"
 
 
 def _request_id(request: Request) -> str:
@@ -149,5 +138,6 @@ def create_app(settings: ServiceSettings, engine: Engine, metrics: Metrics | Non
     app.include_router(router)
     app.include_router(oip.router)
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
-    app.add_middleware(RequestMiddleware, metrics=service.metrics, max_body_bytes=settings.max_body_bytes, api_key=api_key)
+    app.add_middleware(RequestMiddleware, metrics=service.metrics, max_body_bytes=settings.max_body_bytes,
+                       body_timeout=settings.body_timeout, api_key=api_key)
     return app
