@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.bench import run_benchmark  # heavy imports only for this command
+    from reprmerge_bench.serve import run_benchmark  # heavy imports only for this command
 
     run_benchmark(args.bundle, batch_size=args.batch_size, batches=args.batches,
                   http_seconds=args.http_seconds, rate=args.rate, out=args.out, solve_dtype=args.solve_dtype)

@@ -230,19 +230,40 @@ def _metric(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
+async def _scrape(client: httpx.AsyncClient) -> str:
+    """The server's /metrics text, or "" when it cannot be read (the figures from it become NaN, nothing raises)."""
+    try:
+        return (await client.get("/metrics")).text
+    except httpx.HTTPError:
+        return ""
+
+
+# Below the server's keep-alive timeout (uvicorn: 5 s by default): a pooled connection the server is
+# closing at the same instant is a reset on reuse (the race that crashed this benchmark).
+KEEPALIVE_EXPIRY = 2.0
+
+
 async def open_loop(url: str, rate: float, seconds: float, prefs: Callable[[int], list[float]]) -> dict[str, float]:
-    """Poisson arrivals at `rate` requests/s for `seconds`; one text per request."""
+    """Poisson arrivals at `rate` requests/s for `seconds`; one text per request.
+
+    Transport errors are counted by kind (`errors`), never raised: a benchmark reports failures.
+    """
     rng = random.Random(0)
     texts = sentences(256, seed=5)
     latencies: list[float] = []
     codes: dict[int, int] = {}
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+    errors: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000, keepalive_expiry=KEEPALIVE_EXPIRY)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-        before = (await client.get("/metrics")).text
+        before = await _scrape(client)
 
         async def one(i: int) -> None:
             start = time.perf_counter()
-            r = await client.post("/v1/predict", json={"texts": [texts[i % len(texts)]], "preference": prefs(i)})
+            try:
+                r = await client.post("/v1/predict", json={"texts": [texts[i % len(texts)]], "preference": prefs(i)})
+            except httpx.HTTPError as e:
+                errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                return
             codes[r.status_code] = codes.get(r.status_code, 0) + 1
             if r.status_code == 200:
                 latencies.append(time.perf_counter() - start)
@@ -256,7 +277,7 @@ async def open_loop(url: str, rate: float, seconds: float, prefs: Callable[[int]
             next_at += rng.expovariate(rate)
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
-        after = (await client.get("/metrics")).text
+        after = await _scrape(client)
     delta = {n: _metric(after, n) - _metric(before, n) for n in (
         "reprmerge_head_cache_hits_total", "reprmerge_head_cache_misses_total",
         "reprmerge_batch_distinct_heads_sum", "reprmerge_batch_distinct_heads_count", "reprmerge_batch_size_sum")}
@@ -265,7 +286,8 @@ async def open_loop(url: str, rate: float, seconds: float, prefs: Callable[[int]
     lookups = delta["reprmerge_head_cache_hits_total"] + delta["reprmerge_head_cache_misses_total"]
     batches = max(delta["reprmerge_batch_distinct_heads_count"], 1)
     return {
-        "offered_rps": rate, "sent": i, "ok": len(latencies), "rejected": i - len(latencies),
+        "offered_rps": rate, "sent": i, "ok": len(latencies), "rejected": sum(codes.values()) - len(latencies),
+        "transport_errors": sum(errors.values()), "errors": errors,
         "throughput_rps": len(latencies) / elapsed, "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99),
         "goodput_rps": sum(1 for x in latencies if x <= SLO_SECONDS) / elapsed,
         "cache_hit_rate": delta["reprmerge_head_cache_hits_total"] / lookups if lookups else float("nan"),
@@ -274,25 +296,66 @@ async def open_loop(url: str, rate: float, seconds: float, prefs: Callable[[int]
     }
 
 
-def http_bench(bundle: Path, tasks: tuple[str, ...], rate: float, seconds: float) -> dict[str, dict[str, float]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-c", "import sys; from reprmerge_core.cli import main; sys.exit(main())",
-           "serve", str(bundle), "--port", str(port), "--queue-limit", "4096", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
+class BenchServer:
+    """`reprmerge serve` as a child process on a free port, its output in a log file (never /dev/null).
+
+    The log's path is printed at start; it is removed after a clean run and kept (path printed again)
+    when anything went wrong, so a failed benchmark can be explained.
+    """
+
+    def __init__(self, bundle: Path, *flags: str, log: Path | None = None) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._temporary_log = log is None
+        self.log = log or Path(tempfile.mkstemp(prefix="reprmerge-bench-server-", suffix=".log")[1])
+        print(f"server log: {self.log}")
+        cmd = [sys.executable, "-c", "import sys; from reprmerge_core.cli import main; sys.exit(main())",
+               "serve", str(bundle), "--port", str(self.port), *flags]
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+                                         stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
             except httpx.TransportError:
                 pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("benchmark server did not become ready")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"benchmark server exited with {self.proc.returncode}; see {self.log}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"benchmark server not ready after {timeout:g} s; see {self.log}")
             time.sleep(0.2)
+
+    def __enter__(self) -> BenchServer:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        died = self.proc.poll() is not None
+        if not died:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if exc_type is None and not died and self.proc.returncode == 0 and self._temporary_log:
+            self.log.unlink(missing_ok=True)
+        else:
+            print(f"server exited with {self.proc.returncode}; its log is kept at {self.log}")
+
+
+def http_bench(bundle: Path, tasks: tuple[str, ...], rate: float, seconds: float) -> dict[str, dict[str, float]]:
+    with BenchServer(bundle, "--queue-limit", "4096", "--log-level", "warning") as server:
         grid = [p.weights for p in dirichlet(32, tasks, seed=11)]
         zipf = random.Random(1)
         zipf_weights = [1 / (k + 1) for k in range(len(grid))]
@@ -302,10 +365,7 @@ def http_bench(bundle: Path, tasks: tuple[str, ...], rate: float, seconds: float
             "Zipf over 32": lambda i: zipf.choices(grid, zipf_weights)[0],
             "fresh each request": lambda i: [fresh.random() + 1e-3 for _ in tasks],
         }
-        return {name: asyncio.run(open_loop(url, rate, seconds, fn)) for name, fn in scenarios.items()}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        return {name: asyncio.run(open_loop(server.url, rate, seconds, fn)) for name, fn in scenarios.items()}
 
 
 def run_benchmark(bundle: Path | None, *, batch_size: int, batches: int, http_seconds: float, rate: float,
@@ -341,11 +401,11 @@ def run_benchmark(bundle: Path | None, *, batch_size: int, batches: int, http_se
             offered = rate or 0.5 * speeds["(b) 32 distinct cached preferences"]["texts_per_s"]  # half capacity, 1 text/request
             results["http"] = http_bench(Path(bundle), engine.tasks, offered, http_seconds)
             print(f"\nHTTP, open loop at {offered:.0f} req/s for {http_seconds:g} s, 1 text per request, SLO {SLO_SECONDS * 1e3:.0f} ms")
-            print(f"{'preferences':<20} {'ok/sent':>10} {'req/s':>7} {'goodput':>8} {'p50':>7} {'p95':>7} {'p99':>7} {'hit rate':>8} {'heads/b':>7} {'texts/b':>7}")
+            print(f"{'preferences':<20} {'ok/sent':>10} {'req/s':>7} {'goodput':>8} {'p50':>7} {'p95':>7} {'p99':>7} {'hit rate':>8} {'heads/b':>7} {'texts/b':>7}  errors")
             for name, r in results["http"].items():
                 print(f"{name:<20} {r['ok']:>4}/{r['sent']:<5} {r['throughput_rps']:>7.1f} {r['goodput_rps']:>8.1f} "
                       f"{r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['cache_hit_rate']:>8.3f} "
-                      f"{r['heads_per_batch']:>7.2f} {r['texts_per_batch']:>7.2f}")
+                      f"{r['heads_per_batch']:>7.2f} {r['texts_per_batch']:>7.2f}  {r['errors'] or '-'}")
     if out is not None:
         out.write_text(json.dumps(results, indent=2))
     return results
