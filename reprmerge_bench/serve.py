@@ -6,17 +6,23 @@ Engine, in-process, at one batch size (texts per backbone pass):
   (c) every request a new preference (one batched fold of the batch's preferences + forward);
   (d) baseline: a re-merged model per preference (preference-weighted task arithmetic from
       reprmerge_core.merging, load_state_dict, one forward per preference);
-plus the latency of one head solve (all task heads fused). Then the same service over HTTP with an
-open-loop load generator (Poisson arrivals, so no coordinated omission): p50/p95/p99, throughput,
-goodput within an SLO, head-cache hit rate and distinct heads per batch.
+plus the latency of one head solve (all task heads fused). Then the same bundle served over HTTP
+(`reprmerge serve` as a child process, max batch size = the engine's batch size, its log in a file):
+  - saturated: a closed loop with enough connections to keep full batches queued, at 1 and 16 texts
+    per request; texts/s against engine case (b) with 32 preferences (the same Zipf-drawn grid);
+  - open loop (Poisson arrivals, no coordinated omission) at 50% and 80% of each saturated rate:
+    p50/p95/p99, goodput within the SLO, errors by kind; and fresh preferences at 50%.
+Load comes from `reprmerge_bench.loadgen` (wrk when installed, else raw asyncio), whose CPU share is
+reported. Texts are drawn from the real task data (the bundle's tasks when known, else the tiny suite's),
+so their lengths are those the service meets. Failures are counted and reported, never raised.
 Without --bundle, a bundle over the real MiniLM backbone (d = 384) is synthesised: statistics from
 its own features of generated sentences and a random near-identity "expert" map, random heads.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+import math
 import os
 import random
 import signal
@@ -33,10 +39,14 @@ from typing import Any
 import httpx
 import torch
 
+from reprmerge_bench.loadgen import run_load, wrk_available
+
 from reprmerge_core.backbone import Backbone, default_backbone_path
 from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.manifest import BackboneInfo, CorrectionInfo, MergeInfo, TaskInfo
 from reprmerge_core.correction import StatisticsAccumulator, TaskHead
+from reprmerge_core.data.splits import SUITES
+from reprmerge_core.data.tasks import TASK_NAMES, load_task
 from reprmerge_core.merging.arithmetic import task_arithmetic
 from reprmerge_core.preference import Preference, canonical_preference
 from service.engine import Engine, Head, HeadGroup, solve_executor
@@ -48,11 +58,27 @@ SYNTHETIC_TASKS = {"sentiment": ["negative", "positive"], "topic": ["world", "sp
                    "question": ["abbr", "entity", "description", "human", "location", "number"]}
 SLO_SECONDS = 0.5
 DISTINCT = (1, 32, 1000)
+MAX_TEXT_CHARS = 2000  # a few source rows are whole concatenated files; the backbone reads 128 tokens anyway
+TEXTS_PER_REQUEST = (1, 16)
+OPEN_LOOP_LOADS = (0.5, 0.8)  # fractions of the saturated rate
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 24))) for _ in range(n)]
+
+
+def suite_texts(tasks: tuple[str, ...], n: int, seed: int = 0) -> list[str]:
+    """n texts drawn from real task data, each task equally likely: the bundle's tasks where known,
+    else the tiny suite's. Synthetic sentences only when the data packages are not installed."""
+    names = [t for t in tasks if t in TASK_NAMES] or list(SUITES["tiny"].tasks)
+    try:
+        pools = [[x for x in load_task(name).texts if len(x) <= MAX_TEXT_CHARS] for name in names]
+    except FileNotFoundError as e:
+        print(f"no real texts ({e}); using synthetic sentences")
+        return sentences(n, seed)
+    rng = random.Random(seed)
+    return [rng.choice(rng.choice(pools)) for _ in range(n)]
 
 
 def synthetic_bundle(out: Path, samples: int = 512, seed: int = 0) -> Path:
@@ -92,9 +118,9 @@ class EngineBench:
     load drifts, and interleaving keeps the ratios between cases fair.
     """
 
-    def __init__(self, engine: Engine, batch_size: int, rounds: int) -> None:
+    def __init__(self, engine: Engine, batch_size: int, rounds: int, texts: list[str]) -> None:
         self.engine, self.batch_size, self.rounds = engine, batch_size, rounds
-        self.texts = [sentences(batch_size, seed=100 + i) for i in range(rounds)]
+        self.texts = [[texts[(r * batch_size + i) % len(texts)] for i in range(batch_size)] for r in range(rounds)]
         self.heads_thread = solve_executor()
         self._seed = 10_000
 
@@ -226,74 +252,22 @@ class EngineBench:
 
 
 # -- HTTP ------------------------------------------------------------------------------------------
+SERVER_METRICS = ("reprmerge_head_cache_hits_total", "reprmerge_head_cache_misses_total",
+                  "reprmerge_batch_distinct_heads_sum", "reprmerge_batch_distinct_heads_count", "reprmerge_batch_size_sum",
+                  "reprmerge_queue_depth", "reprmerge_in_flight_requests")
+
+
 def _metric(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
-async def _scrape(client: httpx.AsyncClient) -> str:
-    """The server's /metrics text, or "" when it cannot be read (the figures from it become NaN, nothing raises)."""
+def _scrape(url: str) -> dict[str, float]:
+    """The server's counters used here; NaN when /metrics cannot be read (nothing raises)."""
     try:
-        return (await client.get("/metrics")).text
+        text = httpx.get(f"{url}/metrics", timeout=10).text
     except httpx.HTTPError:
-        return ""
-
-
-# Below the server's keep-alive timeout (uvicorn: 5 s by default): a pooled connection the server is
-# closing at the same instant is a reset on reuse (the race that crashed this benchmark).
-KEEPALIVE_EXPIRY = 2.0
-
-
-async def open_loop(url: str, rate: float, seconds: float, prefs: Callable[[int], list[float]]) -> dict[str, float]:
-    """Poisson arrivals at `rate` requests/s for `seconds`; one text per request.
-
-    Transport errors are counted by kind (`errors`), never raised: a benchmark reports failures.
-    """
-    rng = random.Random(0)
-    texts = sentences(256, seed=5)
-    latencies: list[float] = []
-    codes: dict[int, int] = {}
-    errors: dict[str, int] = {}
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000, keepalive_expiry=KEEPALIVE_EXPIRY)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-        before = await _scrape(client)
-
-        async def one(i: int) -> None:
-            start = time.perf_counter()
-            try:
-                r = await client.post("/v1/predict", json={"texts": [texts[i % len(texts)]], "preference": prefs(i)})
-            except httpx.HTTPError as e:
-                errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
-                return
-            codes[r.status_code] = codes.get(r.status_code, 0) + 1
-            if r.status_code == 200:
-                latencies.append(time.perf_counter() - start)
-
-        tasks, start, i = [], time.perf_counter(), 0
-        next_at = start
-        while next_at - start < seconds:
-            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(i)))
-            i += 1
-            next_at += rng.expovariate(rate)
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
-        after = await _scrape(client)
-    delta = {n: _metric(after, n) - _metric(before, n) for n in (
-        "reprmerge_head_cache_hits_total", "reprmerge_head_cache_misses_total",
-        "reprmerge_batch_distinct_heads_sum", "reprmerge_batch_distinct_heads_count", "reprmerge_batch_size_sum")}
-    lat = sorted(latencies) or [float("nan")]
-    pct = lambda q: 1e3 * lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
-    lookups = delta["reprmerge_head_cache_hits_total"] + delta["reprmerge_head_cache_misses_total"]
-    batches = max(delta["reprmerge_batch_distinct_heads_count"], 1)
-    return {
-        "offered_rps": rate, "sent": i, "ok": len(latencies), "rejected": sum(codes.values()) - len(latencies),
-        "transport_errors": sum(errors.values()), "errors": errors,
-        "throughput_rps": len(latencies) / elapsed, "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99),
-        "goodput_rps": sum(1 for x in latencies if x <= SLO_SECONDS) / elapsed,
-        "cache_hit_rate": delta["reprmerge_head_cache_hits_total"] / lookups if lookups else float("nan"),
-        "heads_per_batch": delta["reprmerge_batch_distinct_heads_sum"] / batches,
-        "texts_per_batch": delta["reprmerge_batch_size_sum"] / batches,
-    }
+        return {name: math.nan for name in SERVER_METRICS}
+    return {name: _metric(text, name) for name in SERVER_METRICS}
 
 
 class BenchServer:
@@ -310,6 +284,7 @@ class BenchServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self._temporary_log = log is None
         self.log = log or Path(tempfile.mkstemp(prefix="reprmerge-bench-server-", suffix=".log")[1])
+        self.failed = False
         print(f"server log: {self.log}")
         cmd = [sys.executable, "-c", "import sys; from reprmerge_core.cli import main; sys.exit(main())",
                "serve", str(bundle), "--port", str(self.port), *flags]
@@ -348,64 +323,157 @@ class BenchServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if exc_type is None and not died and self.proc.returncode == 0 and self._temporary_log:
+        if exc_type is None and not died and not self.failed and self.proc.returncode == 0 and self._temporary_log:
             self.log.unlink(missing_ok=True)
         else:
             print(f"server exited with {self.proc.returncode}; its log is kept at {self.log}")
 
 
-def http_bench(bundle: Path, tasks: tuple[str, ...], rate: float, seconds: float) -> dict[str, dict[str, float]]:
-    with BenchServer(bundle, "--queue-limit", "4096", "--log-level", "warning") as server:
-        grid = [p.weights for p in dirichlet(32, tasks, seed=11)]
-        zipf = random.Random(1)
-        zipf_weights = [1 / (k + 1) for k in range(len(grid))]
-        fresh = random.Random(2)
-        scenarios: dict[str, Callable[[int], list[float]]] = {
-            "1 preference": lambda i: grid[0],
-            "Zipf over 32": lambda i: zipf.choices(grid, zipf_weights)[0],
-            "fresh each request": lambda i: [fresh.random() + 1e-3 for _ in tasks],
-        }
-        return {name: asyncio.run(open_loop(server.url, rate, seconds, fn)) for name, fn in scenarios.items()}
+def request_bodies(texts: list[str], per_request: int, prefs: Callable[[int], list[float]], n: int) -> list[bytes]:
+    """n JSON bodies of `per_request` texts each, preference i from `prefs(i)`."""
+    return [json.dumps({"texts": [texts[(i * per_request + j) % len(texts)] for j in range(per_request)],
+                        "preference": prefs(i)}).encode() for i in range(n)]
 
 
-def run_benchmark(bundle: Path | None, *, batch_size: int, batches: int, http_seconds: float, rate: float,
-                  out: Path | None, solve_dtype: str = "float64") -> dict[str, Any]:
+def _wait_idle(url: str, timeout: float = 120) -> None:
+    """Until the server has no queued work and no request but the scrape in flight: a run must not
+    inherit the previous run's backlog (a closed loop leaves its last requests queued)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = _scrape(url)
+        if m["reprmerge_queue_depth"] == 0 and m["reprmerge_in_flight_requests"] <= 1:
+            return
+        time.sleep(0.2)
+
+
+def http_run(server: BenchServer, name: str, bodies: list[bytes], per_request: int, seconds: float, *,
+             connections: int = 0, rate: float = 0.0, generator: str = "auto") -> dict[str, Any]:
+    """One load run with the server's counters around it: the load record plus throughput, goodput and cache figures."""
+    _wait_idle(server.url)
+    before = _scrape(server.url)
+    r = run_load(server.url, bodies, seconds, connections=connections, rate=rate, generator=generator,
+                 slo=SLO_SECONDS)
+    after = _scrape(server.url)
+    delta = {k: after[k] - before[k] for k in SERVER_METRICS}
+    elapsed = r["elapsed_s"] if r["elapsed_s"] == r["elapsed_s"] and r["elapsed_s"] > 0 else seconds
+    failed = sum(r["errors"].values()) + sum(v for k, v in r["statuses"].items() if not k.startswith("2"))
+    lookups = delta["reprmerge_head_cache_hits_total"] + delta["reprmerge_head_cache_misses_total"]
+    batches = delta["reprmerge_batch_distinct_heads_count"]
+    r.update(name=name, texts_per_request=per_request, connections=connections, offered_rps=rate,
+             throughput_rps=r["ok"] / elapsed, texts_per_s=r["ok"] * per_request / elapsed, failed=failed,
+             cache_hit_rate=delta["reprmerge_head_cache_hits_total"] / lookups if lookups else math.nan,
+             heads_per_batch=delta["reprmerge_batch_distinct_heads_sum"] / batches if batches else math.nan,
+             texts_per_batch=delta["reprmerge_batch_size_sum"] / batches if batches else math.nan)
+    r["goodput_rps"] = r["within_slo"] / elapsed  # NaN from wrk: it keeps no per-request latencies
+    if failed:
+        server.failed = True  # keep the server's log
+    print(f"  {name}: {r['throughput_rps']:.1f} req/s, {r['texts_per_s']:.1f} texts/s, p99 {r['p99_ms']:.0f} ms, "
+          f"{failed} failed {r['errors'] or ''}", flush=True)
+    return r
+
+
+def http_bench(bundle: Path, tasks: tuple[str, ...], texts: list[str], *, batch_size: int, seconds: float,
+               generator: str, connections: int, server_log: Path | None) -> list[dict[str, Any]]:
+    """Saturated closed loops at 1 and 16 texts per request, then open loops at fractions of each saturated rate."""
+    grid = [p.weights for p in dirichlet(32, tasks, seed=11)]
+    zipf = random.Random(1)
+    zipf_weights = [1 / (k + 1) for k in range(len(grid))]
+    fresh = random.Random(2)
+
+    def zipf_pref(i: int) -> list[float]:
+        return zipf.choices(grid, zipf_weights)[0]
+
+    def fresh_pref(i: int) -> list[float]:
+        return [fresh.random() + 1e-3 for _ in tasks]
+
+    rows: list[dict[str, Any]] = []
+    flags = ("--max-batch-size", str(batch_size), "--queue-limit", "4096", "--log-level", "warning")
+    with BenchServer(bundle, *flags, log=server_log) as server:
+        with httpx.Client(base_url=server.url, timeout=60) as warm:  # every grid head cached, the model warm
+            for pref in grid:
+                warm.post("/v1/predict", json={"texts": texts[:4], "preference": pref})
+        for per_request in TEXTS_PER_REQUEST:
+            bodies = request_bodies(texts, per_request, zipf_pref, max(64, 4096 // per_request))
+            # Enough requests in flight for several full batches queued behind the running one.
+            conns = connections or max(8, 4 * batch_size // per_request)
+            unit = f"{per_request} text{'s' * (per_request > 1)}/req"
+            sat = http_run(server, f"saturated, {unit}", bodies, per_request, seconds, connections=conns, generator=generator)
+            rows.append(sat)
+            for load in OPEN_LOOP_LOADS:
+                if sat["throughput_rps"] > 0:
+                    rows.append(http_run(server, f"open {load:.0%}, {unit}", bodies, per_request, seconds,
+                                         rate=load * sat["throughput_rps"]))
+        if rows[0]["throughput_rps"] > 0:
+            bodies = request_bodies(texts, 1, fresh_pref, 4096)
+            rows.append(http_run(server, f"open {OPEN_LOOP_LOADS[0]:.0%}, 1 text/req, fresh prefs", bodies, 1,
+                                 seconds, rate=OPEN_LOOP_LOADS[0] * rows[0]["throughput_rps"]))
+    return rows
+
+
+def print_table(results: dict[str, Any]) -> None:
+    """The one summary table: engine cases, then HTTP runs against the engine."""
+    engine, reference = results["engine"], results["engine"][ENGINE_REFERENCE]["texts_per_s"]
+    print(f"\n== reprmerge bench serve: batch {results['batch_size']} texts, {results['threads']} threads, "
+          f"d = {results['dim']}, T = {results['tasks']}, K = {results['classes']}, solves in {results['solve_dtype']}; "
+          f"texts from {results['text_source']}, median {results['median_text_words']} words ==")
+    print(f"{'case':<56} {'texts/s':>8} {'ratio':>6} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+          f"{'ok/sent':>12} {'good/s':>7} {'hit':>5} {'texts/b':>7} {'gen CPU':>8}  errors")
+    for name, r in engine.items():
+        cpu = f" (CPU {r['ratio_cpu']:.3f})" if r["ratio_cpu"] == r["ratio_cpu"] else ""
+        print(f"{'engine ' + name:<56} {r['texts_per_s']:>8.1f} {r['ratio_wall']:>6.3f}{cpu}")
+    for r in results.get("http", []):
+        label = f"HTTP {r['name']}" + (f" [{r['generator']} c={r['connections']}]" if r["connections"] else
+                                       f" [{r['generator']} @{r['offered_rps']:.1f}/s]")
+        ratio = f"{r['texts_per_s'] / reference:>6.3f}" if r["connections"] else " " * 6  # saturated runs only
+        print(f"{label:<56} {r['texts_per_s']:>8.1f} {ratio} {r['throughput_rps']:>7.1f} "
+              f"{r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {str(r['ok']) + '/' + str(r['sent']):>12} "
+              f"{r.get('goodput_rps', math.nan):>7.1f} {r['cache_hit_rate']:>5.2f} {r['texts_per_batch']:>7.1f} "
+              f"{r['generator_cpu_share']:>8.1%}  {r['errors'] or ('-' if not r['failed'] else r['statuses'])}")
+    print(f"ratio: engine rows x (a) by wall time (by process CPU time in brackets); saturated HTTP rows x engine "
+          f"{ENGINE_REFERENCE!r} texts/s. Targets: (b) 32 >= 0.97, (c) >= 0.80; HTTP saturated >= 0.85 at 1 text/request, "
+          f">= 0.95 at 16; open-loop p99 within the {SLO_SECONDS * 1e3:.0f} ms SLO. gen CPU: load generator CPU / wall.")
+    print(f"one head solve (all task heads fused): {results['solve_ms']['wall']:.2f} ms wall, "
+          f"{results['solve_ms']['cpu']:.2f} ms CPU (target <= 3 ms)")
+
+
+ENGINE_REFERENCE = "(b) 32 distinct cached preferences"
+
+
+def run_benchmark(bundle: Path | None, *, batch_size: int, batches: int, http_seconds: float, out: Path | None,
+                  solve_dtype: str = "float64", generator: str = "auto", connections: int = 0,
+                  server_log: Path | None = None) -> dict[str, Any]:
     """Run every case, print the table, optionally write JSON; returns the results."""
     with tempfile.TemporaryDirectory(prefix="reprmerge-bench-") as tmp:
         bundle = bundle or synthetic_bundle(Path(tmp) / "bundle")
         engine = Engine.load(bundle, device="cpu", solve_dtype=solve_dtype)
-        print(f"head solves in {solve_dtype}")
-        bench = EngineBench(engine, batch_size, batches)
+        texts = suite_texts(engine.tasks, 4096, seed=5)
+        known = [t for t in engine.tasks if t in TASK_NAMES] or list(SUITES["tiny"].tasks)
+        print(f"engine cases: batch {batch_size}, {batches} rounds", flush=True)
+        bench = EngineBench(engine, batch_size, batches, texts)
         speeds = bench.run()
         remerge = bench.remerge()
         ceiling = speeds["(a) backbone only"]["texts_per_s"]
-        speeds["(d) re-merged model per preference"] = {"texts_per_s": remerge, "ratio_wall": remerge / ceiling, "ratio_cpu": float("nan")}
+        speeds["(d) re-merged model per preference"] = {"texts_per_s": remerge, "ratio_wall": remerge / ceiling, "ratio_cpu": math.nan}
         solve_wall, solve_cpu = bench.solve_ms()
-        targets = {"(a) backbone only": "ceiling", "(b) 32 distinct cached preferences": ">= 0.97",
-                   "(c) new preference per request": ">= 0.80", "(d) re-merged model per preference": "baseline"}
-        print(f"\nengine, in-process: batch {batch_size} texts, {torch.get_num_threads()} threads, "
-              f"d = {engine.folder.solver.dim_}, T = {len(engine.tasks)}, K = {engine.folder.bias.numel()}; "
-              f"medians of {batches} interleaved rounds")
-        print(f"{'case':<40} {'texts/s':>9} {'x (a) wall':>11} {'x (a) CPU':>10}  target")
-        for name, r in speeds.items():
-            print(f"{name:<40} {r['texts_per_s']:>9.1f} {r['ratio_wall']:>11.3f} {r['ratio_cpu']:>10.3f}  {targets.get(name, '')}")
-        print(f"one head solve (all task heads fused): {solve_wall:.2f} ms wall, {solve_cpu:.2f} ms CPU  (target <= 3 ms)")
         parts = bench.components()
-        backbone = parts["backbone"]
-        print("\nparts of one batch, each timed alone (ms; ratio = backbone / (backbone + part), no overlap credit):")
+        print("parts of one batch, each timed alone (ms; ratio = backbone / (backbone + part), no overlap credit):")
         for name, ms in parts.items():
-            print(f"  {name:<24} {ms:>9.2f}" + ("" if name == "backbone" else f"   ratio {backbone / (backbone + ms):.3f}"))
-        results: dict[str, Any] = {"batch_size": batch_size, "solve_ms": {"wall": solve_wall, "cpu": solve_cpu},
-                                   "engine": speeds, "parts_ms": parts}
+            print(f"  {name:<24} {ms:>9.2f}" + ("" if name == "backbone" else f"   ratio {parts['backbone'] / (parts['backbone'] + ms):.3f}"))
+        results: dict[str, Any] = {
+            "batch_size": batch_size, "threads": torch.get_num_threads(), "dim": engine.folder.solver.dim_,
+            "tasks": len(engine.tasks), "classes": engine.folder.bias.numel(), "solve_dtype": solve_dtype,
+            "text_source": ", ".join(known), "median_text_words": statistics.median(len(t.split()) for t in texts),
+            "solve_ms": {"wall": solve_wall, "cpu": solve_cpu}, "engine": speeds, "parts_ms": parts,
+            "load_generator": "wrk" if generator == "wrk" or (generator == "auto" and wrk_available()) else "python",
+        }
+        tasks = engine.tasks
+        del bench, engine  # the server gets the machine
         if http_seconds > 0:
-            offered = rate or 0.5 * speeds["(b) 32 distinct cached preferences"]["texts_per_s"]  # half capacity, 1 text/request
-            results["http"] = http_bench(Path(bundle), engine.tasks, offered, http_seconds)
-            print(f"\nHTTP, open loop at {offered:.0f} req/s for {http_seconds:g} s, 1 text per request, SLO {SLO_SECONDS * 1e3:.0f} ms")
-            print(f"{'preferences':<20} {'ok/sent':>10} {'req/s':>7} {'goodput':>8} {'p50':>7} {'p95':>7} {'p99':>7} {'hit rate':>8} {'heads/b':>7} {'texts/b':>7}  errors")
-            for name, r in results["http"].items():
-                print(f"{name:<20} {r['ok']:>4}/{r['sent']:<5} {r['throughput_rps']:>7.1f} {r['goodput_rps']:>8.1f} "
-                      f"{r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['cache_hit_rate']:>8.3f} "
-                      f"{r['heads_per_batch']:>7.2f} {r['texts_per_batch']:>7.2f}  {r['errors'] or '-'}")
+            print(f"HTTP: {http_seconds:g} s per run", flush=True)
+            results["http"] = http_bench(Path(bundle), tasks, texts,
+                                         batch_size=batch_size, seconds=http_seconds, generator=generator,
+                                         connections=connections, server_log=server_log)
+    print_table(results)
     if out is not None:
         out.write_text(json.dumps(results, indent=2))
     return results
