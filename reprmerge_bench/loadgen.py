@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 # Below uvicorn's default keep-alive timeout (5 s): a connection idle this long is closed by the
 # client before reuse, so a reuse never races the server's close.
-KEEPALIVE_EXPIRY = 2.0
+KEEPALIVE_EXPIRY = 2.0  # as service.client.KEEPALIVE_EXPIRY (not imported: this child stays light)
 MAX_OPEN_LOOP_CONNECTIONS = 1024
 PATH = "/v1/predict"
 
@@ -145,7 +145,8 @@ def encode_requests(url: str, bodies: list[bytes]) -> list[bytes]:
     return [head.format(len(b)).encode() + b for b in bodies]
 
 
-async def _attempt(pool: list[Connection], host: str, port: int, request: bytes, timeout: float) -> tuple[str | None, int]:
+async def _attempt(pool: list[Connection], host: str, port: int, request: bytes,
+                   timeout: float) -> tuple[str | None, int]:
     """One request on an idle pooled connection (or a new one); (error kind or None, status)."""
     conn = None
     while pool:

@@ -253,8 +253,8 @@ class EngineBench:
 
 # -- HTTP ------------------------------------------------------------------------------------------
 SERVER_METRICS = ("reprmerge_head_cache_hits_total", "reprmerge_head_cache_misses_total",
-                  "reprmerge_batch_distinct_heads_sum", "reprmerge_batch_distinct_heads_count", "reprmerge_batch_size_sum",
-                  "reprmerge_queue_depth", "reprmerge_in_flight_requests")
+                  "reprmerge_batch_distinct_heads_sum", "reprmerge_batch_distinct_heads_count",
+                  "reprmerge_batch_size_sum", "reprmerge_queue_depth", "reprmerge_in_flight_requests")
 
 
 def _metric(text: str, name: str) -> float:
@@ -289,8 +289,8 @@ class BenchServer:
         cmd = [sys.executable, "-c", "import sys; from reprmerge_core.cli import main; sys.exit(main())",
                "serve", str(bundle), "--port", str(self.port), *flags]
         with self.log.open("w") as out:
-            self.proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-                                         stdout=out, stderr=subprocess.STDOUT)
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+            self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -397,7 +397,8 @@ def http_bench(bundle: Path, tasks: tuple[str, ...], texts: list[str], *, batch_
             # Enough requests in flight for several full batches queued behind the running one.
             conns = connections or max(8, 4 * batch_size // per_request)
             unit = f"{per_request} text{'s' * (per_request > 1)}/req"
-            sat = http_run(server, f"saturated, {unit}", bodies, per_request, seconds, connections=conns, generator=generator)
+            sat = http_run(server, f"saturated, {unit}", bodies, per_request, seconds, connections=conns,
+                           generator=generator)
             rows.append(sat)
             for load in OPEN_LOOP_LOADS:
                 if sat["throughput_rps"] > 0:
@@ -414,7 +415,8 @@ def print_table(results: dict[str, Any]) -> None:
     """The one summary table: engine cases, then HTTP runs against the engine."""
     engine, reference = results["engine"], results["engine"][ENGINE_REFERENCE]["texts_per_s"]
     print(f"\n== reprmerge bench serve: batch {results['batch_size']} texts, {results['threads']} threads, "
-          f"d = {results['dim']}, T = {results['tasks']}, K = {results['classes']}, solves in {results['solve_dtype']}; "
+          f"d = {results['dim']}, T = {results['tasks']}, K = {results['classes']}, "
+          f"solves in {results['solve_dtype']}; "
           f"texts from {results['text_source']}, median {results['median_text_words']} words ==")
     print(f"{'case':<56} {'texts/s':>8} {'ratio':>6} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
           f"{'ok/sent':>12} {'good/s':>7} {'hit':>5} {'texts/b':>7} {'gen CPU':>8}  errors")
@@ -430,8 +432,9 @@ def print_table(results: dict[str, Any]) -> None:
               f"{r.get('goodput_rps', math.nan):>7.1f} {r['cache_hit_rate']:>5.2f} {r['texts_per_batch']:>7.1f} "
               f"{r['generator_cpu_share']:>8.1%}  {r['errors'] or ('-' if not r['failed'] else r['statuses'])}")
     print(f"ratio: engine rows x (a) by wall time (by process CPU time in brackets); saturated HTTP rows x engine "
-          f"{ENGINE_REFERENCE!r} texts/s. Targets: (b) 32 >= 0.97, (c) >= 0.80; HTTP saturated >= 0.85 at 1 text/request, "
-          f">= 0.95 at 16; open-loop p99 within the {SLO_SECONDS * 1e3:.0f} ms SLO. gen CPU: load generator CPU / wall.")
+          f"{ENGINE_REFERENCE!r} texts/s.\nTargets: (b) 32 >= 0.97, (c) >= 0.80; HTTP saturated >= 0.85 at 1 text/request, "
+          f">= 0.95 at 16; open-loop p99 within the {SLO_SECONDS * 1e3:.0f} ms SLO. "
+          "gen CPU: load generator CPU time / wall time.")
     print(f"one head solve (all task heads fused): {results['solve_ms']['wall']:.2f} ms wall, "
           f"{results['solve_ms']['cpu']:.2f} ms CPU (target <= 3 ms)")
 
@@ -453,12 +456,14 @@ def run_benchmark(bundle: Path | None, *, batch_size: int, batches: int, http_se
         speeds = bench.run()
         remerge = bench.remerge()
         ceiling = speeds["(a) backbone only"]["texts_per_s"]
-        speeds["(d) re-merged model per preference"] = {"texts_per_s": remerge, "ratio_wall": remerge / ceiling, "ratio_cpu": math.nan}
+        speeds["(d) re-merged model per preference"] = {"texts_per_s": remerge, "ratio_wall": remerge / ceiling,
+                                                        "ratio_cpu": math.nan}
         solve_wall, solve_cpu = bench.solve_ms()
         parts = bench.components()
         print("parts of one batch, each timed alone (ms; ratio = backbone / (backbone + part), no overlap credit):")
         for name, ms in parts.items():
-            print(f"  {name:<24} {ms:>9.2f}" + ("" if name == "backbone" else f"   ratio {parts['backbone'] / (parts['backbone'] + ms):.3f}"))
+            ratio = "" if name == "backbone" else f"   ratio {parts['backbone'] / (parts['backbone'] + ms):.3f}"
+            print(f"  {name:<24} {ms:>9.2f}{ratio}")
         results: dict[str, Any] = {
             "batch_size": batch_size, "threads": torch.get_num_threads(), "dim": engine.folder.solver.dim_,
             "tasks": len(engine.tasks), "classes": engine.folder.bias.numel(), "solve_dtype": solve_dtype,

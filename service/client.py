@@ -39,6 +39,9 @@ MIN_RETRY_DELAY = 0.1  # seconds: floor for Retry-After 0, negative or NaN
 DEFAULT_RETRY_DELAY = 1.0  # seconds, when Retry-After is missing or unreadable
 RETRY_JITTER = 0.25  # up to this fraction of the delay is added at random
 DEADLINE_MARGIN = 2.0  # seconds the HTTP timeout exceeds the server deadline: time to send the 504 back
+# Idle pooled connections are dropped before uvicorn's keep-alive timeout (5 s) closes them: reusing one
+# the server closes at that instant fails (14 of 60 reuses at 4.95-5 s idle with httpx's default 5 s, 0 at 2 s).
+KEEPALIVE_EXPIRY = 2.0
 PreferenceArg = Mapping[str, float] | Sequence[float]
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -92,7 +95,8 @@ class _Base:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
-        self.max_retries, self.max_retry_wait, self.max_transport_retries = max_retries, max_retry_wait, max_transport_retries
+        self.max_retries, self.max_retry_wait = max_retries, max_retry_wait
+        self.max_transport_retries = max_transport_retries
         self._jitter = random.Random()
 
     @staticmethod
@@ -146,7 +150,7 @@ class Client(_Base):
                  transport: httpx.BaseTransport | None = None) -> None:
         super().__init__(api_key, timeout, max_retries, max_retry_wait, max_transport_retries)
         self._http = httpx.Client(base_url=base_url, timeout=timeout + DEADLINE_MARGIN, headers=self.headers,
-                                  transport=transport)
+                                  limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY), transport=transport)
 
     def __enter__(self) -> Client:
         return self
@@ -164,7 +168,8 @@ class Client(_Base):
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as e:
                 failures += 1
-                time.sleep(self._transport_retry_delay(e, method, str(self._http.base_url.join(path)), failures))
+                url = str(self._http.base_url.join(path))
+                time.sleep(self._transport_retry_delay(e, method, url, failures))
                 continue
             delay = self._retry_delay(response, attempt, waited)
             if delay is None:
@@ -175,10 +180,10 @@ class Client(_Base):
     def predict(self, texts: Sequence[str], preference: PreferenceArg | None = None, *,
                 preferences: Sequence[PreferenceArg] | None = None, tasks: Sequence[str] | None = None,
                 timeout: float | None = None) -> PredictResponse:
-        """Labels and probabilities per input and task; `timeout`: server-side deadline in seconds (default: the client's)."""
+        """Labels and probabilities per input and task; `timeout`: server deadline in seconds (default: the client's)."""
         headers, http_timeout = self._deadline(timeout)
-        return self._call("POST", "/v1/predict", PredictResponse, json=self._predict_body(texts, preference, preferences, tasks),
-                          headers=headers, timeout=http_timeout)
+        body = self._predict_body(texts, preference, preferences, tasks)
+        return self._call("POST", "/v1/predict", PredictResponse, json=body, headers=headers, timeout=http_timeout)
 
     def info(self) -> InfoResponse:
         return self._call("GET", "/v1/info", InfoResponse)
@@ -195,7 +200,7 @@ class AsyncClient(_Base):
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         super().__init__(api_key, timeout, max_retries, max_retry_wait, max_transport_retries)
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout + DEADLINE_MARGIN, headers=self.headers,
-                                       transport=transport)
+                                       limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY), transport=transport)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -213,7 +218,8 @@ class AsyncClient(_Base):
                 response = await self._http.request(method, path, **kwargs)
             except httpx.TransportError as e:
                 failures += 1
-                await asyncio.sleep(self._transport_retry_delay(e, method, str(self._http.base_url.join(path)), failures))
+                url = str(self._http.base_url.join(path))
+                await asyncio.sleep(self._transport_retry_delay(e, method, url, failures))
                 continue
             delay = self._retry_delay(response, attempt, waited)
             if delay is None:
@@ -225,8 +231,8 @@ class AsyncClient(_Base):
                       preferences: Sequence[PreferenceArg] | None = None, tasks: Sequence[str] | None = None,
                       timeout: float | None = None) -> PredictResponse:
         headers, http_timeout = self._deadline(timeout)
-        return await self._call("POST", "/v1/predict", PredictResponse, json=self._predict_body(texts, preference, preferences, tasks),
-                                headers=headers, timeout=http_timeout)
+        body = self._predict_body(texts, preference, preferences, tasks)
+        return await self._call("POST", "/v1/predict", PredictResponse, json=body, headers=headers, timeout=http_timeout)
 
     async def info(self) -> InfoResponse:
         return await self._call("GET", "/v1/info", InfoResponse)

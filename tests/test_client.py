@@ -88,7 +88,7 @@ class FaultyProxy:
                         pending = pending[len(request):]
                         self.requests.append((time.monotonic(), request))
                         if self.fault == "reset" and index <= self.count:
-                            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+                            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
                             return
                         if self.fault == "hangup" and answered:
                             return
@@ -115,7 +115,8 @@ def _take_request(buffer: bytes) -> bytes | None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> Iterator[ServerProcess]:
-    bundle = make_random_bundle(tmp_path_factory.mktemp("client") / "bundle", tiny_backbone_dir, torch.Generator().manual_seed(4))
+    folder = tmp_path_factory.mktemp("client")
+    bundle = make_random_bundle(folder / "bundle", tiny_backbone_dir, torch.Generator().manual_seed(4))
     srv = ServerProcess(bundle, tmp_path_factory.mktemp("logs") / "client.log")
     yield srv
     srv.stop()
@@ -128,7 +129,8 @@ def expected(server: ServerProcess) -> list[str]:
 
 
 def _labels(response: object) -> list[str]:
-    return [row["alpha"]["label"] for row in response.model_dump()["results"][0]["predictions"]]  # type: ignore[attr-defined]
+    rows = response.model_dump()["results"][0]["predictions"]  # type: ignore[attr-defined]
+    return [row["alpha"]["label"] for row in rows]
 
 
 def test_predict_retries_a_reset_connection(server: ServerProcess, expected: list[str]) -> None:

@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     kinds = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     s = kinds.add_parser("serve", help="engine and HTTP serving benchmark against the backbone-only ceiling")
     s.add_argument("--bundle", type=Path, help="bundle to serve (default: a synthetic one over the MiniLM backbone)")
-    s.add_argument("--batch-size", type=int, default=32, help="texts per backbone pass, in-process and the server's max")
+    s.add_argument("--batch-size", type=int, default=32, help="texts per backbone pass (also the server's max)")
     s.add_argument("--batches", type=int, default=10, help="rounds: timed batches per engine case")
     s.add_argument("--http-seconds", type=float, default=15.0, help="duration of each HTTP load run (0 skips HTTP)")
     s.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
