@@ -23,13 +23,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,7 +35,7 @@ import httpx
 import torch
 
 from reprmerge_bench.loadgen import run_load, wrk_available
-
+from reprmerge_bench.server import LocalServer
 from reprmerge_core.backbone import Backbone, default_backbone_path
 from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.manifest import BackboneInfo, CorrectionInfo, MergeInfo, TaskInfo
@@ -257,76 +252,13 @@ SERVER_METRICS = ("reprmerge_head_cache_hits_total", "reprmerge_head_cache_misse
                   "reprmerge_batch_size_sum", "reprmerge_queue_depth", "reprmerge_in_flight_requests")
 
 
-def _metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
-
-
-def _scrape(url: str) -> dict[str, float]:
+def _scrape(server: LocalServer) -> dict[str, float]:
     """The server's counters used here; NaN when /metrics cannot be read (nothing raises)."""
     try:
-        text = httpx.get(f"{url}/metrics", timeout=10).text
-    except httpx.HTTPError:
+        values = server.metrics()
+    except OSError:
         return {name: math.nan for name in SERVER_METRICS}
-    return {name: _metric(text, name) for name in SERVER_METRICS}
-
-
-class BenchServer:
-    """`reprmerge serve` as a child process on a free port, its output in a log file (never /dev/null).
-
-    The log's path is printed at start; it is removed after a clean run and kept (path printed again)
-    when anything went wrong, so a failed benchmark can be explained.
-    """
-
-    def __init__(self, bundle: Path, *flags: str, log: Path | None = None) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._temporary_log = log is None
-        self.log = log or Path(tempfile.mkstemp(prefix="reprmerge-bench-server-", suffix=".log")[1])
-        self.failed = False
-        print(f"server log: {self.log}")
-        cmd = [sys.executable, "-c", "import sys; from reprmerge_core.cli import main; sys.exit(main())",
-               "serve", str(bundle), "--port", str(self.port), *flags]
-        with self.log.open("w") as out:
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-            self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"benchmark server exited with {self.proc.returncode}; see {self.log}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"benchmark server not ready after {timeout:g} s; see {self.log}")
-            time.sleep(0.2)
-
-    def __enter__(self) -> BenchServer:
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.__exit__(*sys.exc_info())
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        died = self.proc.poll() is not None
-        if not died:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if exc_type is None and not died and not self.failed and self.proc.returncode == 0 and self._temporary_log:
-            self.log.unlink(missing_ok=True)
-        else:
-            print(f"server exited with {self.proc.returncode}; its log is kept at {self.log}")
+    return {name: values.get(name, 0.0) for name in SERVER_METRICS}
 
 
 def request_bodies(texts: list[str], per_request: int, prefs: Callable[[int], list[float]], n: int) -> list[bytes]:
@@ -335,25 +267,25 @@ def request_bodies(texts: list[str], per_request: int, prefs: Callable[[int], li
                         "preference": prefs(i)}).encode() for i in range(n)]
 
 
-def _wait_idle(url: str, timeout: float = 120) -> None:
+def _wait_idle(server: LocalServer, timeout: float = 120) -> None:
     """Until the server has no queued work and no request but the scrape in flight: a run must not
     inherit the previous run's backlog (a closed loop leaves its last requests queued)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        m = _scrape(url)
+        m = _scrape(server)
         if m["reprmerge_queue_depth"] == 0 and m["reprmerge_in_flight_requests"] <= 1:
             return
         time.sleep(0.2)
 
 
-def http_run(server: BenchServer, name: str, bodies: list[bytes], per_request: int, seconds: float, *,
+def http_run(server: LocalServer, name: str, bodies: list[bytes], per_request: int, seconds: float, *,
              connections: int = 0, rate: float = 0.0, generator: str = "auto") -> dict[str, Any]:
     """One load run with the server's counters around it: the load record plus throughput, goodput and cache figures."""
-    _wait_idle(server.url)
-    before = _scrape(server.url)
+    _wait_idle(server)
+    before = _scrape(server)
     r = run_load(server.url, bodies, seconds, connections=connections, rate=rate, generator=generator,
                  slo=SLO_SECONDS)
-    after = _scrape(server.url)
+    after = _scrape(server)
     delta = {k: after[k] - before[k] for k in SERVER_METRICS}
     elapsed = r["elapsed_s"] if r["elapsed_s"] == r["elapsed_s"] and r["elapsed_s"] > 0 else seconds
     failed = sum(r["errors"].values()) + sum(v for k, v in r["statuses"].items() if not k.startswith("2"))
@@ -388,7 +320,7 @@ def http_bench(bundle: Path, tasks: tuple[str, ...], texts: list[str], *, batch_
 
     rows: list[dict[str, Any]] = []
     flags = ("--max-batch-size", str(batch_size), "--queue-limit", "4096", "--log-level", "warning")
-    with BenchServer(bundle, *flags, log=server_log) as server:
+    with LocalServer(bundle, server_log, *flags) as server:
         with httpx.Client(base_url=server.url, timeout=60) as warm:  # every grid head cached, the model warm
             for pref in grid:
                 warm.post("/v1/predict", json={"texts": texts[:4], "preference": pref})
