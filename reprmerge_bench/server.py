@@ -44,7 +44,8 @@ class LocalServer:
         self._temporary_log = log is None
         self.log = log or Path(tempfile.mkstemp(prefix="reprmerge-server-", suffix=".log")[1])
         self.failed = False
-        self._args = [sys.executable, "-c", CLI, "serve", str(bundle), "--host", "127.0.0.1", "--port", str(port), *flags]
+        self._args = [sys.executable, "-c", CLI, "serve", str(bundle), "--host", "127.0.0.1", "--port", str(port),
+                      *flags]
         self._ready_timeout = ready_timeout
         self._env = {**os.environ, **(DEPLOYED_ENV if deployed_env else {}), "HF_HUB_OFFLINE": "1",
                      "TOKENIZERS_PARALLELISM": "false"}

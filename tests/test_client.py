@@ -1,9 +1,11 @@
-"""The Python client against a real server behind a misbehaving TCP proxy: retries, deadlines, wrapped errors."""
+"""The Python client and the load generator against a real server behind a misbehaving TCP proxy: retries,
+deadlines, wrapped errors, failures counted by kind; the local server launcher keeps the log of a failure."""
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import re
 import selectors
 import socket
@@ -18,6 +20,8 @@ import httpx
 import pytest
 import torch
 
+from reprmerge_bench.loadgen import run_load, wrk_available
+from reprmerge_bench.server import LocalServer
 from service.client import (
     DEADLINE_MARGIN,
     MIN_RETRY_DELAY,
@@ -217,3 +221,27 @@ def test_http_timeout_follows_the_server_deadline() -> None:
         assert b"x-request-timeout: 0.2\r\n" in proxy.requests[0][1].lower() and len(proxy.requests) == 1
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("generator", ["python", "wrk"])
+def test_load_generator_counts_failures_by_kind_and_never_raises(server: ServerProcess, generator: str) -> None:
+    if generator == "wrk" and not wrk_available():
+        pytest.skip("wrk is not installed")
+    proxy = FaultyProxy(server.port, "reset", count=3)
+    body = json.dumps({"texts": TEXTS, "preference": PREF}).encode()
+    try:
+        record = run_load(proxy.url, [body], 1.0, connections=2, generator=generator)
+    finally:
+        proxy.close()
+    failures = sum(record["errors"].values())
+    assert record["ok"] > 0 and failures >= 1 and 0 <= record["generator_cpu_share"] < 1
+    if generator == "python":  # one error per reset connection, named
+        assert record["errors"] == {"connection reset": 3} and record["sent"] == record["ok"] + 3
+
+
+def test_server_log_is_kept_when_the_server_fails(tmp_path: Path) -> None:
+    server = LocalServer(tmp_path / "no-bundle", None, "--device", "cpu")
+    with pytest.raises(RuntimeError, match="log: ") as err:
+        server.__enter__()
+    assert server.log.exists() and str(server.log) in str(err.value)
+    assert "cannot serve" in server.log.read_text()
