@@ -231,13 +231,14 @@ class EngineBench:
         g = torch.Generator().manual_seed(3)
         # Synthetic experts: every encoder tensor moved (the project's experts keep embeddings frozen).
         tuned = [k for k, v in base.items() if v.is_floating_point() and "embeddings" not in k]
-        deltas = {k: 0.01 * torch.randn((len(self.engine.tasks), *base[k].shape), generator=g) for k in tuned}
+        deltas = {k: 0.01 * torch.randn((len(self.engine.tasks), *base[k].shape), generator=g).to(base[k].device)
+                  for k in tuned}
         T = len(self.engine.tasks)
         texts = self.texts[0][:preferences]
         try:
             start = time.perf_counter()
             for text, pref in zip(texts, self._fresh(len(texts))):
-                coef = torch.tensor(pref.weights, dtype=torch.float32) * T
+                coef = torch.tensor(pref.weights, dtype=torch.float32, device=model.device) * T
                 merged = {k: base[k] + task_arithmetic(deltas[k] * coef.view(-1, *[1] * base[k].ndim), 0.3) for k in tuned}
                 model.load_state_dict(merged, strict=False)
                 self.engine.encode([text])
@@ -305,7 +306,7 @@ def http_run(server: LocalServer, name: str, bodies: list[bytes], per_request: i
 
 
 def http_bench(bundle: Path, tasks: tuple[str, ...], texts: list[str], *, batch_size: int, seconds: float,
-               generator: str, connections: int, server_log: Path | None) -> list[dict[str, Any]]:
+               generator: str, connections: int, server_log: Path | None, device: str) -> list[dict[str, Any]]:
     """Saturated closed loops at 1 and 16 texts per request, then open loops at fractions of each saturated rate."""
     grid = [p.weights for p in dirichlet(32, tasks, seed=11)]
     zipf = random.Random(1)
@@ -319,7 +320,7 @@ def http_bench(bundle: Path, tasks: tuple[str, ...], texts: list[str], *, batch_
         return [fresh.random() + 1e-3 for _ in tasks]
 
     rows: list[dict[str, Any]] = []
-    flags = ("--max-batch-size", str(batch_size), "--queue-limit", "4096", "--log-level", "warning")
+    flags = ("--max-batch-size", str(batch_size), "--queue-limit", "4096", "--log-level", "warning", "--device", device)
     with LocalServer(bundle, server_log, *flags) as server:
         with httpx.Client(base_url=server.url, timeout=60) as warm:  # every grid head cached, the model warm
             for pref in grid:
@@ -346,7 +347,8 @@ def http_bench(bundle: Path, tasks: tuple[str, ...], texts: list[str], *, batch_
 def print_table(results: dict[str, Any]) -> None:
     """The one summary table: engine cases, then HTTP runs against the engine."""
     engine, reference = results["engine"], results["engine"][ENGINE_REFERENCE]["texts_per_s"]
-    print(f"\n== reprmerge bench serve: batch {results['batch_size']} texts, {results['threads']} threads, "
+    print(f"\n== reprmerge bench serve: batch {results['batch_size']} texts on {results['device']}, "
+          f"{results['threads']} threads, "
           f"d = {results['dim']}, T = {results['tasks']}, K = {results['classes']}, "
           f"solves in {results['solve_dtype']}; "
           f"texts from {results['text_source']}, median {results['median_text_words']} words ==")
@@ -377,11 +379,11 @@ ENGINE_REFERENCE = "(b) 32 distinct cached preferences"
 
 def run_benchmark(bundle: Path | None, *, batch_size: int, batches: int, http_seconds: float, out: Path | None,
                   solve_dtype: str = "float64", generator: str = "auto", connections: int = 0,
-                  server_log: Path | None = None) -> dict[str, Any]:
+                  server_log: Path | None = None, device: str = "cpu") -> dict[str, Any]:
     """Run every case, print the table, optionally write JSON; returns the results."""
     with tempfile.TemporaryDirectory(prefix="reprmerge-bench-") as tmp:
         bundle = bundle or synthetic_bundle(Path(tmp) / "bundle")
-        engine = Engine.load(bundle, device="cpu", solve_dtype=solve_dtype)
+        engine = Engine.load(bundle, device=device, solve_dtype=solve_dtype)
         texts = suite_texts(engine.tasks, 4096, seed=5)
         known = [t for t in engine.tasks if t in TASK_NAMES] or list(SUITES["tiny"].tasks)
         print(f"engine cases: batch {batch_size}, {batches} rounds", flush=True)
@@ -398,7 +400,8 @@ def run_benchmark(bundle: Path | None, *, batch_size: int, batches: int, http_se
             ratio = "" if name == "backbone" else f"   ratio {parts['backbone'] / (parts['backbone'] + ms):.3f}"
             print(f"  {name:<24} {ms:>9.2f}{ratio}")
         results: dict[str, Any] = {
-            "batch_size": batch_size, "threads": torch.get_num_threads(), "dim": engine.folder.solver.dim_,
+            "batch_size": batch_size, "device": device, "threads": torch.get_num_threads(),
+            "dim": engine.folder.solver.dim_,
             "tasks": len(engine.tasks), "classes": engine.folder.bias.numel(), "solve_dtype": solve_dtype,
             "text_source": ", ".join(known), "median_text_words": statistics.median(len(t.split()) for t in texts),
             "solve_ms": {"wall": solve_wall, "cpu": solve_cpu}, "engine": speeds, "parts_ms": parts,
@@ -410,7 +413,7 @@ def run_benchmark(bundle: Path | None, *, batch_size: int, batches: int, http_se
             print(f"HTTP: {http_seconds:g} s per run", flush=True)
             results["http"] = http_bench(Path(bundle), tasks, texts,
                                          batch_size=batch_size, seconds=http_seconds, generator=generator,
-                                         connections=connections, server_log=server_log)
+                                         connections=connections, server_log=server_log, device=device)
     print_table(results)
     if out is not None:
         out.write_text(json.dumps(results, indent=2))

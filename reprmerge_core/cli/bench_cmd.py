@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="closed-loop load generator (auto: wrk when installed); open loops always use the Python one")
     s.add_argument("--connections", type=int, default=0,
                    help="connections of the saturating closed loop (0: 4 x batch size / texts per request, at least 8)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda, for the engine cases and the server")
     s.add_argument("--solve-dtype", choices=["float64", "float32"], default="float64", help="precision of head solves")
     s.add_argument("--server-log", type=Path, help="server log file (default: a temporary file, kept on failure)")
     s.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, 3 s per HTTP run")
@@ -32,5 +33,5 @@ def run(args: argparse.Namespace) -> int:
         args.batches, args.http_seconds = min(args.batches, 3), min(args.http_seconds, 3.0)
     run_benchmark(args.bundle, batch_size=args.batch_size, batches=args.batches, http_seconds=args.http_seconds,
                   out=args.out, solve_dtype=args.solve_dtype, generator=args.loadgen, connections=args.connections,
-                  server_log=args.server_log)
+                  server_log=args.server_log, device=args.device)
     return 0
