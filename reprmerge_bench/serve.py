@@ -31,7 +31,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 
 from reprmerge_bench.loadgen import run_load, wrk_available
@@ -44,6 +43,7 @@ from reprmerge_core.data.splits import SUITES
 from reprmerge_core.data.tasks import TASK_NAMES, load_task
 from reprmerge_core.merging.arithmetic import task_arithmetic
 from reprmerge_core.preference import Preference, canonical_preference
+from service.client import Client, ClientError
 from service.engine import Engine, Head, HeadGroup, torch_executor
 
 WORDS = ("model merging keeps one backbone for many tasks while a small closed form correction restores each "
@@ -322,9 +322,13 @@ def http_bench(bundle: Path, tasks: tuple[str, ...], texts: list[str], *, batch_
     rows: list[dict[str, Any]] = []
     flags = ("--max-batch-size", str(batch_size), "--queue-limit", "4096", "--log-level", "warning", "--device", device)
     with LocalServer(bundle, server_log, *flags) as server:
-        with httpx.Client(base_url=server.url, timeout=60) as warm:  # every grid head cached, the model warm
+        with Client(server.url, timeout=60) as warm:  # every grid head cached, the model warm
             for pref in grid:
-                warm.post("/v1/predict", json={"texts": texts[:4], "preference": pref})
+                try:
+                    warm.predict(texts[:4], pref)
+                except ClientError as e:
+                    print(f"  warm-up request failed: {e}")
+                    server.failed = True
         for per_request in TEXTS_PER_REQUEST:
             bodies = request_bodies(texts, per_request, zipf_pref, max(64, 4096 // per_request))
             # Enough requests in flight for several full batches queued behind the running one.
@@ -352,16 +356,16 @@ def print_table(results: dict[str, Any]) -> None:
           f"d = {results['dim']}, T = {results['tasks']}, K = {results['classes']}, "
           f"solves in {results['solve_dtype']}; "
           f"texts from {results['text_source']}, median {results['median_text_words']} words ==")
-    print(f"{'case':<56} {'texts/s':>8} {'ratio':>6} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+    print(f"{'case':<62} {'texts/s':>8} {'ratio':>6} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
           f"{'ok/sent':>12} {'good/s':>7} {'hit':>5} {'texts/b':>7} {'gen CPU':>8}  errors")
     for name, r in engine.items():
         cpu = f" (CPU {r['ratio_cpu']:.3f})" if r["ratio_cpu"] == r["ratio_cpu"] else ""
-        print(f"{'engine ' + name:<56} {r['texts_per_s']:>8.1f} {r['ratio_wall']:>6.3f}{cpu}")
+        print(f"{'engine ' + name:<62} {r['texts_per_s']:>8.1f} {r['ratio_wall']:>6.3f}{cpu}")
     for r in results.get("http", []):
         label = f"HTTP {r['name']}" + (f" [{r['generator']} c={r['connections']}]" if r["connections"] else
                                        f" [{r['generator']} @{r['offered_rps']:.1f}/s]")
         ratio = f"{r['texts_per_s'] / reference:>6.3f}" if r["connections"] else " " * 6  # saturated runs only
-        print(f"{label:<56} {r['texts_per_s']:>8.1f} {ratio} {r['throughput_rps']:>7.1f} "
+        print(f"{label:<62} {r['texts_per_s']:>8.1f} {ratio} {r['throughput_rps']:>7.1f} "
               f"{r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {str(r['ok']) + '/' + str(r['sent']):>12} "
               f"{r.get('goodput_rps', math.nan):>7.1f} {r['cache_hit_rate']:>5.2f} {r['texts_per_batch']:>7.1f} "
               f"{r['generator_cpu_share']:>8.1%}  {r['errors'] or ('-' if not r['failed'] else r['statuses'])}")
@@ -370,6 +374,8 @@ def print_table(results: dict[str, Any]) -> None:
           "HTTP saturated >= 0.85 at 1 text/request, "
           f">= 0.95 at 16; open-loop p99 within the {SLO_SECONDS * 1e3:.0f} ms SLO. "
           "gen CPU: load generator CPU time / wall time.")
+    if "http_error" in results:
+        print(f"HTTP runs skipped: {results['http_error']}")
     print(f"one head solve (all task heads fused): {results['solve_ms']['wall']:.2f} ms wall, "
           f"{results['solve_ms']['cpu']:.2f} ms CPU (target <= 3 ms)")
 
@@ -380,7 +386,8 @@ ENGINE_REFERENCE = "(b) 32 distinct cached preferences"
 def run_benchmark(bundle: Path | None, *, batch_size: int, batches: int, http_seconds: float, out: Path | None,
                   solve_dtype: str = "float64", generator: str = "auto", connections: int = 0,
                   server_log: Path | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Run every case, print the table, optionally write JSON; returns the results."""
+    """Run every case, print the table, optionally write JSON; returns the results (`http_error` when the
+    server could not be started)."""
     with tempfile.TemporaryDirectory(prefix="reprmerge-bench-") as tmp:
         bundle = bundle or synthetic_bundle(Path(tmp) / "bundle")
         engine = Engine.load(bundle, device=device, solve_dtype=solve_dtype)
@@ -411,9 +418,13 @@ def run_benchmark(bundle: Path | None, *, batch_size: int, batches: int, http_se
         del bench, engine  # the server gets the machine
         if http_seconds > 0:
             print(f"HTTP: {http_seconds:g} s per run", flush=True)
-            results["http"] = http_bench(Path(bundle), tasks, texts,
-                                         batch_size=batch_size, seconds=http_seconds, generator=generator,
-                                         connections=connections, server_log=server_log, device=device)
+            try:
+                results["http"] = http_bench(Path(bundle), tasks, texts, batch_size=batch_size, seconds=http_seconds,
+                                             generator=generator, connections=connections, server_log=server_log,
+                                             device=device)
+            except (RuntimeError, TimeoutError) as e:  # the server did not start: its log is kept and named
+                results["http_error"] = str(e)
+                print(f"HTTP runs skipped: {e}")
     print_table(results)
     if out is not None:
         out.write_text(json.dumps(results, indent=2))

@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.quick:
         args.batches, args.http_seconds = min(args.batches, 3), min(args.http_seconds, 3.0)
-    run_benchmark(args.bundle, batch_size=args.batch_size, batches=args.batches, http_seconds=args.http_seconds,
-                  out=args.out, solve_dtype=args.solve_dtype, generator=args.loadgen, connections=args.connections,
-                  server_log=args.server_log, device=args.device)
-    return 0
+    results = run_benchmark(args.bundle, batch_size=args.batch_size, batches=args.batches,
+                            http_seconds=args.http_seconds, out=args.out, solve_dtype=args.solve_dtype,
+                            generator=args.loadgen, connections=args.connections, server_log=args.server_log,
+                            device=args.device)
+    return 1 if "http_error" in results else 0
