@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--batches", type=int, default=10, help="rounds: timed batches per engine case")
     s.add_argument("--http-seconds", type=float, default=15.0, help="duration of each HTTP load run (0 skips HTTP)")
     s.add_argument("--rate", type=float, default=0.0, help="open-loop request rate for HTTP (0: half the measured engine capacity)")
-    s.add_argument("--solve-dtype", choices=["float64", "float32"], default="float64", help="precision of head solves")
+    s.add_argument("--solve-dtype", choices=["float64", "float32"], default="float32",
+                   help="precision of head solves (the server's default: float32 with a float64 fallback)")
     s.add_argument("--out", type=Path, help="also write the results as JSON here")
     s.set_defaults(func=run)
 

@@ -2,7 +2,8 @@
 
 logits_t = H_t (W_p z) + b_t = (H_t W_p) z + b_t. Since W_p = M_p C_p^{-1}, the fused weight is
 H_t W_p = (H_t M_p) C_p^{-1}: with the products H M_s precomputed per task s, a new preference costs
-one Cholesky factorisation and a solve with K (total classes) right-hand sides, never W_p itself.
+one Cholesky factorisation and a solve with K (total classes) right-hand sides, never W_p itself:
+(1/3) d^3 + 2 K d^2 flops instead of (7/3) d^3.
 """
 
 from __future__ import annotations
@@ -63,17 +64,16 @@ class HeadFolder:
                 raise ValueError(f"head {t} has input size {h.weight.shape[1]}, representation size is {solver.dim_}")
         self.solver = solver
         self.out_dtype = out_dtype
-        H = torch.cat([h.weight for h in heads]).to(solver.device, solver.dtype)
+        H = torch.cat([h.weight for h in heads]).to(solver.device, torch.float64)
         self._H = H
-        self._HM = torch.einsum("kd,tde->tke", H, solver.M_)  # (T, K, d)
+        self._HM = torch.einsum("kd,tde->tke", H, solver.M_)  # (T, K, d), float64: the solver casts it
         self.bias = torch.cat([h.bias for h in heads]).to(solver.device, out_dtype)
         bounds = torch.tensor([0] + [h.num_classes for h in heads]).cumsum(0).tolist()
         self.slices = tuple(slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]))
 
     def fold(self, prefs: torch.Tensor) -> FusedHeads:
         """Fused heads H_t W_p for a (P, T) stack of preferences."""
-        numer = self.solver.aggregate(prefs, self._HM)
-        weight = self.solver.right_solve(numer, prefs).to(self.out_dtype)
+        weight = self.solver.right_solve(self._HM, prefs).to(self.out_dtype)
         return FusedHeads(weight, self.bias, self.slices)
 
     def fold_matrices(self, W: torch.Tensor) -> FusedHeads:
