@@ -1,8 +1,8 @@
 """Time of closed-form preference solves against their flop count, and what fresh preferences cost a server.
 
 Synthetic table: for d in {384, 768, 1024} and T in {2, 8, 32}: one W_p solve, a batch of 64 solves, and
-the fused-head fold that serving uses (4 classes per task, W_p never formed), in float64 on this machine's
-CPU (or CUDA with --device cuda); GFLOP/s shows how close each is to the hardware.
+the fused-head fold that serving uses (4 classes per task, W_p never formed), in float64 (or --dtype float32)
+on this machine's CPU (or CUDA with --device cuda); GFLOP/s shows how close each is to the hardware.
 
 With --bundle (real bundles): engine case (c) of `reprmerge bench serve` (a new preference in every
 request) against case (a) (backbone only) with solves in float64 and in float32 (with its float64 fallback),
@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="synthetic table: solve precision")
     parser.add_argument("--bundle", type=Path, nargs="*", default=[], help="real bundles: engine cases (a) vs (c)")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per batch with --bundle")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds with --bundle")
@@ -159,7 +160,7 @@ def main() -> None:
             if args.agreement:
                 agreement(bundle, args.batch_size)
         return
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, float64")
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, {args.dtype}")
     header = (f"{'d':>5} {'T':>3} | {'fit s':>6} | {'1 solve ms':>10} {'GFLOP/s':>7} | {'64 solves ms':>12} {'per solve':>9} "
               f"{'GFLOP/s':>7} | {'1 fold ms':>9} {'GFLOP/s':>7} | {'64 folds ms':>11}")
     print(header)
@@ -168,7 +169,7 @@ def main() -> None:
         for T in args.tasks:
             stats = synthetic_statistics(d, T, args.device)
             start = time.perf_counter()
-            solver = CorrectionSolver(beta=0.3, device=args.device).fit(stats)
+            solver = CorrectionSolver(beta=0.3, device=args.device, dtype=getattr(torch, args.dtype)).fit(stats)
             fit_s = time.perf_counter() - start
             g = torch.Generator().manual_seed(0)
             heads = [TaskHead(torch.randn(CLASSES_PER_TASK, d, generator=g), torch.zeros(CLASSES_PER_TASK)) for _ in range(T)]
