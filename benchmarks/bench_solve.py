@@ -17,6 +17,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -63,15 +64,30 @@ def fold_flops(d: int, T: int, K: int) -> float:
 
 
 def engine_ratios(bundle: Path, batch_size: int, rounds: int) -> None:
-    """Cases (a), (c) float64 and (c) float32, interleaved; paired per-round ratios to (a), medians."""
+    """Cases (a), (c) float64 and (c) float32, interleaved; paired per-round ratios to (a), medians.
+
+    Case (c) as `reprmerge bench serve` runs it overlaps the fold (heads thread) with the forward; the
+    last row instead folds first, its chunks spread over 2 single-threaded workers, then runs the forward:
+    the schedule for a box with no core to spare.
+    """
     from service.bench import EngineBench
-    from service.engine import Engine
+    from service.engine import Engine, Head
 
     benches = {dtype: EngineBench(Engine.load(bundle, device="cpu", solve_dtype=dtype), batch_size, rounds)
                for dtype in ("float64", "float32")}
     steps = {"(a) backbone only": benches["float64"].engine.encode}
     for dtype, bench in benches.items():
         steps[f"(c) new preference per request, {dtype}"] = bench.cases(distinct=(1,))["(c) new preference per request"]
+    workers = ThreadPoolExecutor(2, thread_name_prefix="fold", initializer=torch.set_num_threads, initargs=(1,))
+    fast = benches["float32"]
+
+    def fold_first(texts: list[str]) -> None:
+        prefs = fast._fresh(len(texts))
+        fused = fast.engine.folder.fold(torch.tensor([p.weights for p in prefs], dtype=torch.float64), workers)
+        heads = {p.fingerprint: Head(p.fingerprint, fused.weight[i].clone()) for i, p in enumerate(prefs)}
+        fast._apply(fast.engine.encode(texts), prefs, heads)
+
+    steps["(c) float32, fold first on 2 workers"] = fold_first
     texts = benches["float64"].texts
     walls: dict[str, list[float]] = {name: [] for name in steps}
     cpus: dict[str, list[float]] = {name: [] for name in steps}

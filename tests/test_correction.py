@@ -129,6 +129,23 @@ def test_batched_solves_equal_single_solves(setup) -> None:
         torch.testing.assert_close(batched[i], solver.solve(prefs[i])[0], rtol=1e-12, atol=1e-12)
 
 
+def test_fold_spread_over_threads_equals_serial_fold(setup) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, solver, _ = setup
+    g = torch.Generator().manual_seed(6)
+    heads = [TaskHead(torch.randn(k, D, generator=g), torch.randn(k, generator=g)) for k in (2, 5, 3)]
+    prefs = torch.rand(13, T, dtype=torch.float64, generator=g) + 0.01  # several chunks, the last one short
+    for s in (solver, solver.with_dtype(torch.float32)):
+        folder = HeadFolder(s, heads)
+        with ThreadPoolExecutor(2) as pool:
+            torch.testing.assert_close(folder.fold(prefs, pool).weight, folder.fold(prefs).weight, rtol=0, atol=0)
+            eye = torch.eye(D, dtype=torch.float64)
+            bad = CorrectionSolver(beta=1.0, normalisation="none").fit([TaskStatistics(-2 * eye, eye, 1, 1.0)] * T)
+            with pytest.raises(torch.linalg.LinAlgError):  # a failing chunk fails the call, not silently its thread
+                bad.right_solve(bad.M_, prefs, pool)
+
+
 def test_fused_heads_equal_head_of_corrected_representation(setup) -> None:
     data, solver, _ = setup
     g = torch.Generator().manual_seed(2)

@@ -9,6 +9,7 @@ one Cholesky factorisation and a solve with K (total classes) right-hand sides, 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
@@ -71,9 +72,9 @@ class HeadFolder:
         bounds = torch.tensor([0] + [h.num_classes for h in heads]).cumsum(0).tolist()
         self.slices = tuple(slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]))
 
-    def fold(self, prefs: torch.Tensor) -> FusedHeads:
-        """Fused heads H_t W_p for a (P, T) stack of preferences."""
-        weight = self.solver.right_solve(self._HM, prefs).to(self.out_dtype)
+    def fold(self, prefs: torch.Tensor, executor: Executor | None = None) -> FusedHeads:
+        """Fused heads H_t W_p for a (P, T) stack of preferences (chunks spread over `executor`'s threads if given)."""
+        weight = self.solver.right_solve(self._HM, prefs, executor).to(self.out_dtype)
         return FusedHeads(weight, self.bias, self.slices)
 
     def fold_matrices(self, W: torch.Tensor) -> FusedHeads:
