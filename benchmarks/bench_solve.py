@@ -164,7 +164,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="synthetic table: solve precision")
+    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64",
+                        help="synthetic table: solve precision")
     parser.add_argument("--bundle", type=Path, nargs="*", default=[], help="real bundles: engine cases (a) vs (c)")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per batch with --bundle")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds with --bundle")

@@ -216,7 +216,8 @@ class CorrectionSolver:
             out[exact] = self._right_solve(terms, self.C_, p[exact], executor).to(self.dtype)
         return out
 
-    def _right_solve(self, terms: torch.Tensor, C: torch.Tensor, p: torch.Tensor, executor: Executor | None) -> torch.Tensor:
+    def _right_solve(self, terms: torch.Tensor, C: torch.Tensor, p: torch.Tensor,
+                     executor: Executor | None) -> torch.Tensor:
         """right_solve in the dtype of `terms` and `C`, in chunks of preferences on CPU (cache, bounded memory)."""
         p = p.to(C.dtype)
         chunk = CPU_CHUNK if C.device.type == "cpu" else len(p)
@@ -231,7 +232,8 @@ class CorrectionSolver:
                 raise torch.linalg.LinAlgError("sum_t p_t C_t is not positive definite; increase beta")
             # Two triangular solves: ~2.5x faster than torch.cholesky_solve for batched few-column solves on CPU.
             y = torch.linalg.solve_triangular(L, (q @ flat_terms).view(-1, rows, d).transpose(-1, -2), upper=False)
-            out[start:start + chunk] = torch.linalg.solve_triangular(L.transpose(-1, -2), y, upper=True).transpose(-1, -2)
+            x = torch.linalg.solve_triangular(L.transpose(-1, -2), y, upper=True)
+            out[start:start + chunk] = x.transpose(-1, -2)
 
         starts = range(0, len(p), chunk)
         if executor is None or len(starts) == 1:
