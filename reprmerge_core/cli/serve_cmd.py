@@ -23,7 +23,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "tokenizer_threads": (int, "threads tokenising requests and rendering responses"),
     "head_cache_bytes": (int, "head cache budget in bytes"),
     "preference_grid": (int, "snap preferences to multiples of 1/grid"),
-    "solve_dtype": (str, "float64 (reference) or float32 (faster head solves)"),
+    "solve_dtype": (str, "float32 (default: faster, float64 where ill-conditioned) or float64 (reference)"),
     "api_key": (str, "require `Authorization: Bearer KEY` (prefer REPRMERGE_API_KEY: flags show in ps)"),
     "max_body_bytes": (int, "largest request body"),
     "max_inputs": (int, "most texts per request"),
