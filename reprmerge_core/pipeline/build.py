@@ -131,6 +131,8 @@ def suite_from_extra(extra: dict[str, Any]) -> tuple[SuiteConfig, TrainRecipe]:
     """The suite and recipe a built bundle was made from (for evaluation)."""
     if "suite" not in extra or "recipe" not in extra:
         raise ValueError("bundle was not built from a built-in suite: no suite/recipe recorded")
-    return SuiteConfig.model_validate(extra["suite"]), TrainRecipe.model_validate(extra["recipe"])
+    # Bundles built before per-task seeding recorded no `seeding`: their experts all used one seed.
+    recipe = TrainRecipe.model_validate({"seeding": "shared", **extra["recipe"]})
+    return SuiteConfig.model_validate(extra["suite"]), recipe
 
 
