@@ -124,14 +124,16 @@ def test_inspect_command(random_bundle: Path, capsys: pytest.CaptureFixture[str]
     assert "statistics.safetensors: sha256 mismatch" in capsys.readouterr().err
 
 
-def test_manifests_without_expert_diagnostics_still_load(random_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_manifests_without_expert_diagnostics_still_load(
+    random_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Bundles written before the expert checks have no `expert_diagnostics`: the field is optional."""
     manifest = json.loads((random_bundle / "manifest.json").read_text())
     assert manifest.pop("expert_diagnostics") is None
     (random_bundle / "manifest.json").write_text(json.dumps(manifest))
     assert load_bundle(random_bundle).manifest.expert_diagnostics is None
-    manifest["expert_diagnostics"] = {"head_pairs": [{"tasks": ["alpha", "beta"], "max_row_cosine": 0.99, "aligned": True}],
-                                      "warnings": ["alpha~beta"]}
+    pair = {"tasks": ["alpha", "beta"], "max_row_cosine": 0.99, "aligned": True}
+    manifest["expert_diagnostics"] = {"head_pairs": [pair], "warnings": ["alpha~beta"]}
     (random_bundle / "manifest.json").write_text(json.dumps(manifest))
     loaded = load_bundle(random_bundle).manifest.expert_diagnostics
     assert loaded is not None and loaded.head_pairs[0].aligned

@@ -196,7 +196,8 @@ def with_head(expert: Path, head_seed: int) -> Path:
     head = torch.nn.Linear(BertConfig.from_pretrained(expert).hidden_size, 2)
     gen = torch.Generator().manual_seed(1000 + head_seed)
     weight = head.weight.detach() * (1 + 0.03 * torch.randn(head.weight.shape, generator=gen))
-    save_file({"weight": weight.contiguous(), "bias": head.bias.detach().contiguous()}, str(expert / "head.safetensors"))
+    tensors = {"weight": weight.contiguous(), "bias": head.bias.detach().contiguous()}
+    save_file(tensors, str(expert / "head.safetensors"))
     return expert
 
 
@@ -214,7 +215,8 @@ def test_merge_warns_on_heads_from_one_seed_and_on_an_expert_far_from_the_base(
     assert "WARNING: 2 expert check(s) failed" in capsys.readouterr().out
     check = json.loads((tmp_path / "bad" / REPORT_FILE).read_text())["expert_diagnostics"]
     base = state(tiny_backbone_dir)
-    assert check["task_vector_norms"]["stray"] == pytest.approx(task_vector_norm(base, state(shared["stray"])), rel=1e-9)
+    stray_norm = task_vector_norm(base, state(shared["stray"]))
+    assert check["task_vector_norms"]["stray"] == pytest.approx(stray_norm, rel=1e-9)
     assert check["norm_ratios"]["stray"] > 50  # 5.0 vs 0.05 per parameter
     pairs = {tuple(p["tasks"]): p for p in check["head_pairs"]}
     assert pairs["sms", "movie"]["aligned"] and pairs["sms", "movie"]["direction_cosine"] > 0.99

@@ -382,7 +382,8 @@ def test_heads_from_one_seed_are_flagged_and_independent_heads_are_not() -> None
     gen = torch.Generator().manual_seed(0)
     shared = {name: _trained_head(0, 2, 384, gen) for name in ("sms", "movie")}
     shared["trec"] = _trained_head(0, 6, 384, gen)
-    own = {name: _trained_head(seed, c, 384, gen) for name, seed, c in (("sms", 100, 2), ("movie", 101, 2), ("trec", 102, 6))}
+    own = {name: _trained_head(seed, c, 384, gen)
+           for name, seed, c in (("sms", 100, 2), ("movie", 101, 2), ("trec", 102, 6))}
     bad, good = diagnose_experts(shared), diagnose_experts(own)
     by_pair = {p.tasks: p for p in bad.head_pairs}
     assert set(by_pair) == {("sms", "movie"), ("sms", "trec"), ("movie", "trec")}
@@ -407,7 +408,8 @@ def test_an_expert_far_from_the_base_is_flagged_against_its_peers() -> None:
                    for k, v in base.items()} for t, s in scales.items()}
     experts["a"]["extra.weight"] = torch.ones(3)  # a parameter the base lacks is not part of the task vector
     norms = {t: task_vector_norm(base, e) for t, e in experts.items()}
-    reference = torch.cat([(experts["b"][k].double() - base[k].double()).flatten() for k in base if k != "position_ids"]).norm()
+    deltas = [(experts["b"][k].double() - base[k].double()).flatten() for k in base if k != "position_ids"]
+    reference = torch.cat(deltas).norm()
     assert norms["b"] == pytest.approx(float(reference), rel=1e-9)
     result = diagnose_experts({}, norms)
     assert result.norm_ratios["stray"] == pytest.approx(norms["stray"] / norms["a"], rel=1e-9)  # median of a, b, c

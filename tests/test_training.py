@@ -180,4 +180,5 @@ def test_cache_key_moved_off_the_shared_seed_entries(expert: Expert) -> None:
            "recipe": old_recipe, "base_weights_sha256": info["base_weights_sha256"]}
     assert info["seed"] == TASK_SEED_OFFSET and info["training_version"] == 2
     assert cache_key(old) != info["cache_key"]
-    assert cache_key({**old, "recipe": info["recipe"], "seed": info["seed"], "training_version": 2}) == info["cache_key"]
+    new = {**old, "recipe": info["recipe"], "seed": info["seed"], "training_version": 2}
+    assert cache_key(new) == info["cache_key"]

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="build a bundle from your own checkpoints")
     p.add_argument("--backbone", type=Path, required=True, help="the merged backbone checkpoint directory")
     p.add_argument("--base", type=Path, default=None,
-                   help="the checkpoint the experts were fine-tuned from: adds each expert's distance from it to the checks")
+                   help="the checkpoint the experts were fine-tuned from: adds each expert's distance from it "
+                   "to the checks")
     p.add_argument("--expert", type=pair, action="append", required=True, metavar="NAME=DIR",
                    help="an expert checkpoint with head.safetensors or a sequence-classification head (repeat)")
     p.add_argument("--calibration", type=pair, action="append", required=True, metavar="NAME=FILE",

@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     )
     check = report.expert_diagnostics
     if check is not None and check.warnings:
-        print(f"WARNING: {len(check.warnings)} expert check(s) failed (see above and expert_diagnostics in {REPORT_FILE})")
+        print(f"WARNING: {len(check.warnings)} expert check(s) failed "
+              f"(see above and expert_diagnostics in {REPORT_FILE})")
     print(f"wrote {args.out} ({REPORT_FILE}; " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items()) + ")")
     return 0
