@@ -226,7 +226,9 @@ class EngineBench:
         Measured over `preferences` preferences (one text each) and reported per text, which is the
         rate a batch of all-distinct preferences would get.
         """
-        model = self.engine.backbone.model
+        backbone = self.engine.backbone
+        model, traced = backbone.model, backbone.forward
+        backbone.forward = model  # a trace has its weights frozen in: re-merging needs the eager module
         base = {k: v.detach().clone() for k, v in model.state_dict().items()}
         g = torch.Generator().manual_seed(3)
         # Synthetic experts: every encoder tensor moved (the project's experts keep embeddings frozen).
@@ -245,6 +247,7 @@ class EngineBench:
             return len(texts) / (time.perf_counter() - start)
         finally:
             model.load_state_dict(base)
+            backbone.forward = traced
 
 
 # -- HTTP ------------------------------------------------------------------------------------------
@@ -390,7 +393,7 @@ def run_benchmark(bundle: Path | None, *, batch_size: int, batches: int, http_se
     server could not be started)."""
     with tempfile.TemporaryDirectory(prefix="reprmerge-bench-") as tmp:
         bundle = bundle or synthetic_bundle(Path(tmp) / "bundle")
-        engine = Engine.load(bundle, device=device, solve_dtype=solve_dtype)
+        engine = Engine.load(bundle, device=device, solve_dtype=solve_dtype, trace=True)  # as the server does
         texts = suite_texts(engine.tasks, 4096, seed=5)
         known = [t for t in engine.tasks if t in TASK_NAMES] or list(SUITES["tiny"].tasks)
         print(f"engine cases: batch {batch_size}, {batches} rounds", flush=True)

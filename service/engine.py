@@ -71,13 +71,15 @@ class Engine:
         self.slices: dict[str, slice] = dict(zip(self.tasks, folder.slices))
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", solve_dtype: str = "float64") -> Engine:
-        """Load and validate the bundle, put the backbone and the fitted solver on `device`."""
+    def load(cls, path: str | Path, device: str = "auto", solve_dtype: str = "float64", trace: bool = False) -> Engine:
+        """Load and validate the bundle, put the backbone (traced if `trace`) and the fitted solver on `device`."""
         bundle = load_bundle(path)
         m = bundle.manifest
         backbone = Backbone.from_pretrained(
             bundle.backbone_path, pooling=m.backbone.pooling, max_length=m.backbone.max_length, device=device
         )
+        if trace:
+            backbone.trace()
         solver = CorrectionSolver(
             m.correction.beta, m.correction.normalisation, use_prior=m.correction.use_prior, device=backbone.device,
             dtype=getattr(torch, solve_dtype),

@@ -40,6 +40,9 @@ class ServiceSettings(BaseSettings):
     default_timeout: float = Field(30.0, gt=0, description="deadline in seconds when a request sets no X-Request-Timeout")
     drain_timeout: float = Field(30.0, gt=0, description="most seconds to finish accepted requests after SIGTERM")
 
+    trace_backbone: bool = Field(
+        True, description="run the backbone as a TorchScript trace (checked against eager at load; eager if it differs): "
+        "it does not contend with request handling for the GIL")
     tokenizer_threads: int = Field(
         1, ge=1, le=64, description="threads that tokenise requests at admission and render responses, off the event loop")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from transformers import BertModel
 
 from reprmerge_core.backbone import Backbone, default_backbone_path
 from reprmerge_core.preference import canonical_preference
@@ -37,6 +38,26 @@ def test_collated_token_ids_equal_the_tokenizers_own_padding(tiny_backbone_dir: 
     for key in reference:
         assert torch.equal(collated[key], reference[key]), key
     assert max(map(len, backbone.token_ids(TEXTS))) == 16  # truncated at admission already
+
+
+def test_traced_backbone_equals_eager_and_a_shape_bound_trace_is_refused(tiny_backbone_dir: Path) -> None:
+    backbone = Backbone.from_pretrained(tiny_backbone_dir, max_length=16, device="cpu")
+    eager = [backbone.encode(texts) for texts in (TEXTS, TEXTS[:1], TEXTS * 7)]
+    assert backbone.trace() and backbone.forward is not backbone.model
+    for texts, want in zip((TEXTS, TEXTS[:1], TEXTS * 7), eager):
+        torch.testing.assert_close(backbone.encode(texts), want, rtol=0, atol=1e-5)
+
+    class ShapeBound(BertModel):  # a branch on the batch size, which a trace freezes
+        def forward(self, input_ids: torch.Tensor, **kwargs: torch.Tensor) -> object:
+            out = super().forward(input_ids, **kwargs)
+            if input_ids.shape[0] > 4:
+                out.last_hidden_state = out.last_hidden_state + 1
+            return out
+
+    odd = Backbone(ShapeBound.from_pretrained(tiny_backbone_dir), backbone.tokenizer, max_length=16, device="cpu")
+    want = odd.encode(TEXTS[:2])
+    assert not odd.trace() and odd.forward is odd.model
+    torch.testing.assert_close(odd.encode(TEXTS[:2]), want, rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")

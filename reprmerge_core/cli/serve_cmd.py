@@ -20,6 +20,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "max_batch_tokens": (int, "most padded tokens (texts x longest) in one backbone pass"),
     "max_batch_wait": (float, "seconds a batch may wait to fill while the model is busy"),
     "queue_limit": (int, "most queued requests before 429"),
+    "trace_backbone": (bool, "run the backbone as a TorchScript trace, checked against eager (default on)"),
     "tokenizer_threads": (int, "threads tokenising requests and rendering responses"),
     "head_cache_bytes": (int, "head cache budget in bytes"),
     "preference_grid": (int, "snap preferences to multiples of 1/grid"),
@@ -41,7 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a bundle over HTTP (/v1 and Open Inference Protocol /v2)")
     p.add_argument("bundle", type=Path, nargs="?", help="bundle directory (or REPRMERGE_BUNDLE)")
     for name, (kind, text) in _FLAGS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
+        if kind is bool:
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -60,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return 2
     try:
-        engine = Engine.load(settings.bundle, device=settings.device, solve_dtype=settings.solve_dtype)
+        engine = Engine.load(settings.bundle, device=settings.device, solve_dtype=settings.solve_dtype,
+                             trace=settings.trace_backbone)
     except (BundleError, ValueError) as exc:
         print(f"cannot serve {settings.bundle}: {exc}", file=sys.stderr)
         return 1
