@@ -125,7 +125,8 @@ def create_app(settings: ServiceSettings, engine: Engine, metrics: Metrics | Non
         try:
             yield
         finally:
-            await service.drain()
+            if service.ready:  # after a signal the server has drained already, within drain_timeout
+                await service.drain()
             await service.close()
 
     app = FastAPI(title="reprmerge", version=__version__, description=DESCRIPTION, lifespan=lifespan)

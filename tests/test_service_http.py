@@ -346,3 +346,51 @@ def test_a_misconfigured_key_refuses_to_start_instead_of_serving_without_auth(
 
 def test_the_startup_log_says_whether_auth_is_on(server: ServerProcess) -> None:
     assert "auth off" in server.log.read_text()
+
+
+def _finished_after(srv: ServerProcess, since: float, limit: float = 60) -> float:
+    """Seconds from `since` until uvicorn logs that it finished (interpreter teardown after that is not counted)."""
+    while "Finished server process" not in srv.log.read_text():
+        assert time.monotonic() - since < limit, srv.log.read_text()
+        time.sleep(0.02)
+    return time.monotonic() - since
+
+
+def test_an_idle_server_answers_503_with_connection_close_for_the_drain_grace(bundle: Path, tmp_path: Path) -> None:
+    srv = ServerProcess(bundle, tmp_path / "grace.log")
+    try:
+        with httpx.Client(base_url=srv.url, timeout=5) as c:
+            srv.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            time.sleep(0.3)  # an idle server used to close its listener ~40 ms after the signal
+            ready = c.get("/readyz")
+            late = c.post("/v1/predict", json={"texts": ["too late"]})
+        assert ready.status_code == 503 and ready.headers["connection"] == "close"
+        assert late.status_code == 503 and late.headers["connection"] == "close"
+        assert 3.0 <= _finished_after(srv, signalled) < 4.5  # the default drain_grace of 3 s, then a prompt exit
+        assert srv.proc.wait(timeout=60) == 0
+    finally:
+        srv.stop()
+
+
+def test_shutdown_under_load_is_bounded_by_the_drain_timeout(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Far more queued work than 2 s can answer: the server finishes 2 s (+ a small constant) after SIGTERM."""
+    monkeypatch.setenv("REPRMERGE_DRAIN_TIMEOUT", "2")
+    srv = ServerProcess(bundle, tmp_path / "bounded.log", "--max-batch-size", "1", "--queue-limit", "1000")
+
+    async def scenario() -> float:
+        long_texts = [{"texts": [" ".join(WORDS * 40)] * 16} for _ in range(200)]  # ~600 words each: 10+ s of work
+        load = asyncio.ensure_future(_fire(srv.url, long_texts))  # type: ignore[arg-type]
+        while srv.metric("reprmerge_queue_depth") < 100:
+            await asyncio.sleep(0.05)
+        srv.proc.send_signal(signal.SIGTERM)
+        elapsed = await asyncio.get_running_loop().run_in_executor(None, _finished_after, srv, time.monotonic())
+        await asyncio.gather(load, return_exceptions=True)
+        return elapsed
+
+    try:
+        elapsed = asyncio.run(scenario())
+        assert "drain timed out" in srv.log.read_text()
+        assert elapsed < 2 + 1.5, f"shutdown took {elapsed:.1f} s with drain_timeout 2 s"
+    finally:
+        srv.stop()
