@@ -199,6 +199,28 @@ def test_unmodified_triton_client_gets_correct_answers(server: ServerProcess) ->
     client.close()
 
 
+def test_triton_client_versions_config_compression_and_timeout(server: ServerProcess) -> None:
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    assert client.is_model_ready("reprmerge", "1") and not client.is_model_ready("reprmerge", "99")
+    assert client.get_model_metadata("reprmerge", "1")["name"] == "reprmerge"
+    assert client.get_model_config("reprmerge")["input"][0]["name"] == "text"
+    inp = triton.InferInput("text", [2], "BYTES")
+    inp.set_data_from_numpy(np.array(["a lazy dog", "seven tired wizards"], dtype=object))
+    plain = client.infer("reprmerge", [inp]).as_numpy("alpha_probabilities")
+    for algorithm in ("gzip", "deflate"):
+        packed = client.infer("reprmerge", [inp], request_compression_algorithm=algorithm)
+        assert np.array_equal(packed.as_numpy("alpha_probabilities"), plain)
+        assert "id" not in packed.get_response()
+    with pytest.raises(InferenceServerException, match="deadline|[Dd]eadline|504"):
+        client.infer("reprmerge", [inp], timeout=1)  # microseconds
+    with pytest.raises(InferenceServerException):
+        client.infer("reprmerge", [inp], model_version="99")
+    client.close()
+
+
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
 def test_fuzzing_the_openapi_schema_finds_no_server_error(server: ServerProcess, mode: GenerationMode) -> None:
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
