@@ -134,7 +134,8 @@ def document_limits(schema: dict[str, Any], settings: ServiceSettings) -> dict[s
         body = bodies[name]
         array = next(v for v in body["properties"]["preferences"]["anyOf"] if v.get("type") == "array")
         array["maxItems"] = settings.max_preferences
-        body["not"] = {"required": ["preference", "preferences"], "description": "`preference` or `preferences`, not both"}
+        body["not"] = {"required": ["preference", "preferences"],
+                       "description": "`preference` or `preferences`, not both"}
     return schema
 
 

@@ -105,7 +105,8 @@ class RequestMiddleware:
                 if not any(k.lower() == b"x-request-id" for k, _ in message["headers"]):
                     message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
                 if status in (307, 308):  # Starlette's slash redirect is absolute, built from the Host header
-                    message["headers"] = [(k, _relative(v) if k.lower() == b"location" else v) for k, v in message["headers"]]
+                    message["headers"] = [(k, _relative(v) if k.lower() == b"location" else v)
+                                          for k, v in message["headers"]]
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -202,10 +203,12 @@ def _media_refusal(path: str, headers: dict[str, str]) -> ServiceError | None:
     kind = headers.get("content-type", "").partition(";")[0].strip().lower()
     allowed = V2_TYPES if path.startswith("/v2") else JSON_TYPES
     if kind and kind not in allowed and not kind.endswith("+json"):
-        return UnsupportedMediaType(f"Content-Type {printable(kind, 100)!r} is not accepted here; send {' or '.join(allowed)}")
+        return UnsupportedMediaType(
+            f"Content-Type {printable(kind, 100)!r} is not accepted here; send {' or '.join(allowed)}")
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity" and encoding not in ENCODINGS:
-        return UnsupportedMediaType(f"Content-Encoding {printable(encoding, 100)!r} is not supported; use gzip or deflate")
+        return UnsupportedMediaType(
+            f"Content-Encoding {printable(encoding, 100)!r} is not supported; use gzip or deflate")
     return None
 
 

@@ -99,7 +99,9 @@ async def ready(service: Service = Depends(get_service)) -> dict[str, bool]:
 
 @router.get("/models/{name}", summary="model metadata", responses=problems(404))
 @router.get("/models/{name}/versions/{version}", include_in_schema=False)
-async def model_metadata(name: str, version: str | None = None, service: Service = Depends(get_service)) -> dict[str, Any]:
+async def model_metadata(
+    name: str, version: str | None = None, service: Service = Depends(get_service),
+) -> dict[str, Any]:
     _check_model(name, service, version)
     engine = service.engine
     outputs = []
@@ -120,20 +122,24 @@ async def model_ready(name: str, version: str | None = None, service: Service = 
 
 @router.get("/models/{name}/config", summary="Triton-style model configuration", responses=problems(404))
 @router.get("/models/{name}/versions/{version}/config", include_in_schema=False)
-async def model_config(name: str, version: str | None = None, service: Service = Depends(get_service)) -> dict[str, Any]:
+async def model_config(
+    name: str, version: str | None = None, service: Service = Depends(get_service),
+) -> dict[str, Any]:
     """What perf_analyzer and model_analyzer read: no implicit batch dimension (max_batch_size 0), full shapes."""
     _check_model(name, service, version)
     engine, s = service.engine, service.settings
     outputs = []
     for task in engine.tasks:
-        outputs.append({"name": f"{task}_probabilities", "data_type": "TYPE_FP32", "dims": [-1, len(engine.labels[task])]})
+        outputs.append({"name": f"{task}_probabilities", "data_type": "TYPE_FP32",
+                        "dims": [-1, len(engine.labels[task])]})
         outputs.append({"name": f"{task}_label", "data_type": "TYPE_STRING", "dims": [-1]})
     return {
         "name": name, "platform": "reprmerge", "backend": "reprmerge", "max_batch_size": 0,
         "version_policy": {"specific": {"versions": [VERSION]}},
         "input": [{"name": INPUT, "data_type": "TYPE_STRING", "dims": [-1]}], "output": outputs,
         "dynamic_batching": {"max_queue_delay_microseconds": round(s.max_batch_wait * 1e6)},
-        "parameters": {"bundle_id": {"string_value": engine.bundle_id}, "tasks": {"string_value": ",".join(engine.tasks)},
+        "parameters": {"bundle_id": {"string_value": engine.bundle_id},
+                       "tasks": {"string_value": ",".join(engine.tasks)},
                        "max_inputs": {"string_value": str(s.max_inputs)}},
     }
 
@@ -300,7 +306,8 @@ def _preference(value: Any, service: Service) -> Preference:
     for key, weight in items:
         # JSON integers are unbounded; past float's range the float conversion would raise.
         if isinstance(weight, int) and not isinstance(weight, bool) and abs(weight) > sys.float_info.max:
-            raise InvalidInput("weight is too large for a float", field=f"{field}.{key}" if isinstance(key, str) else f"{field}[{key}]")
+            where = f"{field}.{key}" if isinstance(key, str) else f"{field}[{key}]"
+            raise InvalidInput("weight is too large for a float", field=where)
     return service.preference(value, field)
 
 

@@ -69,7 +69,8 @@ class DrainingServer(uvicorn.Server):
             log.warning("drain timed out with requests still queued")
         # uvicorn then waits this long for responses being written: what is left of drain_timeout.
         left = settings.drain_timeout - (time.monotonic() - start)
-        self.config.timeout_graceful_shutdown = max(left - SHUTDOWN_RESERVE_S / 2, SHUTDOWN_FLOOR_S)  # type: ignore[assignment]
+        wait = max(left - SHUTDOWN_RESERVE_S / 2, SHUTDOWN_FLOOR_S)
+        self.config.timeout_graceful_shutdown = wait  # type: ignore[assignment]
         self.should_exit = True
 
 

@@ -193,7 +193,7 @@ def test_compressed_bodies_are_read_within_the_body_limit(roomy: TestClient) -> 
         assert r.status_code == status and r.headers["content-type"] == "application/problem+json", (encoding, r.text)
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
 def test_a_wrong_content_type_is_415(roomy: TestClient, content_type: str) -> None:
     for path in ("/v1/predict", "/v2/models/reprmerge/infer"):
         r = roomy.post(path, content=json.dumps(OK), headers={"Content-Type": content_type})

@@ -395,7 +395,9 @@ def test_an_idle_server_answers_503_with_connection_close_for_the_drain_grace(bu
         srv.stop()
 
 
-def test_shutdown_under_load_is_bounded_by_the_drain_timeout(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shutdown_under_load_is_bounded_by_the_drain_timeout(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Far more queued work than 2 s can answer: the server finishes 2 s (+ a small constant) after SIGTERM."""
     monkeypatch.setenv("REPRMERGE_DRAIN_TIMEOUT", "2")
     srv = ServerProcess(bundle, tmp_path / "bounded.log", "--max-batch-size", "1", "--queue-limit", "1000")
