@@ -112,8 +112,8 @@ class RequestMiddleware:
         self.metrics.in_flight.inc()
         try:
             refusal: ServiceError | ClientGone | None = self._refusal(scope["path"], headers)
-            if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
-                refusal = _media_refusal(scope["path"], headers)
+            if refusal is None and scope["method"] in ("POST", "PUT", "PATCH") and self._template(scope) != "unmatched":
+                refusal = _media_refusal(scope["path"], headers)  # unknown paths keep their 404
             if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 body, refusal = await self._read_body(receive, headers)
                 if refusal is None and headers.get("content-encoding", "identity").strip().lower() != "identity":

@@ -150,7 +150,7 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[Guarde
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft - FD_RESERVE < max_connections:
         max_connections = max(1, soft - FD_RESERVE)
-        log.warning("open-file limit %d: serving at most %d connections", soft, max_connections)
+        log.info("open-file limit %d: serving at most %d connections", soft, max_connections)
     return type("Guarded", (GuardedProtocol,), {"header_timeout": header_timeout, "max_connections": max_connections})
 
 

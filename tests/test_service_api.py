@@ -198,6 +198,7 @@ def test_a_wrong_content_type_is_415(roomy: TestClient, content_type: str) -> No
     for path in ("/v1/predict", "/v2/models/reprmerge/infer"):
         r = roomy.post(path, content=json.dumps(OK), headers={"Content-Type": content_type})
         assert r.status_code == 415 and r.json()["status"] == 415, (path, r.text)
+    assert roomy.post("/v1/nowhere", content="x", headers={"Content-Type": content_type}).status_code == 404
 
 
 def test_http_details(roomy: TestClient) -> None:
