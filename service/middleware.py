@@ -116,7 +116,7 @@ class RequestMiddleware:
                 refusal = _media_refusal(scope["path"], headers)  # unknown paths keep their 404
             if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 body, refusal = await self._read_body(receive, headers)
-                if refusal is None and headers.get("content-encoding", "identity").strip().lower() != "identity":
+                if refusal is None and headers.get("content-encoding", "").strip().lower() in ENCODINGS:
                     body, refusal = self._decompress(body)
                     scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-encoding"]
                 receive = _replay(body, receive)

@@ -104,12 +104,18 @@ async def model_metadata(
 ) -> dict[str, Any]:
     _check_model(name, service, version)
     engine = service.engine
-    outputs = []
-    for task in engine.tasks:
-        outputs.append({"name": f"{task}_probabilities", "datatype": "FP32", "shape": [-1, len(engine.labels[task])]})
-        outputs.append({"name": f"{task}_label", "datatype": "BYTES", "shape": [-1]})
+    outputs = [{"name": out, "datatype": kind, "shape": shape} for out, kind, shape in _outputs(service)]
     return {"name": name, "versions": [VERSION], "platform": "reprmerge", "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
             "outputs": outputs, "parameters": {"bundle_id": engine.bundle_id, "tasks": ",".join(engine.tasks)}}
+
+
+def _outputs(service: Service) -> list[tuple[str, str, list[int]]]:
+    """(name, OIP datatype, shape) of every output tensor: per task, probabilities and label."""
+    specs = []
+    for task in service.engine.tasks:
+        specs.append((f"{task}_probabilities", "FP32", [-1, len(service.engine.labels[task])]))
+        specs.append((f"{task}_label", "BYTES", [-1]))
+    return specs
 
 
 @router.get("/models/{name}/ready", summary="model is ready", responses=problems(404, 503))
@@ -128,11 +134,8 @@ async def model_config(
     """What perf_analyzer and model_analyzer read: no implicit batch dimension (max_batch_size 0), full shapes."""
     _check_model(name, service, version)
     engine, s = service.engine, service.settings
-    outputs = []
-    for task in engine.tasks:
-        outputs.append({"name": f"{task}_probabilities", "data_type": "TYPE_FP32",
-                        "dims": [-1, len(engine.labels[task])]})
-        outputs.append({"name": f"{task}_label", "data_type": "TYPE_STRING", "dims": [-1]})
+    triton_type = {"FP32": "TYPE_FP32", "BYTES": "TYPE_STRING"}
+    outputs = [{"name": out, "data_type": triton_type[kind], "dims": shape} for out, kind, shape in _outputs(service)]
     return {
         "name": name, "platform": "reprmerge", "backend": "reprmerge", "max_batch_size": 0,
         "version_policy": {"specific": {"versions": [VERSION]}},
