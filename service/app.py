@@ -6,9 +6,11 @@ import logging
 from functools import partial
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -46,7 +48,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        first = exc.errors()[0]
+        # The deepest error is the most specific: for `[1, "x"]` against dict | list it is the list
+        # element (`preference[1]`), not the dict branch's "Input should be a valid dictionary".
+        first = max(exc.errors(), key=lambda e: len(e["loc"]))
         if first["type"] == "json_invalid":
             err: ServiceError = MalformedRequest(f"body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
         else:
@@ -55,7 +59,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return problem_response(from_status(exc.status_code, str(exc.detail)), _request_id(request), request.url.path)
+        err = from_status(exc.status_code, str(exc.detail))
+        err.headers.update(exc.headers or {})  # Allow on a 405
+        return problem_response(err, _request_id(request), request.url.path)
 
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("request %s failed", _request_id(request))
@@ -119,6 +125,24 @@ async def tradeoff(body: TradeoffRequest, timeout: str | None = TimeoutHeader,
     return await service.tradeoff(service.preferences(body), deadline)
 
 
+def document_limits(schema: dict[str, Any], settings: ServiceSettings) -> dict[str, Any]:
+    """Put the configured limits into the OpenAPI bodies, so schema-valid requests are not refused.
+
+    The limits are enforced by the service (413 with the field); here they are only documented,
+    from the same settings.
+    """
+    bodies = schema["components"]["schemas"]
+    texts = bodies["PredictRequest"]["properties"]["texts"]
+    texts["maxItems"], texts["items"]["maxLength"] = settings.max_inputs, settings.max_text_chars
+    for name in ("PredictRequest", "TradeoffRequest"):
+        body = bodies[name]
+        array = next(v for v in body["properties"]["preferences"]["anyOf"] if v.get("type") == "array")
+        array["maxItems"] = settings.max_preferences
+        body["not"] = {"required": ["preference", "preferences"],
+                       "description": "`preference` or `preferences`, not both"}
+    return schema
+
+
 def create_app(settings: ServiceSettings, engine: Engine, metrics: Metrics | None = None) -> FastAPI:
     """The ASGI app serving `engine`; warm-up runs in the lifespan, so the app is ready once started."""
     service = Service(settings, engine, metrics or Metrics())
@@ -129,7 +153,8 @@ def create_app(settings: ServiceSettings, engine: Engine, metrics: Metrics | Non
         try:
             yield
         finally:
-            await service.drain()
+            if service.ready:  # after a signal the server has drained already, within drain_timeout
+                await service.drain()
             await service.close()
 
     app = FastAPI(title="reprmerge", version=__version__, description=DESCRIPTION, lifespan=lifespan)
@@ -139,5 +164,14 @@ def create_app(settings: ServiceSettings, engine: Engine, metrics: Metrics | Non
     app.include_router(oip.router)
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(RequestMiddleware, metrics=service.metrics, max_body_bytes=settings.max_body_bytes,
-                       body_timeout=settings.body_timeout, api_key=api_key)
+                       body_timeout=settings.body_timeout, api_key=api_key,
+                       templates=[r.path for r in (*router.routes, *oip.router.routes) if isinstance(r, APIRoute)])
+    plain_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_limits(plain_openapi(), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

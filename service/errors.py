@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 PROBLEM_TYPE = "https://reprmerge.dev/problems/"
-MAX_ECHO_CHARS = 200  # an echoed name (a field, an unknown task) is clipped to this
+MAX_ECHO_CHARS = 200  # an echoed name (a field) is clipped to this
+MAX_DETAIL_CHARS = 1000  # and a detail, which may quote the request, to this
 
 
 def printable(text: str, limit: int | None = None) -> str:
@@ -38,7 +39,7 @@ class ServiceError(Exception):
     slug = "internal"
 
     def __init__(self, detail: str, *, field: str | None = None, headers: dict[str, str] | None = None) -> None:
-        detail = printable(detail)
+        detail = printable(detail, MAX_DETAIL_CHARS)
         super().__init__(detail)
         self.detail = detail
         self.field = None if field is None else printable(field, MAX_ECHO_CHARS)
@@ -77,6 +78,10 @@ class PayloadTooLarge(ServiceError):
     status, title, slug = 413, "Request too large", "too-large"
 
 
+class UnsupportedMediaType(ServiceError):
+    status, title, slug = 415, "Unsupported content type or encoding", "unsupported-media-type"
+
+
 class InvalidInput(ServiceError):
     status, title, slug = 422, "Invalid preference or input", "invalid"
 
@@ -101,8 +106,8 @@ class ClientGone(ServiceError):
 
 def from_status(status: int, detail: str) -> ServiceError:
     """The error class for a framework status (404, 405, ...) so every error shares one body."""
-    for cls in (MalformedRequest, Unauthorized, NotFound, RequestTimeout, PayloadTooLarge, InvalidInput, QueueFull,
-                Unavailable, DeadlineExceeded):
+    for cls in (MalformedRequest, Unauthorized, NotFound, RequestTimeout, PayloadTooLarge, UnsupportedMediaType,
+                InvalidInput, QueueFull, Unavailable, DeadlineExceeded):
         if cls.status == status:
             return cls(detail)
     err = ServiceError(detail)

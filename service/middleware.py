@@ -13,12 +13,23 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+import zlib
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from starlette.responses import JSONResponse
+from starlette.routing import compile_path
 
-from service.errors import PayloadTooLarge, RequestTimeout, ServiceError, Unauthorized
+from service.errors import (
+    MalformedRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+    Unauthorized,
+    UnsupportedMediaType,
+    printable,
+)
 from service.metrics import Metrics
 
 Scope = MutableMapping[str, Any]
@@ -41,6 +52,11 @@ CLIENT_CLOSED = 499  # status logged for a request whose client left before its 
 class ClientGone(Exception):
     """The connection closed before the whole body arrived: there is no complete request to answer."""
 access_log = logging.getLogger("reprmerge.access")
+# Request bodies: JSON everywhere (a missing Content-Type is read as JSON), and on /v2 also Triton's
+# binary tensor extension; compressed with gzip or deflate (zlib) as tritonclient can send them.
+JSON_TYPES = ("application/json",)
+V2_TYPES = ("application/json", "application/octet-stream")
+ENCODINGS = frozenset({"gzip", "x-gzip", "deflate"})
 
 
 def problem_response(err: ServiceError, request_id: str, path: str) -> JSONResponse:
@@ -63,9 +79,11 @@ class RequestMiddleware:
 
     def __init__(
         self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, body_timeout: float, api_key: str | None,
+        templates: Sequence[str] = (),
     ) -> None:
         self.app, self.metrics, self.max_body, self.api_key = app, metrics, max_body_bytes, api_key
         self.body_timeout = body_timeout
+        self.templates = [(compile_path(t)[0], t) for t in templates]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,13 +104,21 @@ class RequestMiddleware:
                 message.setdefault("headers", [])
                 if not any(k.lower() == b"x-request-id" for k, _ in message["headers"]):
                     message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                if status in (307, 308):  # Starlette's slash redirect is absolute, built from the Host header
+                    message["headers"] = [(k, _relative(v) if k.lower() == b"location" else v)
+                                          for k, v in message["headers"]]
             await send(message)
 
         self.metrics.in_flight.inc()
         try:
             refusal: ServiceError | ClientGone | None = self._refusal(scope["path"], headers)
+            if refusal is None and scope["method"] in ("POST", "PUT", "PATCH") and self._template(scope) != "unmatched":
+                refusal = _media_refusal(scope["path"], headers)  # unknown paths keep their 404
             if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 body, refusal = await self._read_body(receive, headers)
+                if refusal is None and headers.get("content-encoding", "").strip().lower() in ENCODINGS:
+                    body, refusal = self._decompress(body)
+                    scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-encoding"]
                 receive = _replay(body, receive)
             if isinstance(refusal, ClientGone):
                 status = CLIENT_CLOSED
@@ -105,13 +131,17 @@ class RequestMiddleware:
         finally:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - start
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = getattr(scope.get("route"), "path", None) or self._template(scope)
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_duration.labels(route).observe(elapsed)
             access_log.info(json.dumps({
                 "request_id": request_id, "method": scope["method"], "route": route, "status": status,
                 "duration_ms": round(elapsed * 1e3, 3), **state["timings"],
             }))
+
+    def _template(self, scope: Scope) -> str:
+        """The route template of a request refused before routing (401, 413, ...), for the metrics."""
+        return next((template for regex, template in self.templates if regex.match(scope["path"])), "unmatched")
 
     def _refusal(self, path: str, headers: dict[str, str]) -> ServiceError | None:
         if self.api_key is None or path in OPEN_PATHS:
@@ -153,6 +183,39 @@ class RequestMiddleware:
         except asyncio.TimeoutError:
             refusal = RequestTimeout(f"the request body did not arrive within {self.body_timeout:g} s")
         return (b"", refusal) if refusal is not None else (b"".join(chunks), None)
+
+    def _decompress(self, body: bytes) -> tuple[bytes, ServiceError | None]:
+        """A gzip or zlib body, inflated to at most `max_body` bytes: the limit holds for what is parsed."""
+        inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)  # 32: gzip or zlib header, detected
+        try:
+            out = inflater.decompress(body, self.max_body + 1)
+        except zlib.error as exc:
+            return b"", MalformedRequest(f"the compressed body is corrupt: {exc}")
+        if len(out) > self.max_body:
+            return b"", PayloadTooLarge(f"the decompressed request body is larger than {self.max_body} bytes")
+        if not inflater.eof:
+            return b"", MalformedRequest("the compressed body is truncated")
+        return out, None
+
+
+def _media_refusal(path: str, headers: dict[str, str]) -> ServiceError | None:
+    """415 for a body the routes cannot read, before it is read."""
+    kind = headers.get("content-type", "").partition(";")[0].strip().lower()
+    allowed = V2_TYPES if path.startswith("/v2") else JSON_TYPES
+    if kind and kind not in allowed and not kind.endswith("+json"):
+        return UnsupportedMediaType(
+            f"Content-Type {printable(kind, 100)!r} is not accepted here; send {' or '.join(allowed)}")
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity" and encoding not in ENCODINGS:
+        return UnsupportedMediaType(
+            f"Content-Encoding {printable(encoding, 100)!r} is not supported; use gzip or deflate")
+    return None
+
+
+def _relative(location: bytes) -> bytes:
+    """`http://any-host/v1/info?x` -> `/v1/info?x`: a redirect never echoes the client's Host header."""
+    parts = urlsplit(location.decode("latin-1"))
+    return urlunsplit(("", "", parts.path or "/", parts.query, "")).encode("latin-1")
 
 
 def _replay(body: bytes, upstream: Receive) -> Receive:

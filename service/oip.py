@@ -2,14 +2,19 @@
 
 Input: one BYTES tensor `text` (shape [n] or [n, 1]), as JSON data or with Triton's binary tensor
 extension (the default of tritonclient). Request `parameters`: `preference` (a JSON string, or an
-object/list where the client allows it) and optional `tasks` (comma-separated). Outputs per task:
+object/list where the client allows it), optional `tasks` (comma-separated) and Triton's `timeout`
+(microseconds; it can shorten the request's deadline, never extend it). Outputs per task:
 `<task>_probabilities` FP32 [n, K_t] and `<task>_label` BYTES [n]. Responses are always JSON.
+The model has one version, "1"; every model route also answers under `/versions/1`, and other
+versions are 404. `/config` is a Triton-style model configuration (perf_analyzer reads it).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
+import time
 from functools import partial
 from typing import Any
 
@@ -69,9 +74,11 @@ class InferResponse(BaseModel):
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 
 
-def _check_model(name: str, service: Service) -> None:
+def _check_model(name: str, service: Service, version: str | None = None) -> None:
     if name != service.settings.model_name:
-        raise NotFound(f"unknown model {name!r}; this server serves {service.settings.model_name!r}")
+        raise NotFound(f"unknown model {printable(name, 100)!r}; this server serves {service.settings.model_name!r}")
+    if version is not None and version != VERSION:
+        raise NotFound(f"unknown version {printable(version, 100)!r} of model {name!r}; it has version {VERSION!r}")
 
 
 @router.get("", summary="server metadata")
@@ -91,22 +98,53 @@ async def ready(service: Service = Depends(get_service)) -> dict[str, bool]:
 
 
 @router.get("/models/{name}", summary="model metadata", responses=problems(404))
-async def model_metadata(name: str, service: Service = Depends(get_service)) -> dict[str, Any]:
-    _check_model(name, service)
+@router.get("/models/{name}/versions/{version}", include_in_schema=False)
+async def model_metadata(
+    name: str, version: str | None = None, service: Service = Depends(get_service),
+) -> dict[str, Any]:
+    _check_model(name, service, version)
     engine = service.engine
-    outputs = []
-    for task in engine.tasks:
-        outputs.append({"name": f"{task}_probabilities", "datatype": "FP32", "shape": [-1, len(engine.labels[task])]})
-        outputs.append({"name": f"{task}_label", "datatype": "BYTES", "shape": [-1]})
+    outputs = [{"name": out, "datatype": kind, "shape": shape} for out, kind, shape in _outputs(service)]
     return {"name": name, "versions": [VERSION], "platform": "reprmerge", "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
             "outputs": outputs, "parameters": {"bundle_id": engine.bundle_id, "tasks": ",".join(engine.tasks)}}
 
 
+def _outputs(service: Service) -> list[tuple[str, str, list[int]]]:
+    """(name, OIP datatype, shape) of every output tensor: per task, probabilities and label."""
+    specs = []
+    for task in service.engine.tasks:
+        specs.append((f"{task}_probabilities", "FP32", [-1, len(service.engine.labels[task])]))
+        specs.append((f"{task}_label", "BYTES", [-1]))
+    return specs
+
+
 @router.get("/models/{name}/ready", summary="model is ready", responses=problems(404, 503))
-async def model_ready(name: str, service: Service = Depends(get_service)) -> dict[str, Any]:
-    _check_model(name, service)
+@router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
+async def model_ready(name: str, version: str | None = None, service: Service = Depends(get_service)) -> dict[str, Any]:
+    _check_model(name, service, version)
     service.require_ready()
     return {"name": name, "ready": True}
+
+
+@router.get("/models/{name}/config", summary="Triton-style model configuration", responses=problems(404))
+@router.get("/models/{name}/versions/{version}/config", include_in_schema=False)
+async def model_config(
+    name: str, version: str | None = None, service: Service = Depends(get_service),
+) -> dict[str, Any]:
+    """What perf_analyzer and model_analyzer read: no implicit batch dimension (max_batch_size 0), full shapes."""
+    _check_model(name, service, version)
+    engine, s = service.engine, service.settings
+    triton_type = {"FP32": "TYPE_FP32", "BYTES": "TYPE_STRING"}
+    outputs = [{"name": out, "data_type": triton_type[kind], "dims": shape} for out, kind, shape in _outputs(service)]
+    return {
+        "name": name, "platform": "reprmerge", "backend": "reprmerge", "max_batch_size": 0,
+        "version_policy": {"specific": {"versions": [VERSION]}},
+        "input": [{"name": INPUT, "data_type": "TYPE_STRING", "dims": [-1]}], "output": outputs,
+        "dynamic_batching": {"max_queue_delay_microseconds": round(s.max_batch_wait * 1e6)},
+        "parameters": {"bundle_id": {"string_value": engine.bundle_id},
+                       "tasks": {"string_value": ",".join(engine.tasks)},
+                       "max_inputs": {"string_value": str(s.max_inputs)}},
+    }
 
 
 def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -128,19 +166,22 @@ _INFER_BODY = {"requestBody": {"required": True, "content": {"application/json":
 
 
 @router.post("/models/{name}/infer", response_model=InferResponse, summary="classify texts under a preference",
-             responses=problems(400, 401, 404, 413, 422, 429, 503, 504), openapi_extra=_INFER_BODY)
-@router.post("/models/{name}/versions/{version}/infer", response_model=InferResponse, include_in_schema=False)
+             responses=problems(400, 401, 404, 413, 415, 422, 429, 503, 504), openapi_extra=_INFER_BODY,
+             response_model_exclude_none=True)
+@router.post("/models/{name}/versions/{version}/infer", response_model=InferResponse, include_in_schema=False,
+             response_model_exclude_none=True)
 async def infer(
-    name: str, request: Request, response: Response,
+    name: str, request: Request, response: Response, version: str | None = None,
     timeout: str | None = Header(None, alias=TIMEOUT_HEADER),
     service: Service = Depends(get_service),
 ) -> InferResponse:
-    _check_model(name, service)
+    _check_model(name, service, version)
     deadline = service.deadline(timeout)
     req, blob = _split(await request.body(), request.headers.get(BINARY_HEADER))
-    texts = _texts(req, blob)
-    service.check_texts(texts, field="inputs.text")
     params = req.parameters or {}
+    deadline = min(deadline, _triton_deadline(params.get("timeout")))
+    texts, field = _texts(req, blob)
+    service.check_texts(texts, field=field)
     pref = _preference(params.get("preference"), service)
     tasks = service.tasks(_task_list(params.get("tasks")), field="parameters.tasks")
     wanted = _wanted_outputs(req, tasks)
@@ -159,6 +200,16 @@ async def infer(
         parameters={"bundle_id": service.engine.bundle_id, "preference_fingerprint": pref.fingerprint,
                     "preference": json.dumps(pref.as_dict())},
     )
+
+
+def _triton_deadline(timeout_us: Any) -> float:
+    """Triton's `timeout` request parameter (microseconds) as a monotonic deadline; inf when absent."""
+    if timeout_us is None:
+        return math.inf
+    if isinstance(timeout_us, bool) or not isinstance(timeout_us, (int, float)) or not 0 < timeout_us < math.inf:
+        raise InvalidInput(f"must be a positive number of microseconds, got {printable(repr(timeout_us), 50)}",
+                           field="parameters.timeout")
+    return time.monotonic() + min(timeout_us, 1e15) / 1e6  # clamped: an integer past float's range cannot divide
 
 
 def _split(raw: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
@@ -181,8 +232,8 @@ def _split(raw: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
         raise InvalidInput(err["msg"], field=field_of(tuple(err["loc"]))) from exc
 
 
-def _texts(req: InferRequest, blob: bytes) -> list[str]:
-    """The `text` input as strings, from JSON data or from its slice of the binary tail."""
+def _texts(req: InferRequest, blob: bytes) -> tuple[list[str], str]:
+    """The `text` input as strings, from JSON data or from its slice of the binary tail, and its field name."""
     offset = 0
     for i, tensor in enumerate(req.inputs):
         field = f"inputs[{i}]"
@@ -203,7 +254,7 @@ def _texts(req: InferRequest, blob: bytes) -> list[str]:
             count *= dim
         if count != len(texts) or len(tensor.shape) not in (1, 2) or tensor.shape[-1] != (len(texts) if len(tensor.shape) == 1 else 1):
             raise InvalidInput(f"shape {tensor.shape} does not match {len(texts)} texts (use [n] or [n, 1])", field=f"{field}.shape")
-        return texts
+        return texts, f"{field}.data"
     raise InvalidInput(f"an input named {INPUT!r} is required", field="inputs")
 
 

@@ -1,9 +1,11 @@
 """Running the app under uvicorn with a graceful drain on SIGTERM/SIGINT.
 
 Plain uvicorn closes its socket on the first signal. Here the first signal only starts a drain:
-the listener stays open so /readyz can answer 503 and late requests get a 503 problem (not a
-refused connection) while every admitted request is answered; then uvicorn shuts down. A second
-signal exits at once.
+the listener stays open so /readyz can answer 503 and late requests get a 503 problem (with
+`Connection: close`, not a refused connection) while every admitted request is answered. The
+listener stays open at least `drain_grace` seconds, even when idle, so probes see the 503; then
+uvicorn shuts down. Everything, drain, grace, open responses and shutdown, fits in `drain_timeout`
+plus about a second. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -51,12 +53,31 @@ class DrainingServer(uvicorn.Server):
         self._drain = asyncio.run_coroutine_threadsafe(self._drain_then_exit(), self._loop)  # type: ignore[assignment]
 
     async def _drain_then_exit(self) -> None:
-        log.info("draining: refusing new requests, answering admitted ones")
-        if not await self._service.drain():
+        settings, start = self._service.settings, time.monotonic()
+        budget = max(settings.drain_timeout - SHUTDOWN_RESERVE_S, 0.0)
+        grace = min(settings.drain_grace, budget)
+        log.info("draining: refusing new requests, answering admitted ones; listener open for at least %g s", grace)
+
+        async def drain() -> bool:
+            try:
+                return await asyncio.wait_for(self._service.drain(), budget)
+            except asyncio.TimeoutError:
+                return False
+
+        drained, _ = await asyncio.gather(drain(), asyncio.sleep(grace))
+        if not drained:
             log.warning("drain timed out with requests still queued")
+        # uvicorn then waits this long for responses being written: what is left of drain_timeout.
+        left = settings.drain_timeout - (time.monotonic() - start)
+        wait = max(left - SHUTDOWN_RESERVE_S / 2, SHUTDOWN_FLOOR_S)
+        self.config.timeout_graceful_shutdown = wait  # type: ignore[assignment]
         self.should_exit = True
 
 
+# Of drain_timeout, this much is kept for after the drain: uvicorn's wait for responses being
+# written (at least SHUTDOWN_FLOOR_S) and closing the batcher and its threads.
+SHUTDOWN_RESERVE_S = 1.0
+SHUTDOWN_FLOOR_S = 0.2
 FD_RESERVE = 64  # descriptors kept for the model files, logs and the listener when capping connections
 _REFUSED_RESPONSE = b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
 
@@ -129,7 +150,7 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[Guarde
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft - FD_RESERVE < max_connections:
         max_connections = max(1, soft - FD_RESERVE)
-        log.warning("open-file limit %d: serving at most %d connections", soft, max_connections)
+        log.info("open-file limit %d: serving at most %d connections", soft, max_connections)
     return type("Guarded", (GuardedProtocol,), {"header_timeout": header_timeout, "max_connections": max_connections})
 
 

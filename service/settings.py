@@ -38,7 +38,11 @@ class ServiceSettings(BaseSettings):
     max_batch_wait: float = Field(0.002, ge=0, le=1, description="seconds a batch may wait to fill while the model is busy")
     queue_limit: int = Field(256, ge=1, description="most requests waiting; more are refused with 429")
     default_timeout: float = Field(30.0, gt=0, description="deadline in seconds when a request sets no X-Request-Timeout")
-    drain_timeout: float = Field(30.0, gt=0, description="most seconds to finish accepted requests after SIGTERM")
+    drain_timeout: float = Field(
+        30.0, gt=0, description="most seconds from SIGTERM to exit (keep the pod's grace period above it)")
+    drain_grace: float = Field(
+        3.0, ge=0, description="seconds after SIGTERM that the listener stays open (within drain_timeout) even when "
+        "idle, so readiness probes and load balancers see 503 and stop routing before connections are refused")
 
     trace_backbone: bool = Field(
         True, description="run the backbone as a TorchScript trace (checked against eager at load; eager if it differs): "

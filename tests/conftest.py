@@ -12,6 +12,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from reprmerge_core.backbone import default_backbone_path  # noqa: E402
 from tests.helpers import make_tiny_backbone, make_random_bundle  # noqa: E402
 
 
@@ -25,3 +26,10 @@ def tiny_backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def random_bundle(tmp_path: Path, tiny_backbone_dir: Path) -> Path:
     """A valid bundle over the tiny backbone with statistics from random features."""
     return make_random_bundle(tmp_path / "bundle", tiny_backbone_dir, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session")
+def minilm_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle over the real MiniLM backbone (random statistics): for tests that need real backbone time."""
+    return make_random_bundle(tmp_path_factory.mktemp("minilm") / "bundle", default_backbone_path(),
+                              generator=torch.Generator().manual_seed(4), n=500)

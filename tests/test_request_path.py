@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import BertModel
 
-from reprmerge_core.backbone import Backbone, default_backbone_path
+from reprmerge_core.backbone import Backbone
 from reprmerge_core.preference import canonical_preference
 from service.batcher import Batcher
 from service.engine import Engine
@@ -164,10 +164,9 @@ def test_departed_clients_texts_never_reach_the_backbone(server: ServerProcess) 
     assert server.metric("reprmerge_batch_size_sum") - encoded_before == 60 * 32  # the 7 departed texts never ran
 
 
-def test_admission_refuses_what_would_miss_its_deadline_with_an_honest_retry_after(tmp_path: Path) -> None:
+def test_admission_refuses_what_would_miss_its_deadline_with_an_honest_retry_after(minilm_bundle: Path, tmp_path: Path) -> None:
     # The real MiniLM backbone: admission must weigh backbone time, which the 32-wide test model barely has.
-    bundle = make_random_bundle(tmp_path / "minilm", default_backbone_path(), torch.Generator().manual_seed(4), n=500)
-    srv = ServerProcess(bundle, tmp_path / "admission.log", "--max-batch-size", "32")
+    srv = ServerProcess(minilm_bundle, tmp_path / "admission.log", "--max-batch-size", "32")
     body = {"texts": [" ".join(["long"] * 30)] * 32}
     try:
         batch = float(httpx.post(f"{srv.url}/v1/predict", json=body).headers["x-inference-time"])

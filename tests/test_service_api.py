@@ -73,6 +73,9 @@ BAD_INPUTS = [
     ("lone surrogate in a text", {"texts": ["fine", "\ud800"]}, {}, 422, "texts[1]"),
     ("raw surrogate bytes in a text", b'{"texts": ["\xed\xa0\x80"]}', {}, 422, "texts[0]"),
     ("surrogate in a preference key", {"texts": ["a"], "preference": {"\ud800": 1}}, {}, 422, "preference.\\ud800"),
+    ("list element not a number", {"texts": ["a"], "preference": [1, "x", 0]}, {}, 422, "preference[1]"),
+    ("list element not a number in preferences", {"texts": ["a"], "preferences": [[1, 1, 1], [1, None, 0]]}, {}, 422,
+     "preferences[1][1]"),
     ("wrong key", OK, {"Authorization": "Bearer nope"}, 401, None),
     ("deadline passed", OK, {"X-Request-Timeout": "1e-9"}, 504, None),
 ]
@@ -145,6 +148,88 @@ def test_v2_bad_inputs_get_their_documented_problem(roomy: TestClient, name: str
     assert r.headers["content-type"] == "application/problem+json"
     problem = r.json()
     assert problem["status"] == status and problem.get("field") == field and problem["error"] == problem["detail"]
+
+
+def test_v2_versions_config_and_ids(roomy: TestClient, engine: Engine) -> None:
+    assert roomy.get("/v2/models/reprmerge/versions/1").json()["name"] == "reprmerge"
+    assert roomy.get("/v2/models/reprmerge/versions/1/ready").json()["ready"] is True
+    for path in ("/v2/models/reprmerge/versions/99", "/v2/models/reprmerge/versions/99/ready",
+                 "/v2/models/reprmerge/versions/99/config"):
+        assert roomy.get(path).status_code == 404, path
+    assert roomy.post("/v2/models/reprmerge/versions/99/infer", json=_v2()).status_code == 404
+    config = roomy.get("/v2/models/reprmerge/config").json()
+    assert config == roomy.get("/v2/models/reprmerge/versions/1/config").json()
+    assert config["name"] == "reprmerge" and config["max_batch_size"] == 0
+    assert config["input"] == [{"name": "text", "data_type": "TYPE_STRING", "dims": [-1]}]
+    assert {o["name"]: o["dims"] for o in config["output"]}["beta_probabilities"] == [-1, len(engine.labels["beta"])]
+    assert "id" not in roomy.post("/v2/models/reprmerge/infer", json=_v2()).json()
+    assert roomy.post("/v2/models/reprmerge/versions/1/infer", json=_v2(id="r1")).json()["id"] == "r1"
+
+
+def test_v2_timeout_parameter_is_the_deadline(roomy: TestClient) -> None:
+    assert roomy.post("/v2/models/reprmerge/infer", json=_v2(parameters={"timeout": 1})).status_code == 504  # 1 us
+    assert roomy.post("/v2/models/reprmerge/infer", json=_v2(parameters={"timeout": 10**400})).status_code == 200
+    bad = roomy.post("/v2/models/reprmerge/infer", json=_v2(parameters={"timeout": "soon"}))
+    assert bad.status_code == 422 and bad.json()["field"] == "parameters.timeout"
+
+
+def test_compressed_bodies_are_read_within_the_body_limit(roomy: TestClient) -> None:
+    import gzip
+    import zlib
+
+    raw = json.dumps(_v2(["a fine day", "a dreadful night"], parameters={"preference": '{"alpha": 1}'})).encode()
+    plain = roomy.post("/v2/models/reprmerge/infer", content=raw, headers={"Content-Type": "application/json"}).json()
+    for encoding, packed in (("gzip", gzip.compress(raw)), ("deflate", zlib.compress(raw))):
+        r = roomy.post("/v2/models/reprmerge/infer", content=packed,
+                       headers={"Content-Type": "application/json", "Content-Encoding": encoding})
+        assert r.status_code == 200 and r.json()["outputs"] == plain["outputs"], r.text
+    v1 = roomy.post("/v1/predict", content=gzip.compress(json.dumps(OK).encode()),
+                    headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert v1.status_code == 200
+    bomb = gzip.compress(b" " * (2 << 20) + b"{}")  # 2 MiB of spaces in 2 KB
+    cases = [(bomb, "gzip", 413), (b"not gzip at all", "gzip", 400), (gzip.compress(raw)[:-12], "gzip", 400),
+             (raw, "br", 415)]
+    for content, encoding, status in cases:
+        r = roomy.post("/v2/models/reprmerge/infer", content=content,
+                       headers={"Content-Type": "application/json", "Content-Encoding": encoding})
+        assert r.status_code == status and r.headers["content-type"] == "application/problem+json", (encoding, r.text)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_a_wrong_content_type_is_415(roomy: TestClient, content_type: str) -> None:
+    for path in ("/v1/predict", "/v2/models/reprmerge/infer"):
+        r = roomy.post(path, content=json.dumps(OK), headers={"Content-Type": content_type})
+        assert r.status_code == 415 and r.json()["status"] == 415, (path, r.text)
+    assert roomy.post("/v1/nowhere", content="x", headers={"Content-Type": content_type}).status_code == 404
+
+
+def test_http_details(roomy: TestClient) -> None:
+    """405 names the allowed methods; slash redirects stay on the server; a huge echoed name is clipped once."""
+    r = roomy.get("/v1/predict")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["status"] == 405
+    r = roomy.get("/v1/info/", headers={"Host": "evil.example"}, follow_redirects=False)
+    assert r.status_code in (307, 308) and r.headers["location"] == "/v1/info"
+    key = "k" * 100_000
+    for body in ({"texts": ["a"], "preference": {key: 1}}, {"texts": ["a"], "tasks": [key]}):
+        r = roomy.post("/v1/predict", json=body)
+        assert r.status_code == 422 and len(r.content) < 3000, len(r.content)
+
+
+def test_refusals_are_counted_under_their_route(client: TestClient) -> None:
+    assert client.post("/v1/predict", json=OK, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.post("/v2/models/reprmerge/infer", json=_v2(), headers={"Authorization": ""}).status_code == 401
+    text = client.get("/metrics").text
+    assert 'reprmerge_requests_total{code="401",route="/v1/predict"}' in text
+    assert 'reprmerge_requests_total{code="401",route="/v2/models/{name}/infer"}' in text
+
+
+def test_openapi_documents_the_configured_limits(client: TestClient) -> None:
+    bodies = client.get("/openapi.json").json()["components"]["schemas"]
+    texts = bodies["PredictRequest"]["properties"]["texts"]
+    assert texts["maxItems"] == 4 and texts["items"]["maxLength"] == 50  # the settings of `_client`
+    for name in ("PredictRequest", "TradeoffRequest"):
+        prefs = bodies[name]["properties"]["preferences"]["anyOf"][0]
+        assert prefs["maxItems"] == 3 and bodies[name]["not"]["required"] == ["preference", "preferences"]
 
 
 def test_a_bad_text_never_reaches_the_model(engine: Engine) -> None:

@@ -224,6 +224,28 @@ def test_unmodified_triton_client_gets_correct_answers(server: ServerProcess) ->
     client.close()
 
 
+def test_triton_client_versions_config_compression_and_timeout(server: ServerProcess) -> None:
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    assert client.is_model_ready("reprmerge", "1") and not client.is_model_ready("reprmerge", "99")
+    assert client.get_model_metadata("reprmerge", "1")["name"] == "reprmerge"
+    assert client.get_model_config("reprmerge")["input"][0]["name"] == "text"
+    inp = triton.InferInput("text", [2], "BYTES")
+    inp.set_data_from_numpy(np.array(["a lazy dog", "seven tired wizards"], dtype=object))
+    plain = client.infer("reprmerge", [inp]).as_numpy("alpha_probabilities")
+    for algorithm in ("gzip", "deflate"):
+        packed = client.infer("reprmerge", [inp], request_compression_algorithm=algorithm)
+        assert np.array_equal(packed.as_numpy("alpha_probabilities"), plain)
+        assert "id" not in packed.get_response()
+    with pytest.raises(InferenceServerException, match="deadline|[Dd]eadline|504"):
+        client.infer("reprmerge", [inp], timeout=1)  # microseconds
+    with pytest.raises(InferenceServerException):
+        client.infer("reprmerge", [inp], model_version="99")
+    client.close()
+
+
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
 def test_fuzzing_the_openapi_schema_finds_no_server_error(server: ServerProcess, mode: GenerationMode) -> None:
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
@@ -371,3 +393,56 @@ def test_a_misconfigured_key_refuses_to_start_instead_of_serving_without_auth(
 
 def test_the_startup_log_says_whether_auth_is_on(server: ServerProcess) -> None:
     assert "auth off" in server.log.read_text()
+
+
+def _finished_after(srv: ServerProcess, since: float, limit: float = 60) -> float:
+    """Seconds from `since` until uvicorn logs that it finished (interpreter teardown after that is not counted)."""
+    while "Finished server process" not in srv.log.read_text():
+        assert time.monotonic() - since < limit, srv.log.read_text()
+        time.sleep(0.02)
+    return time.monotonic() - since
+
+
+def test_an_idle_server_answers_503_with_connection_close_for_the_drain_grace(bundle: Path, tmp_path: Path) -> None:
+    srv = ServerProcess(bundle, tmp_path / "grace.log")
+    try:
+        with httpx.Client(base_url=srv.url, timeout=5) as c:
+            srv.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            time.sleep(0.3)  # an idle server used to close its listener ~40 ms after the signal
+            ready = c.get("/readyz")
+            late = c.post("/v1/predict", json={"texts": ["too late"]})
+        assert ready.status_code == 503 and ready.headers["connection"] == "close"
+        assert late.status_code == 503 and late.headers["connection"] == "close"
+        assert 3.0 <= _finished_after(srv, signalled) < 4.5  # the default drain_grace of 3 s, then a prompt exit
+        assert srv.proc.wait(timeout=60) == 0
+    finally:
+        srv.stop()
+
+
+def test_shutdown_under_load_is_bounded_by_the_drain_timeout(
+    minilm_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Far more queued work than 2 s can answer: the server finishes 2 s (+ a small constant) after SIGTERM."""
+    monkeypatch.setenv("REPRMERGE_DRAIN_TIMEOUT", "2")
+    # The real MiniLM backbone: 100 batches of 32 texts are several seconds of work on any CPU.
+    srv = ServerProcess(minilm_bundle, tmp_path / "bounded.log", "--max-batch-size", "32", "--queue-limit", "1000")
+
+    async def scenario() -> float:
+        full_batches = [{"texts": [" ".join(WORDS * 2)] * 32} for _ in range(150)]
+        load = asyncio.ensure_future(_fire(srv.url, full_batches))  # type: ignore[arg-type]
+        deadline = time.monotonic() + 60
+        while srv.metric("reprmerge_queue_depth") < 100:
+            assert time.monotonic() < deadline, "the queue never filled"
+            await asyncio.sleep(0.05)
+        srv.proc.send_signal(signal.SIGTERM)
+        elapsed = await asyncio.get_running_loop().run_in_executor(None, _finished_after, srv, time.monotonic())
+        await asyncio.gather(load, return_exceptions=True)
+        return elapsed
+
+    try:
+        elapsed = asyncio.run(scenario())
+        assert "drain timed out" in srv.log.read_text()
+        assert elapsed < 2 + 1.5, f"shutdown took {elapsed:.1f} s with drain_timeout 2 s"
+    finally:
+        srv.stop()
