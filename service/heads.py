@@ -90,6 +90,7 @@ class Heads:
 
     @property
     def depth(self) -> int:
+        """Work items waiting (not the one running)."""
         return len(self._queue)
 
     # -- what the rest of the service calls ----------------------------------------------------

@@ -7,9 +7,11 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -25,6 +27,7 @@ from service.settings import ServiceSettings
 from tests.helpers import make_random_bundle
 
 TASKS = ("alpha", "beta", "gamma")
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -43,26 +46,28 @@ def _fresh(n: int, seed: int) -> list[Preference]:
 
 
 class Recording:
-    """Wraps an engine method: records what each call was given, then runs the real thing."""
+    """Wraps an engine method: records the preferences of each call, then runs the real thing."""
 
-    def __init__(self, fn: object) -> None:
-        self.fn, self.calls = fn, []  # type: ignore[var-annotated]
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.calls: list[tuple[Any, ...]] = []
 
-    def __call__(self, *args: object) -> object:
+    def __call__(self, *args: Any) -> Any:
         self.calls.append(args)
-        return self.fn(*args)  # type: ignore[operator]
+        return self.fn(*args)
 
 
 @pytest.fixture()
-def recorded(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Recording]]:
+def recorded(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> dict[str, Recording]:
     calls = {name: Recording(getattr(engine, name)) for name in ("fold", "tradeoff", "apply")}
     for name, rec in calls.items():
         monkeypatch.setattr(engine, name, rec)
-    yield calls
+    return calls
 
 
-def _run(engine: Engine, scenario, **overrides: object) -> object:  # type: ignore[no-untyped-def]
-    async def main() -> object:
+def _run(engine: Engine, scenario: Callable[[Heads], Awaitable[T]], **overrides: object) -> T:
+    """Run `scenario` against a started Heads on `engine`, then stop it."""
+    async def main() -> T:
         heads = Heads(engine, _settings(engine, **overrides), Metrics())
         heads.start()
         try:
@@ -73,9 +78,17 @@ def _run(engine: Engine, scenario, **overrides: object) -> object:  # type: igno
     return asyncio.run(main())
 
 
-def test_apply_jumps_ahead_of_queued_tradeoffs(engine: Engine, recorded: dict[str, Recording]) -> None:
+def test_apply_jumps_ahead_of_queued_tradeoffs(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """A victim's prediction waits for at most the one item running, not for every queued trade-off."""
     order: list[str] = []
+    gate = threading.Event()  # holds the first trade-off on the heads thread until the others are queued
+    real = engine.tradeoff
+
+    def gated(prefs: list[Preference]) -> list[tuple[float, ...]]:
+        gate.wait(timeout=30)
+        return real(prefs)
+
+    monkeypatch.setattr(engine, "tradeoff", gated)
 
     async def scenario(heads: Heads) -> None:
         head = next(iter((await heads.get_many(_fresh(1, 0), math.inf)).values()))
@@ -90,11 +103,16 @@ def test_apply_jumps_ahead_of_queued_tradeoffs(engine: Engine, recorded: dict[st
             order.append("apply")
 
         flood = [asyncio.create_task(tradeoff(i)) for i in range(6)]
-        await asyncio.sleep(0)  # the trade-offs are queued, the first one runs
-        await asyncio.gather(*flood, apply())
+        while heads.depth < 5:  # the first trade-off runs (held), the other five wait
+            await asyncio.sleep(0.001)
+        victim = asyncio.create_task(apply())
+        while heads.depth < 6:
+            await asyncio.sleep(0.001)
+        gate.set()
+        await asyncio.gather(*flood, victim)
 
     _run(engine, scenario)
-    assert order.index("apply") <= 1, order
+    assert order[:2] == ["tradeoff0", "apply"], order
 
 
 def test_full_queue_refuses_tradeoffs_with_retry_after_and_batch_work_still_runs(engine: Engine, recorded: dict[str, Recording]) -> None:
@@ -104,7 +122,7 @@ def test_full_queue_refuses_tradeoffs_with_retry_after_and_batch_work_still_runs
         found = await heads.get_many(_fresh(3, 300), math.inf)  # a batch's folds are never refused
         return await asyncio.gather(*flood, return_exceptions=True), found
 
-    results, found = _run(engine, scenario, heads_queue_limit=2)  # type: ignore[misc]
+    results, found = _run(engine, scenario, heads_queue_limit=2)
     refused = [r for r in results if isinstance(r, QueueFull)]
     assert refused and all(int(r.headers["Retry-After"]) >= 1 for r in refused)
     assert sum(isinstance(r, list) for r in results) >= 2
@@ -128,7 +146,7 @@ def test_tradeoffs_are_cached_by_fingerprint_and_equal_the_solver(engine: Engine
     async def scenario(heads: Heads) -> tuple[list[tuple[float, ...]], list[tuple[float, ...]]]:
         return await heads.tradeoff(prefs, math.inf), await heads.tradeoff(prefs[::-1], math.inf)
 
-    first, second = _run(engine, scenario)  # type: ignore[misc]
+    first, second = _run(engine, scenario)
     assert len(recorded["tradeoff"].calls) == 1 and second == first[::-1]
     want = engine.folder.solver.tradeoff(torch.tensor([p.weights for p in prefs], dtype=torch.float64))
     torch.testing.assert_close(torch.tensor(first, dtype=torch.float64), want, rtol=1e-12, atol=0)
