@@ -47,11 +47,10 @@ class ServiceSettings(BaseSettings):
 
     # The heads thread (service/heads.py).
     heads_queue_limit: int = Field(
-        32, ge=1, description="most work items waiting for the heads thread before trade-offs are refused with 429")
+        64, ge=1, description="most trade-off preferences waiting for or on the heads thread; more are refused with 429")
     fold_chunk_bytes: int = Field(
-        64 << 20, ge=1, description="bound on the temporaries of one head solve or trade-off (chunks run one at a time "
-                                    "on the heads thread); more preferences are solved in chunks (tiny bundle, d = 384: "
-                                    "26 per fold chunk, 9 per trade-off chunk)")
+        64 << 20, ge=1, description="bound on the temporaries of one head solve (chunks run one at a time on the heads "
+                                    "thread); more preferences are solved in chunks (d = 384: 26 per chunk)")
     tradeoff_cache_entries: int = Field(4096, ge=0, description="trade-off results kept, by preference fingerprint")
     fail_solve_fingerprint: str | None = Field(
         None, pattern=r"^[0-9a-f]{16}$",
