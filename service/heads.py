@@ -7,9 +7,8 @@ Everything that runs on the heads thread goes through one priority queue here:
   than the one item running.
 A trade-off request is refused at admission with 429 (Retry-After from the queued work) when its
 new preferences would take the trade-offs in flight past `heads_queue_limit` or its deadline
-would pass first; batch work is
-always taken (the batcher bounds it: one apply and the fold chunks of one batch at a time). An item
-whose deadline passed is dropped before it runs (504). Folds and trade-offs are cached by preference
+would pass first; batch work is always taken (the batcher bounds it: one apply and the fold
+chunks of one batch at a time). An item whose deadline passed is dropped before it runs (504). Folds and trade-offs are cached by preference
 fingerprint (service.head_cache). Folds run in chunks of at most `fold_chunk_bytes` of temporaries;
 a trade-off item holds one preference (batching them gains ~5%: 16 at d = 384 take 226 ms at once,
 239 ms one by one), so an apply waits for at most one preference's losses. A solve that fails fails
@@ -93,7 +92,7 @@ class Heads:
             if not item.future.done():
                 item.future.set_exception(Unavailable("the service is shutting down", headers={"Retry-After": "1"}))
         self._queue.clear()
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     @property
     def depth(self) -> int:
@@ -185,6 +184,5 @@ class Heads:
             else:
                 if not item.future.done():
                     item.future.set_result(result)
-            finally:
-                self._running = None
+            self._running = None  # left set if the worker is cancelled mid-item: `stop` answers its caller
             self._seconds[item.priority] = 0.8 * self._seconds[item.priority] + 0.2 * (time.monotonic() - start)

@@ -20,7 +20,7 @@ import torch
 from reprmerge_core.preference import Preference, canonical_preference
 from service.app import create_app
 from service.engine import Engine, Head, HeadGroup
-from service.errors import DeadlineExceeded, QueueFull
+from service.errors import DeadlineExceeded, QueueFull, Unavailable
 from service.heads import Heads
 from service.metrics import Metrics
 from service.settings import ServiceSettings
@@ -113,6 +113,24 @@ def test_apply_jumps_ahead_of_queued_tradeoffs(engine: Engine, monkeypatch: pyte
 
     _run(engine, scenario)
     assert order[:2] == ["tradeoff0", "apply"], order
+
+
+def test_stop_answers_the_running_and_the_queued_items(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = threading.Event()
+    real = engine.tradeoff
+    monkeypatch.setattr(engine, "tradeoff", lambda prefs: (gate.wait(timeout=30), real(prefs))[1])
+
+    async def scenario() -> list[object]:
+        heads = Heads(engine, _settings(engine), Metrics())
+        heads.start()
+        waiting = [asyncio.create_task(heads.tradeoff(_fresh(1, 800 + i), math.inf)) for i in range(3)]
+        while heads.depth < 2:  # one runs (held), two wait
+            await asyncio.sleep(0.001)
+        threading.Timer(0.2, gate.set).start()  # the running item finishes only after stop began
+        await heads.stop()
+        return await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), timeout=10)
+
+    assert all(isinstance(r, Unavailable) and r.status == 503 for r in asyncio.run(scenario()))
 
 
 def test_full_queue_refuses_tradeoffs_with_retry_after_and_batch_work_still_runs(engine: Engine, recorded: dict[str, Recording]) -> None:
