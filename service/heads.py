@@ -94,6 +94,15 @@ class Heads:
         self._queue.clear()
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
+    async def drain(self, timeout: float) -> bool:
+        """Wait until no work is queued, running or about to be queued; False on timeout."""
+        end = time.monotonic() + timeout
+        while self._queue or self._running or self.cache.pending or self.tradeoffs.pending:
+            if time.monotonic() > end:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
     @property
     def depth(self) -> int:
         """Work items waiting (not the one running)."""

@@ -133,6 +133,28 @@ def test_stop_answers_the_running_and_the_queued_items(engine: Engine, monkeypat
     assert all(isinstance(r, Unavailable) and r.status == 503 for r in asyncio.run(scenario()))
 
 
+def test_drain_answers_admitted_tradeoffs_before_close(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Draining used to wait for batches only: a trade-off still on the heads thread got 503 at close."""
+    gate = threading.Event()
+
+    async def scenario() -> httpx.Response:
+        app = create_app(_settings(engine), engine)
+        service = app.state.service
+        await service.start()
+        real = engine.tradeoff
+        monkeypatch.setattr(engine, "tradeoff", lambda prefs: (gate.wait(timeout=30), real(prefs))[1])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc") as c:
+            request = asyncio.create_task(c.post("/v1/tradeoff", json={"preference": [3, 1, 1]}))
+            while not service.heads.tradeoffs.pending:
+                await asyncio.sleep(0.001)
+            threading.Timer(0.2, gate.set).start()
+            assert await service.drain()
+            await service.close()
+            return await request
+
+    assert asyncio.run(scenario()).status_code == 200
+
+
 def test_full_queue_refuses_tradeoffs_with_retry_after_and_batch_work_still_runs(engine: Engine, recorded: dict[str, Recording]) -> None:
     async def scenario(heads: Heads) -> tuple[list[object], dict[str, object]]:
         flood = [asyncio.create_task(heads.tradeoff(_fresh(1, 200 + i), math.inf)) for i in range(8)]
