@@ -65,6 +65,18 @@ def recorded(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> dict[str, Recor
     return calls
 
 
+def _hold_tradeoffs(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Trade-offs wait on the heads thread until the returned event is set, then run for real."""
+    gate, real = threading.Event(), engine.tradeoff
+
+    def held(prefs: list[Preference]) -> list[tuple[float, ...]]:
+        gate.wait(timeout=30)
+        return real(prefs)
+
+    monkeypatch.setattr(engine, "tradeoff", held)
+    return gate
+
+
 def _run(engine: Engine, scenario: Callable[[Heads], Awaitable[T]], **overrides: object) -> T:
     """Run `scenario` against a started Heads on `engine`, then stop it."""
     async def main() -> T:
@@ -81,14 +93,7 @@ def _run(engine: Engine, scenario: Callable[[Heads], Awaitable[T]], **overrides:
 def test_apply_jumps_ahead_of_queued_tradeoffs(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """A victim's prediction waits for at most the one item running, not for every queued trade-off."""
     order: list[str] = []
-    gate = threading.Event()  # holds the first trade-off on the heads thread until the others are queued
-    real = engine.tradeoff
-
-    def gated(prefs: list[Preference]) -> list[tuple[float, ...]]:
-        gate.wait(timeout=30)
-        return real(prefs)
-
-    monkeypatch.setattr(engine, "tradeoff", gated)
+    gate = _hold_tradeoffs(engine, monkeypatch)  # the first trade-off runs until the others are queued
 
     async def scenario(heads: Heads) -> None:
         head = next(iter((await heads.get_many(_fresh(1, 0), math.inf)).values()))
@@ -116,9 +121,7 @@ def test_apply_jumps_ahead_of_queued_tradeoffs(engine: Engine, monkeypatch: pyte
 
 
 def test_stop_answers_the_running_and_the_queued_items(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    gate = threading.Event()
-    real = engine.tradeoff
-    monkeypatch.setattr(engine, "tradeoff", lambda prefs: (gate.wait(timeout=30), real(prefs))[1])
+    gate = _hold_tradeoffs(engine, monkeypatch)
 
     async def scenario() -> list[object]:
         heads = Heads(engine, _settings(engine), Metrics())
@@ -135,14 +138,11 @@ def test_stop_answers_the_running_and_the_queued_items(engine: Engine, monkeypat
 
 def test_drain_answers_admitted_tradeoffs_before_close(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """Draining used to wait for batches only: a trade-off still on the heads thread got 503 at close."""
-    gate = threading.Event()
-
     async def scenario() -> httpx.Response:
         app = create_app(_settings(engine), engine)
         service = app.state.service
-        await service.start()
-        real = engine.tradeoff
-        monkeypatch.setattr(engine, "tradeoff", lambda prefs: (gate.wait(timeout=30), real(prefs))[1])
+        await service.start()  # its warm-up runs trade-offs: hold them only from here
+        gate = _hold_tradeoffs(engine, monkeypatch)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc") as c:
             request = asyncio.create_task(c.post("/v1/tradeoff", json={"preference": [3, 1, 1]}))
             while not service.heads.tradeoffs.pending:
@@ -199,7 +199,10 @@ def test_folds_and_tradeoffs_run_in_chunks_within_the_byte_budget(engine: Engine
 
     async def scenario(heads: Heads) -> dict[str, object]:
         await heads.tradeoff(prefs, math.inf)
-        return await heads.get_many(prefs, math.inf)
+        found = await heads.get_many(prefs, math.inf)
+        # The cache counts the bytes its heads really hold: one (K, d) storage each, nothing shared.
+        assert heads.cache.cost == sum(h.weight.untyped_storage().nbytes() for h in found.values()) > 0  # type: ignore[union-attr]
+        return found
 
     found = _run(engine, scenario, fold_chunk_bytes=budget)
     sizes = sorted(len(args[0]) for args in recorded["fold"].calls)
