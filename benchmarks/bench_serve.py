@@ -1,4 +1,4 @@
-"""Serving benchmark; the same as `reprmerge bench serve` (see service/bench.py for the cases)."""
+"""Serving benchmark; the same as `reprmerge bench serve` (see reprmerge_bench/serve.py for the cases)."""
 
 import sys
 

@@ -96,6 +96,25 @@ class Backbone:
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return {k: v for k, v in enc.items()}
 
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Truncated token ids per text, unpadded: a server tokenises each request once at admission
+        and pads per batch with `collate`, so padding depends on the batch, not on the request."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+
+    def collate(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Pad `token_ids` rows into one batch, as `tokenize` would have padded the same texts."""
+        width = max(map(len, rows), default=0)
+        pad, left = self.tokenizer.pad_token_id or 0, self.tokenizer.padding_side == "left"
+        ids, mask = [], []
+        for row in rows:
+            fill = width - len(row)
+            ids.append([pad] * fill + list(row) if left else list(row) + [pad] * fill)
+            mask.append([0] * fill + [1] * len(row) if left else [1] * len(row) + [0] * fill)
+        batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
+        if "token_type_ids" in self.tokenizer.model_input_names:
+            batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+        return batch
+
     @torch.inference_mode()
     def embed_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pooled representations (batch, d) of an already tokenised batch."""

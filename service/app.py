@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,9 +15,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reprmerge_core import __version__
 from service import oip
-from service.deps import get_service, problems, set_timings
+from service.deps import disconnected, get_service, problems, set_timings
 from service.engine import Engine
-from service.errors import InvalidInput, MalformedRequest, ServiceError, from_status
+from service.errors import InvalidInput, MalformedRequest, ServiceError, field_of, from_status
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware, problem_response
 from service.runtime import TIMEOUT_HEADER, Service
@@ -30,17 +31,6 @@ DESCRIPTION = """Per-request trade-offs between the tasks of one merged backbone
 Every request names a preference over tasks; its closed-form correction is folded into the task
 heads (cached by canonical preference), and requests with different preferences share one
 backbone pass. Errors are `application/problem+json` (RFC 9457)."""
-
-
-def field_of(loc: tuple[int | str, ...]) -> str:
-    """`('body', 'preference', 'dict[str,float]', 'a')` -> `preference.a`: drop the location and union tags."""
-    out = ""
-    for part in loc[1:] if loc and loc[0] in ("body", "query", "header", "path") else loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif "[" not in part:
-            out += f".{part}" if out else part
-    return out or "body"
 
 
 def _request_id(request: Request) -> str:
@@ -108,15 +98,16 @@ async def info(service: Service = Depends(get_service)) -> InfoResponse:
              summary="labels and class probabilities per input, task and preference",
              responses=problems(400, 401, 413, 422, 429, 503, 504))
 async def predict(
-    body: PredictRequest, request: Request, response: Response,
-    timeout: str | None = TimeoutHeader, service: Service = Depends(get_service),
-) -> PredictResponse:
+    body: PredictRequest, request: Request, timeout: str | None = TimeoutHeader,
+    service: Service = Depends(get_service),
+) -> Response:
     deadline = service.deadline(timeout)
     prefs, tasks = service.preferences(body), service.tasks(body.tasks)
     service.check_texts(body.texts)
-    result = await service.infer(body.texts, prefs, deadline)
-    set_timings(request, response, result)
-    return service.predict_response(prefs, tasks, result)
+    result = await service.infer(body.texts, prefs, deadline, partial(disconnected, request))
+    answer = Response(await service.render(service.predict_body, prefs, tasks, result), media_type="application/json")
+    set_timings(request, answer, result)
+    return answer
 
 
 @router.post("/v1/tradeoff", response_model=TradeoffResponse, tags=["v1"],
@@ -147,5 +138,6 @@ def create_app(settings: ServiceSettings, engine: Engine, metrics: Metrics | Non
     app.include_router(router)
     app.include_router(oip.router)
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
-    app.add_middleware(RequestMiddleware, metrics=service.metrics, max_body_bytes=settings.max_body_bytes, api_key=api_key)
+    app.add_middleware(RequestMiddleware, metrics=service.metrics, max_body_bytes=settings.max_body_bytes,
+                       body_timeout=settings.body_timeout, api_key=api_key)
     return app

@@ -1,11 +1,15 @@
 """Dynamic batching with admission control: one backbone pass answers many requests and preferences.
 
-Admission refuses work the service cannot finish (queue full -> 429 with Retry-After, draining ->
-503); the worker drops jobs whose deadline passed or whose caller left before they reach the model
-(504). A batch starts as soon as the model is free: it waits up to `max_wait` for more work only
-when the previous batch was full, so an idle service adds no latency. Heads missing from the
-cache are solved (service.heads) while the backbone encodes the batch; a job whose head could not
-be solved gets that error, its batch-mates their answers.
+The request path is a pipeline, as in text-embeddings-inference: requests arrive already tokenised
+(at admission, on the tokenizer pool), the worker fills a batch from the queue by a padded-token
+budget and a text cap, and hands it to the inference thread; while the backbone runs, the heads of
+that batch are solved on the heads thread and the previous batch's heads are applied, so the next
+batch starts as soon as the backbone is free.
+
+Admission refuses work the service cannot finish: draining -> 503; queue full, or an estimated wait
+(queued padded tokens over the measured throughput) past the request's deadline -> 429 with a
+Retry-After from the same estimate. The worker drops jobs whose deadline passed (504) or whose
+client left (never encoded) before they reach the model.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -22,20 +26,32 @@ import torch
 
 from reprmerge_core.preference import Preference
 from service.engine import Engine, Head, HeadGroup
-from service.errors import DeadlineExceeded, QueueFull, ServiceError, Unavailable
+from service.errors import ClientGone, DeadlineExceeded, QueueFull, ServiceError, Unavailable
 from service.heads import Heads
 from service.metrics import Metrics
+
+# Batches encoded but not yet answered (heads applied on the heads thread): bounds the memory of
+# the pipeline while letting the backbone run ahead by one batch.
+MAX_BATCHES_IN_FLIGHT = 2
 
 
 @dataclass
 class Job:
-    """One request: its texts answered under each of its preferences."""
+    """One request, tokenised: its texts answered under each of its preferences."""
 
-    texts: Sequence[str]
+    ids: Sequence[Sequence[int]]  # token ids per text, unpadded
     prefs: Sequence[Preference]
     deadline: float  # time.monotonic()
     future: asyncio.Future[JobResult]
     enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def width(self) -> int:
+        return max(map(len, self.ids), default=1)
+
+    @property
+    def padded_tokens(self) -> int:
+        return len(self.ids) * self.width
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,24 @@ class JobResult:
     probabilities: list[torch.Tensor]
     queue_time: float
     inference_time: float
+
+
+class Throughput:
+    """Backbone seconds per padded token, averaged over recent batches weighted by their size.
+
+    Ratio of two moving sums rather than a mean of ratios, so a burst of tiny batches (dominated by
+    fixed overhead) cannot make the service believe it is slow and refuse work it could do.
+    """
+
+    def __init__(self, tokens: float, seconds: float, decay: float = 0.9) -> None:
+        self._tokens, self._seconds, self._decay = tokens, seconds, decay
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self._tokens = self._decay * self._tokens + tokens
+        self._seconds = self._decay * self._seconds + seconds
+
+    def seconds(self, tokens: float) -> float:
+        return tokens * self._seconds / max(self._tokens, 1.0)
 
 
 class Batcher:
@@ -58,53 +92,94 @@ class Batcher:
         metrics: Metrics,
         *,
         max_batch_size: int,
+        max_batch_tokens: int,
         max_wait: float,
         queue_limit: int,
     ) -> None:
         self._engine, self._heads, self._metrics = engine, heads, metrics
         self._executor = executor
-        self._max_batch, self._max_wait, self._limit = max_batch_size, max_wait, queue_limit
+        self._max_batch, self._max_tokens = max_batch_size, max_batch_tokens
+        self._max_wait, self._limit = max_wait, queue_limit
         self._queue: deque[Job] = deque()
+        self._queued_tokens = 0
+        self._running_tokens = 0
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._unanswered = 0
         self._draining = False
-        self._batch_seconds = 0.05  # running estimate, for Retry-After
+        self.throughput = Throughput(tokens=1024, seconds=0.05)  # replaced by measurements from the warm-up on
+        self._in_flight = asyncio.Semaphore(MAX_BATCHES_IN_FLIGHT)
+        self._finishing: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="batcher")
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        tasks = [t for t in (self._worker, *self._finishing) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @property
     def depth(self) -> int:
         return len(self._queue)
 
-    async def submit(self, texts: Sequence[str], prefs: Sequence[Preference], deadline: float) -> JobResult:
-        """Admit a request and wait for its answer, or refuse it now."""
+    def estimated_wait(self, extra_tokens: int = 0) -> float:
+        """Seconds until a job queued now (of `extra_tokens` padded tokens) is answered, from queued work."""
+        return self.throughput.seconds(self._running_tokens + self._queued_tokens + extra_tokens)
+
+    async def submit(
+        self, ids: Sequence[Sequence[int]], prefs: Sequence[Preference], deadline: float,
+        gone: Callable[[], Awaitable[object]] | None = None,
+    ) -> JobResult:
+        """Admit a tokenised request and wait for its answer, or refuse it now.
+
+        `gone()` resolves when the client disconnects: the job is then dropped before the model
+        (counted as `client_gone`) and `ClientGone` is raised.
+        """
         if self._draining:
             self._metrics.rejections.labels("draining").inc()
-            raise Unavailable("the service is shutting down; retry on another replica", headers={"Retry-After": "1"})
-        if len(self._queue) >= self._limit:
-            self._metrics.rejections.labels("queue_full").inc()
-            raise QueueFull(f"{len(self._queue)} requests are queued (limit {self._limit})",
-                            headers={"Retry-After": str(self._retry_after())})
-        job = Job(texts, prefs, deadline, asyncio.get_running_loop().create_future())
+            raise Unavailable("the service is shutting down; retry on another replica",
+                              headers={"Retry-After": "1", "Connection": "close"})
+        job = Job(ids, prefs, deadline, asyncio.get_running_loop().create_future())
+        self._admit(job)
         self._queue.append(job)
+        self._queued_tokens += job.padded_tokens
         self._unanswered += 1
         self._idle.clear()
         self._metrics.queue_depth.set(len(self._queue))
         self._wakeup.set()
+        watcher = asyncio.ensure_future(gone()) if gone is not None else None
         try:
-            return await asyncio.shield(job.future)
+            if watcher is None:
+                return await asyncio.shield(job.future)
+            await asyncio.wait({job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if job.future.done():
+                return job.future.result()
+            raise ClientGone("the client disconnected before its answer")
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if not job.future.done():  # the caller left: the worker skips the job
                 job.future.cancel()
+
+    def _admit(self, job: Job) -> None:
+        """Refuse a job that would wait past its deadline, or any job beyond the queue limit."""
+        if len(self._queue) >= self._limit:
+            self._metrics.rejections.labels("queue_full").inc()
+            raise QueueFull(f"{len(self._queue)} requests are queued (limit {self._limit})",
+                            headers={"Retry-After": self._retry_after()})
+        if self._queue or self._running_tokens:
+            wait, budget = self.estimated_wait(job.padded_tokens), job.deadline - time.monotonic()
+            if wait > budget:
+                self._metrics.rejections.labels("overloaded").inc()
+                raise QueueFull(f"the estimated wait ({wait:.2f} s for the queued work) exceeds this request's "
+                                f"deadline ({budget:.2f} s)", headers={"Retry-After": self._retry_after()})
+
+    def _retry_after(self) -> str:
+        return str(max(1, math.ceil(self.estimated_wait())))
 
     async def drain(self, timeout: float) -> bool:
         """Stop admitting and wait until every admitted job is answered; False on timeout."""
@@ -115,76 +190,111 @@ class Batcher:
             return False
         return True
 
-    def _retry_after(self) -> int:
-        batches_ahead = len(self._queue) / self._max_batch + 1
-        return max(1, math.ceil(batches_ahead * self._batch_seconds))
-
     def _answered(self, job: Job) -> None:
         self._unanswered -= 1
         if self._unanswered == 0:
             self._idle.set()
 
+    def _fills_batch(self) -> bool:
+        texts = sum(len(j.ids) for j in self._queue)
+        return texts >= self._max_batch or self._queued_tokens >= self._max_tokens
+
     async def _next_batch(self, linger: bool) -> list[Job]:
+        """Wait for work, then take live jobs in order while the batch stays within both budgets."""
         while not self._queue:
             self._wakeup.clear()
             await self._wakeup.wait()
-        if linger and self._max_wait > 0 and self._size(self._queue) < self._max_batch:
+        if linger and self._max_wait > 0 and not self._fills_batch():
             await asyncio.sleep(self._max_wait)
-        batch, size = [], 0
-        while self._queue and (not batch or size + len(self._queue[0].texts) <= self._max_batch):
-            job = self._queue.popleft()
-            batch.append(job)
-            size += len(job.texts)
+        batch: list[Job] = []
+        texts = width = 0
+        now = time.monotonic()
+        while self._queue:
+            job = self._queue[0]
+            if not self._live(job, now):
+                self._pop()
+                continue
+            new_texts, new_width = texts + len(job.ids), max(width, job.width)
+            if batch and (new_texts > self._max_batch or new_texts * new_width > self._max_tokens):
+                break
+            batch.append(self._pop())
+            texts, width = new_texts, new_width
         self._metrics.queue_depth.set(len(self._queue))
         return batch
 
-    @staticmethod
-    def _size(jobs: Sequence[Job]) -> int:
-        return sum(len(j.texts) for j in jobs)
+    def _pop(self) -> Job:
+        job = self._queue.popleft()
+        self._queued_tokens -= job.padded_tokens
+        return job
 
-    def _admit_to_model(self, batch: list[Job]) -> list[Job]:
-        """Jobs still worth running; the others are answered now (504) or dropped (caller left)."""
-        now, live = time.monotonic(), []
-        for job in batch:
-            if job.future.done():
-                self._metrics.rejections.labels("client_gone").inc()
-                self._answered(job)
-            elif now > job.deadline:
-                self._metrics.rejections.labels("deadline").inc()
-                job.future.set_exception(DeadlineExceeded(f"waited {now - job.enqueued:.3f} s in the queue, past the deadline"))
-                self._answered(job)
-            else:
-                live.append(job)
-        return live
+    def _live(self, job: Job, now: float) -> bool:
+        """Whether a job is still worth running; the others are answered now (504) or dropped (client left)."""
+        if job.future.done():
+            self._metrics.rejections.labels("client_gone").inc()
+        elif now > job.deadline:
+            self._metrics.rejections.labels("deadline").inc()
+            job.future.set_exception(DeadlineExceeded(f"waited {now - job.enqueued:.3f} s in the queue, past the deadline"))
+        else:
+            return True
+        self._answered(job)
+        return False
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         full = False
+        previous: tuple[float, int] | None = None  # (start, padded tokens) of the batch before, while busy
         while True:
-            batch = self._admit_to_model(await self._next_batch(linger=full))
-            full = self._size(batch) >= self._max_batch
-            if batch:
-                await self._run_batch(batch)
+            batch = await self._next_batch(linger=full)
+            if not batch:
+                continue
+            rows = [ids for job in batch for ids in job.ids]
+            padded = len(rows) * max(map(len, rows))
+            full = len(rows) >= self._max_batch or padded >= self._max_tokens
+            await self._in_flight.acquire()
+            start = time.monotonic()
+            if previous is not None:  # busy: one batch per cycle, with every serial cost of the worker in it
+                self.throughput.observe(previous[1], start - previous[0])
+            encoded: asyncio.Future[None] = loop.create_future()
+            task = asyncio.create_task(self._run_batch(batch, rows, encoded))
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
+            await encoded  # the backbone is free: form the next batch while this one's heads are applied
+            previous = (start, padded)
+            if not self._queue:  # going idle: this batch's own time is all there is to learn from
+                self.throughput.observe(padded, time.monotonic() - start)
+                previous = None
 
-    async def _run_batch(self, batch: list[Job]) -> None:
+    async def _run_batch(self, batch: list[Job], rows: list[Sequence[int]], encoded: asyncio.Future[None]) -> None:
+        """Encode, apply heads, answer; `encoded` resolves as soon as the backbone is free again."""
         loop = asyncio.get_running_loop()
         start = time.monotonic()
-        texts = [t for job in batch for t in job.texts]
+        self._running_tokens = len(rows) * max(map(len, rows))
+        # The heads of this batch are solved on their thread while the backbone encodes it.
+        heads = asyncio.ensure_future(
+            self._heads.get_many([p for job in batch for p in job.prefs], max(j.deadline for j in batch)))
         try:
-            # The backbone pass and the solves of missing heads run at once, on their own threads.
-            z = loop.run_in_executor(self._executor, self._engine.encode, texts)
-            heads = await self._heads.get_many([p for job in batch for p in job.prefs], max(j.deadline for j in batch))
-            groups, where = self._group(batch, heads)
-            probs = await self._heads.apply(await z, groups) if groups else []
+            try:
+                z = await loop.run_in_executor(self._executor, self._engine.embed, rows)
+            finally:
+                self._running_tokens = 0
+                encoded.set_result(None)
+            groups, where = self._group(batch, await heads)
+            probs = await self._heads.apply(z, groups) if groups else []
         except Exception as exc:  # a failing batch answers its jobs with the error, never kills the worker
+            if not heads.done():
+                heads.cancel()
+            elif not heads.cancelled():
+                heads.exception()  # retrieved: the batch's error is reported instead
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(exc)
                 self._answered(job)
             return
+        finally:
+            self._in_flight.release()
         elapsed = time.monotonic() - start
-        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
         self._metrics.inference_duration.observe(elapsed)
-        self._metrics.batch_size.observe(len(texts))
+        self._metrics.batch_size.observe(len(rows))
         self._metrics.batch_heads.observe(len(groups))
         for job, places in zip(batch, where):
             if places is None:  # answered with its solve's error
@@ -214,15 +324,15 @@ class Batcher:
                 if not job.future.done():
                     job.future.set_exception(error)
                 where.append(None)
-                offset += len(job.texts)
+                offset += len(job.ids)
                 continue
             places = []
             for p in job.prefs:
                 group = index.setdefault(p.fingerprint, len(index))
                 if group == len(rows):
                     rows.append([])
-                places.append((group, len(rows[group]), len(rows[group]) + len(job.texts)))
-                rows[group].extend(range(offset, offset + len(job.texts)))
+                places.append((group, len(rows[group]), len(rows[group]) + len(job.ids)))
+                rows[group].extend(range(offset, offset + len(job.ids)))
             where.append(places)
-            offset += len(job.texts)
+            offset += len(job.ids)
         return [HeadGroup(heads[fp], rows[group]) for fp, group in index.items()], where

@@ -16,6 +16,12 @@ def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
+async def disconnected(request: Request) -> None:
+    """Resolves when the client hangs up: after the body, the server answers receive() only then."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def set_timings(request: Request, response: Response, result: JobResult) -> None:
     """Server-Timing (and X-* twins) for the client; the same numbers go into the access log."""
     queue_ms, inference_ms = round(result.queue_time * 1e3, 3), round(result.inference_time * 1e3, 3)

@@ -30,6 +30,14 @@ def torch_executor(name: str, threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(threads,))
 
 
+class UntokenizableText(ValueError):
+    """The tokenizer refused text `index` of a request (e.g. a lone UTF-16 surrogate)."""
+
+    def __init__(self, index: int, cause: Exception) -> None:
+        super().__init__(f"text {index} cannot be tokenised: {cause}")
+        self.index = index
+
+
 @dataclass(frozen=True)
 class Head:
     """The fused heads H_t W_p of one preference, all tasks stacked: logits = z @ weight.T + bias."""
@@ -101,10 +109,26 @@ class Engine:
         """Closed-form per-task losses of each preference's correction, from the statistics (one row per preference)."""
         return [tuple(row) for row in self.folder.solver.tradeoff(self._pref_tensor(prefs)).tolist()]
 
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text, unpadded; raises `ValueError` naming the first text the tokenizer refuses."""
+        try:
+            return self.backbone.token_ids(texts)
+        except Exception:  # find the culprit: one bad text must not hide behind the request
+            for i, text in enumerate(texts):
+                try:
+                    self.backbone.token_ids([text])
+                except Exception as exc:
+                    raise UntokenizableText(i, exc) from exc
+            raise
+
     @torch.inference_mode()
+    def embed(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Pad token-id rows into one batch and run the backbone: pooled representations (len(rows), d), float32."""
+        return self.backbone.embed_tokens(self.backbone.collate(rows)).float()
+
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Tokenise and run the backbone: pooled representations (len(texts), d), float32."""
-        return self.backbone.embed_tokens(self.backbone.tokenize(texts)).float()
+        return self.embed(self.token_ids(texts))
 
     @torch.inference_mode()
     def apply(self, z: torch.Tensor, groups: Sequence[HeadGroup]) -> list[torch.Tensor]:

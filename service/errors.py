@@ -5,6 +5,29 @@ from __future__ import annotations
 from typing import Any
 
 PROBLEM_TYPE = "https://reprmerge.dev/problems/"
+MAX_ECHO_CHARS = 200  # an echoed name (a field, an unknown task) is clipped to this
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """`text` safe to put in a JSON response: lone surrogates become `\\udXXX`, and it is clipped to `limit`.
+
+    Errors echo what the client sent; a surrogate would make the UTF-8 encoder, and so the error
+    renderer itself, raise, and a huge key would be sent back whole.
+    """
+    if limit is not None and len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters)"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def field_of(loc: tuple[int | str, ...]) -> str:
+    """`('body', 'preference', 'dict[str,float]', 'a')` -> `preference.a`: drop the location and union tags."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "header", "path") else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" not in part:
+            out += f".{part}" if out else part
+    return out or "body"
 
 
 class ServiceError(Exception):
@@ -15,9 +38,10 @@ class ServiceError(Exception):
     slug = "internal"
 
     def __init__(self, detail: str, *, field: str | None = None, headers: dict[str, str] | None = None) -> None:
+        detail = printable(detail)
         super().__init__(detail)
         self.detail = detail
-        self.field = field
+        self.field = None if field is None else printable(field, MAX_ECHO_CHARS)
         self.headers = headers or {}
 
     def problem(self, request_id: str) -> dict[str, Any]:
@@ -45,6 +69,10 @@ class NotFound(ServiceError):
     status, title, slug = 404, "Not found", "not-found"
 
 
+class RequestTimeout(ServiceError):
+    status, title, slug = 408, "Request not received in time", "request-timeout"
+
+
 class PayloadTooLarge(ServiceError):
     status, title, slug = 413, "Request too large", "too-large"
 
@@ -65,9 +93,16 @@ class DeadlineExceeded(ServiceError):
     status, title, slug = 504, "Deadline passed before the model", "deadline"
 
 
+class ClientGone(ServiceError):
+    """The client disconnected first; 499 as in nginx, seen only in logs and metrics."""
+
+    status, title, slug = 499, "Client closed the request", "client-gone"
+
+
 def from_status(status: int, detail: str) -> ServiceError:
     """The error class for a framework status (404, 405, ...) so every error shares one body."""
-    for cls in (MalformedRequest, Unauthorized, NotFound, PayloadTooLarge, InvalidInput, QueueFull, Unavailable, DeadlineExceeded):
+    for cls in (MalformedRequest, Unauthorized, NotFound, RequestTimeout, PayloadTooLarge, InvalidInput, QueueFull,
+                Unavailable, DeadlineExceeded):
         if cls.status == status:
             return cls(detail)
     err = ServiceError(detail)

@@ -6,6 +6,7 @@ The body is read here, bounded, and replayed: an oversized body is refused befor
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -17,7 +18,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from service.errors import PayloadTooLarge, ServiceError, Unauthorized
+from service.errors import PayloadTooLarge, RequestTimeout, ServiceError, Unauthorized
 from service.metrics import Metrics
 
 Scope = MutableMapping[str, Any]
@@ -29,6 +30,16 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # Probes and metrics stay reachable without the key (kubelet and Prometheus carry none).
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+# Statuses after which the connection is not reused: a 500 may leave it in any state (uvicorn closes
+# it), and a 503 comes while draining, when the server is about to close every connection. Saying
+# so lets a client's pool open a fresh connection instead of writing to one the server is closing.
+# A 408 comes mid-body: the rest of the body may still arrive and must not be read as a request.
+CLOSE_AFTER = frozenset({408, 500, 503})
+CLIENT_CLOSED = 499  # status logged for a request whose client left before its body was complete (nginx's code)
+
+
+class ClientGone(Exception):
+    """The connection closed before the whole body arrived: there is no complete request to answer."""
 access_log = logging.getLogger("reprmerge.access")
 
 
@@ -42,14 +53,19 @@ def problem_response(err: ServiceError, request_id: str, path: str) -> JSONRespo
     if path.startswith("/v2"):
         body["error"] = err.detail
     headers = {**err.headers, "X-Request-ID": request_id}
+    if err.status in CLOSE_AFTER:
+        headers["Connection"] = "close"
     return JSONResponse(body, status_code=err.status, headers=headers, media_type="application/problem+json")
 
 
 class RequestMiddleware:
     """Wraps every HTTP request; timings set by routes in `scope['state']['timings']` are logged too."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, api_key: str | None) -> None:
+    def __init__(
+        self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, body_timeout: float, api_key: str | None,
+    ) -> None:
         self.app, self.metrics, self.max_body, self.api_key = app, metrics, max_body_bytes, api_key
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,11 +90,14 @@ class RequestMiddleware:
 
         self.metrics.in_flight.inc()
         try:
-            refusal = self._refusal(scope["path"], headers)
+            refusal: ServiceError | ClientGone | None = self._refusal(scope["path"], headers)
             if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 body, refusal = await self._read_body(receive, headers)
                 receive = _replay(body, receive)
-            if refusal is not None:
+            if isinstance(refusal, ClientGone):
+                status = CLIENT_CLOSED
+                self.metrics.rejections.labels("client_gone").inc()
+            elif refusal is not None:
                 self.metrics.rejections.labels(refusal.slug).inc()
                 await problem_response(refusal, request_id, scope["path"])(scope, receive, send_with_id)
             else:
@@ -102,23 +121,38 @@ class RequestMiddleware:
             return None
         return Unauthorized("send the API key as `Authorization: Bearer <key>`", headers={"WWW-Authenticate": "Bearer"})
 
-    async def _read_body(self, receive: Receive, headers: dict[str, str]) -> tuple[bytes, ServiceError | None]:
+    async def _read_body(
+        self, receive: Receive, headers: dict[str, str],
+    ) -> tuple[bytes, ServiceError | ClientGone | None]:
+        """The whole body within `body_timeout` (408 after), at most `max_body` bytes (413), or ClientGone.
+
+        A disconnect before the last chunk is not the end of the body: a truncated body can still
+        be valid JSON (a cut list), and answering it would run the model on what nobody asked.
+        """
         too_large = PayloadTooLarge(f"request body is larger than {self.max_body} bytes")
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body:
             return b"", too_large
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body:
-                return b"", too_large
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks), None
+        chunks: list[bytes] = []
+
+        async def read() -> ServiceError | ClientGone | None:
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return ClientGone()
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > self.max_body:
+                    return too_large
+                if not message.get("more_body", False):
+                    return None
+
+        try:
+            refusal = await asyncio.wait_for(read(), self.body_timeout)
+        except asyncio.TimeoutError:
+            refusal = RequestTimeout(f"the request body did not arrive within {self.body_timeout:g} s")
+        return (b"", refusal) if refusal is not None else (b"".join(chunks), None)
 
 
 def _replay(body: bytes, upstream: Receive) -> Receive:

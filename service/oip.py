@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response
@@ -17,9 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reprmerge_core import __version__
 from reprmerge_core.preference import Preference
-from service.deps import get_service, problems, set_timings
-from service.errors import InvalidInput, MalformedRequest, NotFound
+from service.deps import disconnected, get_service, problems, set_timings
+from service.errors import InvalidInput, MalformedRequest, NotFound, field_of, printable
 from service.runtime import TIMEOUT_HEADER, Service
+from service.schemas import Text, unicode_text
 
 INPUT = "text"
 VERSION = "1"
@@ -42,7 +44,7 @@ class OutputRequest(BaseModel):
 class InferRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    id: str | None = None
+    id: Text | None = None
     parameters: dict[str, Any] | None = Field(
         None, description='`preference`: JSON text such as "{\\"sst2\\": 1}" (or an object); `tasks`: "a,b"')
     inputs: list[TensorIn] = Field(min_length=1)
@@ -142,7 +144,7 @@ async def infer(
     pref = _preference(params.get("preference"), service)
     tasks = service.tasks(_task_list(params.get("tasks")), field="parameters.tasks")
     wanted = _wanted_outputs(req, tasks)
-    result = await service.infer(texts, [pref], deadline)
+    result = await service.infer(texts, [pref], deadline, partial(disconnected, request), field="inputs[0].data")
     set_timings(request, response, result)
     probs = result.probabilities[0]
     outputs = []
@@ -168,24 +170,29 @@ def _split(raw: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
         cut = int(header_length)
     try:
         payload = json.loads(raw[:cut])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MalformedRequest(f"body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise MalformedRequest("body is not valid JSON: nested too deeply") from exc
+    except ValueError as exc:  # JSON syntax, UTF-8, and integers past Python's 4,300-digit limit
+        raise MalformedRequest(f"body is not valid JSON: {printable(str(exc), 200)}") from exc
     try:
         return InferRequest.model_validate(payload), raw[cut:]
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise InvalidInput(err["msg"], field=".".join(str(p) for p in err["loc"]) or "body") from exc
+        raise InvalidInput(err["msg"], field=field_of(tuple(err["loc"]))) from exc
 
 
 def _texts(req: InferRequest, blob: bytes) -> list[str]:
     """The `text` input as strings, from JSON data or from its slice of the binary tail."""
     offset = 0
     for i, tensor in enumerate(req.inputs):
-        size = int((tensor.parameters or {}).get("binary_data_size", 0) or 0)
+        field = f"inputs[{i}]"
+        size = _binary_size(tensor, f"{field}.parameters.binary_data_size")
+        if offset + size > len(blob):
+            raise MalformedRequest(f"binary_data_size {size} runs past the end of the {len(blob)} bytes of binary data",
+                                   field=f"{field}.parameters.binary_data_size")
         if tensor.name != INPUT:
             offset += size
             continue
-        field = f"inputs[{i}]"
         if tensor.datatype != "BYTES":
             raise InvalidInput(f"input {INPUT!r} must have datatype BYTES, got {tensor.datatype!r}", field=f"{field}.datatype")
         texts = _decode_bytes(blob[offset:offset + size], field) if size else _flat_strings(tensor.data, field)
@@ -200,12 +207,25 @@ def _texts(req: InferRequest, blob: bytes) -> list[str]:
     raise InvalidInput(f"an input named {INPUT!r} is required", field="inputs")
 
 
+def _binary_size(tensor: TensorIn, field: str) -> int:
+    """The tensor's `binary_data_size` parameter: absent (0, the data is JSON) or a byte count."""
+    size = (tensor.parameters or {}).get("binary_data_size", 0)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise InvalidInput(f"must be a non-negative integer number of bytes, got {printable(repr(size), 50)}", field=field)
+    return size
+
+
 def _flat_strings(data: list[Any] | None, field: str) -> list[str]:
     flat: list[Any] = []
     for item in data or []:
         flat.extend(item if isinstance(item, list) else [item])
-    if not all(isinstance(t, str) for t in flat):
-        raise InvalidInput("every element must be a string", field=f"{field}.data")
+    for j, text in enumerate(flat):
+        if not isinstance(text, str):
+            raise InvalidInput("every element must be a string", field=f"{field}.data[{j}]")
+        try:
+            unicode_text(text)
+        except ValueError as exc:
+            raise InvalidInput(str(exc), field=f"{field}.data[{j}]") from None
     return flat
 
 
@@ -232,6 +252,8 @@ def _preference(value: Any, service: Service) -> Preference:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
             raise InvalidInput(f"must be JSON text of a mapping or list: {exc}", field=field) from exc
+        except ValueError as exc:  # an integer past Python's 4,300-digit limit
+            raise InvalidInput(f"must be JSON text of a mapping or list: {exc}", field=field) from None
     return service.preference(value, field)
 
 

@@ -6,30 +6,31 @@ share one validation and one batching path.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
+from typing import TypeVar
 
+import orjson
 import torch
 
 from reprmerge_core import __version__
 from reprmerge_core.preference import Preference, PreferenceError, canonical_preference
 from service.batcher import Batcher, JobResult
-from service.engine import Engine, torch_executor
+from service.engine import Engine, UntokenizableText, torch_executor
 from service.errors import InvalidInput, PayloadTooLarge, ServiceError, Unavailable
 from service.heads import Heads
 from service.metrics import Metrics
 from service.schemas import (
     InfoResponse,
     Limits,
-    PredictResponse,
-    PreferenceResult,
     PreferencesIn,
     TaskLoss,
     TaskMeta,
-    TaskPrediction,
     TradeoffResponse,
     TradeoffResult,
 )
@@ -37,6 +38,7 @@ from service.settings import ServiceSettings
 
 log = logging.getLogger("reprmerge.service")
 TIMEOUT_HEADER = "X-Request-Timeout"
+T = TypeVar("T")
 
 
 class State(str, Enum):
@@ -53,9 +55,11 @@ class Service:
         # One thread each: batches run one at a time, and a head solve never waits behind a batch.
         self.inference = torch_executor("inference", settings.inference_thread_count)
         self.heads = Heads(engine, settings, metrics)
+        # Tokenising at admission and rendering answers: Python-heavy work kept off the event loop.
+        self._codec = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="codec")
         self.batcher = Batcher(
             engine, self.heads, self.inference, metrics, max_batch_size=settings.max_batch_size,
-            max_wait=settings.max_batch_wait, queue_limit=settings.queue_limit,
+            max_batch_tokens=settings.max_batch_tokens, max_wait=settings.max_batch_wait, queue_limit=settings.queue_limit,
         )
         self.state = State.STARTING
         self._best_loss: list[float] = []
@@ -72,7 +76,10 @@ class Service:
         for head in (await self.heads.get_many([*one_hots, uniform], deadline)).values():
             if isinstance(head, ServiceError):
                 raise head
-        await self.batcher.submit(["warm-up"], [uniform], deadline)
+        # A full batch of the longest texts: compiles kernels for the real shapes and measures the
+        # throughput that admission control estimates waits with.
+        warm = " ".join(["warm-up"] * self.engine.backbone.max_length)
+        await self.infer([warm] * self.settings.max_batch_size, [uniform], deadline, require_ready=False)
         losses = await self.heads.tradeoff(one_hots, deadline)
         self._best_loss = [row[t] for t, row in enumerate(losses)]
         self.metrics.build_info.labels(__version__, self.engine.bundle_id, str(self.engine.device)).set(1)
@@ -88,6 +95,7 @@ class Service:
 
     async def close(self) -> None:
         await self.batcher.stop()
+        self._codec.shutdown(wait=True)
         self.inference.shutdown(wait=True)
         await self.heads.stop()
 
@@ -149,24 +157,40 @@ class Service:
         return time.monotonic() + timeout
 
     # -- answers -------------------------------------------------------------------------------
-    async def infer(self, texts: Sequence[str], prefs: Sequence[Preference], deadline: float) -> JobResult:
-        self.require_ready()
-        return await self.batcher.submit(texts, prefs, deadline)
+    async def infer(
+        self, texts: Sequence[str], prefs: Sequence[Preference], deadline: float,
+        gone: Callable[[], Awaitable[object]] | None = None, *, require_ready: bool = True, field: str = "texts",
+    ) -> JobResult:
+        """Tokenise off the event loop, then batch; `gone()` resolves if the client disconnects."""
+        if require_ready:
+            self.require_ready()
+        try:
+            ids = await asyncio.get_running_loop().run_in_executor(self._codec, self.engine.token_ids, texts)
+        except UntokenizableText as exc:
+            raise InvalidInput(f"cannot be tokenised (e.g. a lone UTF-16 surrogate): {exc.__cause__}",
+                               field=f"{field}[{exc.index}]") from exc
+        return await self.batcher.submit(ids, prefs, deadline, gone)
 
-    def predict_response(self, prefs: Sequence[Preference], tasks: Sequence[str], result: JobResult) -> PredictResponse:
+    async def render(self, fn: Callable[..., T], *args: object) -> T:
+        """Build a response body on the codec threads: the event loop keeps accepting requests."""
+        return await asyncio.get_running_loop().run_in_executor(self._codec, fn, *args)
+
+    def predict_body(self, prefs: Sequence[Preference], tasks: Sequence[str], result: JobResult) -> bytes:
+        """The /v1/predict answer (a `PredictResponse`) as JSON bytes, from plain dicts: per-row models
+        would cost more than the backbone at small batches. Runs on the codec threads (`render`)."""
+        labels, slices = self.engine.labels, self.engine.slices
         results = []
         for pref, probs in zip(prefs, result.probabilities):
-            rows = probs.tolist()
-            results.append(PreferenceResult(
-                preference=pref.as_dict(), fingerprint=pref.fingerprint,
-                predictions=[{t: self._task_prediction(t, row) for t in tasks} for row in rows],
-            ))
-        return PredictResponse(bundle_id=self.engine.bundle_id, results=results)
-
-    def _task_prediction(self, task: str, row: list[float]) -> TaskPrediction:
-        labels, scores = self.engine.labels[task], row[self.engine.slices[task]]
-        best = max(range(len(scores)), key=scores.__getitem__)
-        return TaskPrediction(label=labels[best], probabilities=dict(zip(labels, scores)))
+            predictions = []
+            for row in probs.tolist():
+                answer = {}
+                for t in tasks:
+                    scores = row[slices[t]]
+                    best = max(range(len(scores)), key=scores.__getitem__)
+                    answer[t] = {"label": labels[t][best], "probabilities": dict(zip(labels[t], scores))}
+                predictions.append(answer)
+            results.append({"preference": pref.as_dict(), "fingerprint": pref.fingerprint, "predictions": predictions})
+        return orjson.dumps({"bundle_id": self.engine.bundle_id, "results": results})
 
     async def tradeoff(self, prefs: Sequence[Preference], deadline: float) -> TradeoffResponse:
         self.require_ready()

@@ -7,7 +7,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+def unicode_text(value: str) -> str:
+    """Refuse lone UTF-16 surrogates (JSON `"\\ud800"`, or raw bytes ED A0 80, which Python's JSON decoder lets in).
+
+    The tokenizer raises on them for the whole batch they share, so they are stopped at validation.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"character {exc.start} is a lone UTF-16 surrogate, which is not valid Unicode") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(unicode_text)]
 
 # Strict: "0.5" or true are not weights; NaN and negative weights pass here and are refused with
 # their field name by canonical_preference.
@@ -31,7 +45,7 @@ class PreferencesIn(_Body):
 
 
 class PredictRequest(PreferencesIn):
-    texts: list[str] = Field(min_length=1, description="inputs to classify")
+    texts: list[Text] = Field(min_length=1, description="inputs to classify")
     tasks: list[str] | None = Field(None, min_length=1, description="tasks to answer; default all")
 
 

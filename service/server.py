@@ -13,10 +13,14 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import resource
 import socket
+import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from service.app import create_app
 from service.engine import Engine
@@ -53,6 +57,82 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+FD_RESERVE = 64  # descriptors kept for the model files, logs and the listener when capping connections
+_REFUSED_RESPONSE = b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+
+
+class GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    """uvicorn's HTTP protocol with a deadline for request headers and a cap on open connections.
+
+    uvicorn has no header timeout (its keep-alive timer runs only between requests), so a client
+    dribbling headers, or connecting and sending nothing, held a descriptor forever: 1,000 such
+    connections exhausted the open-file limit and every accept() then failed. Here a connection
+    whose next request's headers are not complete `header_timeout` seconds after its first bytes
+    (or after connecting) is closed, and connections past `max_connections` are answered 503 and
+    closed at once. The body has its own deadline in the middleware. Set by `guarded_protocol`.
+    """
+
+    header_timeout = 10.0
+    max_connections = 1000
+    _last_refusal_log = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._timed_cycle: object | None = None
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.server_state.connections) >= self.max_connections:
+            self._refused = True
+            transport.write(_REFUSED_RESPONSE)
+            transport.close()
+            now = time.monotonic()
+            if now - GuardedProtocol._last_refusal_log > 10:
+                GuardedProtocol._last_refusal_log = now
+                log.warning("refusing connections: %d open, the limit is %d", len(self.server_state.connections),
+                            self.max_connections)
+            return
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused:
+            return
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm()  # the first bytes of a next request on a kept-alive connection
+        super().data_received(data)
+
+    def _arm(self) -> None:
+        self._timed_cycle = self.cycle
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.cycle is not self._timed_cycle:  # a new request's headers arrived in time
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()
+
+
+def guarded_protocol(header_timeout: float, max_connections: int) -> type[GuardedProtocol]:
+    """The protocol class with the service's limits; connections also stay below the open-file limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft - FD_RESERVE < max_connections:
+        max_connections = max(1, soft - FD_RESERVE)
+        log.warning("open-file limit %d: serving at most %d connections", soft, max_connections)
+    return type("Guarded", (GuardedProtocol,), {"header_timeout": header_timeout, "max_connections": max_connections})
+
+
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 MMAP_THRESHOLD_BYTES = 128 << 10
 
@@ -80,6 +160,11 @@ def serve(settings: ServiceSettings, engine: Engine) -> None:
     if pin_mmap_threshold():
         log.info("glibc mmap threshold pinned at %d bytes", MMAP_THRESHOLD_BYTES)
     app = create_app(settings, engine)
+    if settings.api_key is not None:
+        log.info("auth on: every route but probes and /metrics needs `Authorization: Bearer <key>`")
+    else:
+        log.warning("auth off: no REPRMERGE_API_KEY, anyone who reaches %s:%d can use the API", settings.host, settings.port)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.drain_timeout)
+                            timeout_graceful_shutdown=settings.drain_timeout, timeout_keep_alive=settings.keep_alive,
+                            http=guarded_protocol(settings.header_timeout, settings.max_connections))
     DrainingServer(config, app.state.service).run()

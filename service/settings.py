@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class ServiceSettings(BaseSettings):
-    """Everything an operator can tune; defaults suit one CPU or one GPU replica."""
+ENV_PREFIX = "REPRMERGE_"
+# REPRMERGE_* variables that belong to the library, not to the service.
+LIBRARY_VARIABLES = frozenset({"REPRMERGE_CACHE"})
 
-    model_config = SettingsConfigDict(env_prefix="REPRMERGE_", extra="forbid")
+
+class ServiceSettings(BaseSettings):
+    """Everything an operator can tune; defaults suit one CPU or one GPU replica.
+
+    Fail closed: an unknown `REPRMERGE_*` variable refuses to start (a misspelled
+    `REPRMERGE_API_KEYS` would otherwise serve without auth), and so does an empty API key
+    (unset the variable to serve without one).
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     bundle: Path = Field(description="bundle directory to serve")
     host: str = "127.0.0.1"
@@ -23,16 +33,22 @@ class ServiceSettings(BaseSettings):
 
     # Batching and admission control.
     max_batch_size: int = Field(32, ge=1, description="most inputs (texts) in one backbone pass")
+    max_batch_tokens: int = Field(
+        8192, ge=1, description="most padded tokens (texts x longest text) in one backbone pass; one request may exceed it alone")
     max_batch_wait: float = Field(0.002, ge=0, le=1, description="seconds a batch may wait to fill while the model is busy")
     queue_limit: int = Field(256, ge=1, description="most requests waiting; more are refused with 429")
     default_timeout: float = Field(30.0, gt=0, description="deadline in seconds when a request sets no X-Request-Timeout")
     drain_timeout: float = Field(30.0, gt=0, description="most seconds to finish accepted requests after SIGTERM")
 
+    tokenizer_threads: int = Field(
+        1, ge=1, le=64, description="threads that tokenise requests at admission and render responses, off the event loop")
+
     # Heads.
     head_cache_bytes: int = Field(64 << 20, ge=0, description="budget of the fused-head LRU cache in bytes")
     preference_grid: int | None = Field(None, ge=1, description="snap preferences to multiples of 1/grid")
     solve_dtype: Literal["float64", "float32"] = Field(
-        "float64", description="precision of head solves: float32 is ~1.5x faster, float64 the reference")
+        "float32", description="precision of head solves: float32 (~3x faster) falls back to float64, the reference, "
+                               "for any preference whose condition bound exceeds 1e4")
 
     # Threads: torch intra-op threads per executor, each set on its own thread. The backbone pass
     # is the only large computation; head work (a d x d Cholesky, K x d matmuls) is too small to gain
@@ -72,3 +88,29 @@ class ServiceSettings(BaseSettings):
         if omp.isdigit() and int(omp) > 0:
             return int(omp)
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    # HTTP connections (uvicorn).
+    keep_alive: float = Field(
+        75.0, gt=0, description="seconds an idle keep-alive connection stays open; well above client pool expiry "
+        "(httpx 5 s, urllib3/aiohttp similar) so a client never reuses a connection the server is closing")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client may take to send a request's headers")
+    body_timeout: float = Field(10.0, gt=0, description="seconds a client may take to send a request's body; then 408")
+    max_connections: int = Field(
+        1000, ge=1, description="most open connections; more are answered 503 and closed at once (also capped "
+        "below the open-file limit, so dribbling clients cannot exhaust file descriptors)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_variables(cls, data: Any) -> Any:
+        known = {ENV_PREFIX + name.upper() for name in cls.model_fields} | LIBRARY_VARIABLES
+        unknown = sorted(name for name in os.environ if name.upper().startswith(ENV_PREFIX) and name.upper() not in known)
+        if unknown:
+            raise ValueError(f"unknown environment variable(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return data
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("the API key is empty: give a key, or unset REPRMERGE_API_KEY to serve without auth")
+        return key

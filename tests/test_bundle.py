@@ -122,3 +122,21 @@ def test_inspect_command(random_bundle: Path, capsys: pytest.CaptureFixture[str]
     (random_bundle / "statistics.safetensors").write_bytes(b"broken")
     assert cli(["inspect", str(random_bundle)]) == 1
     assert "statistics.safetensors: sha256 mismatch" in capsys.readouterr().err
+
+
+def test_manifests_without_expert_diagnostics_still_load(
+    random_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bundles written before the expert checks have no `expert_diagnostics`: the field is optional."""
+    manifest = json.loads((random_bundle / "manifest.json").read_text())
+    assert manifest.pop("expert_diagnostics") is None
+    (random_bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert load_bundle(random_bundle).manifest.expert_diagnostics is None
+    pair = {"tasks": ["alpha", "beta"], "max_row_cosine": 0.99, "aligned": True}
+    manifest["expert_diagnostics"] = {"head_pairs": [pair], "warnings": ["alpha~beta"]}
+    (random_bundle / "manifest.json").write_text(json.dumps(manifest))
+    loaded = load_bundle(random_bundle).manifest.expert_diagnostics
+    assert loaded is not None and loaded.head_pairs[0].aligned
+    assert cli(["inspect", str(random_bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "max head row cosine across tasks 0.990; 1 warning(s)" in out and "WARNING alpha~beta" in out

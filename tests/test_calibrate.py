@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import AutoModel, BertConfig, BertForSequenceClassification
 
 from reprmerge_core.backbone import Backbone
 from reprmerge_core.bundle import load_bundle
 from reprmerge_core.cli import main as cli
 from reprmerge_core.correction import CorrectionSolver
+from reprmerge_core.merging.diagnostics import task_vector_norm
 from tests.helpers import TOKENIZER_FILES, make_tiny_backbone
 
 TEXTS = [f"an input sentence about topic {i} and more {i % 3}" for i in range(24)]
@@ -53,6 +54,9 @@ def test_calibrate_with_separate_linear_heads(checkpoints: dict[str, Path], tmp_
     zm = Backbone.from_pretrained(c["backbone"], max_length=128, device="cpu").encode(TEXTS).double()
     ze = Backbone.from_pretrained(c["linear"], max_length=128, device="cpu").encode(TEXTS).double()
     torch.testing.assert_close(bundle.statistics[0].B, ze.T @ zm, rtol=1e-4, atol=1e-4)
+    check = bundle.manifest.expert_diagnostics  # heads are compared; without --base no distance is measured
+    assert check is not None and check.task_vector_norms is None
+    assert [p.tasks for p in check.head_pairs] == [("topic", "same")] and check.head_pairs[0].direction_cosine is None
     # an expert identical to the backbone needs no correction: W = I
     solver = CorrectionSolver(bundle.manifest.correction.beta).fit(bundle.statistics)
     torch.testing.assert_close(solver.task_corrections()[1], torch.eye(32, dtype=torch.float64), atol=1e-6, rtol=0)
@@ -88,3 +92,18 @@ def test_calibrate_refuses_mismatches(checkpoints: dict[str, Path], tmp_path: Pa
     assert cli([*args, "--expert", f"bare={c['backbone']}", "--calibration", f"bare={c['root'] / 'a.txt'}"]) == 2
     assert "neither head.safetensors" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_calibrate_with_base_records_the_experts_distances(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    c = checkpoints
+    out = tmp_path / "bundle"
+    assert cli(["calibrate", "--backbone", str(c["backbone"]), "--base", str(c["backbone"]),
+                "--expert", f"topic={c['linear']}", "--expert", f"same={c['same']}",
+                "--calibration", f"topic={c['root'] / 'a.txt'}", "--calibration", f"same={c['root'] / 'b.txt'}",
+                "--out", str(out), "--folds", "3"]) == 0
+    check = load_bundle(out).manifest.expert_diagnostics
+    assert check is not None and check.task_vector_norms is not None
+    base = AutoModel.from_pretrained(c["backbone"]).state_dict()
+    expected = task_vector_norm(base, AutoModel.from_pretrained(c["linear"]).state_dict())
+    assert check.task_vector_norms == pytest.approx({"topic": expected, "same": 0.0}, rel=1e-9)
+    assert expected > 10

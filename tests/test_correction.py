@@ -129,6 +129,23 @@ def test_batched_solves_equal_single_solves(setup) -> None:
         torch.testing.assert_close(batched[i], solver.solve(prefs[i])[0], rtol=1e-12, atol=1e-12)
 
 
+def test_fold_spread_over_threads_equals_serial_fold(setup) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, solver, _ = setup
+    g = torch.Generator().manual_seed(6)
+    heads = [TaskHead(torch.randn(k, D, generator=g), torch.randn(k, generator=g)) for k in (2, 5, 3)]
+    prefs = torch.rand(13, T, dtype=torch.float64, generator=g) + 0.01  # several chunks, the last one short
+    for s in (solver, solver.with_dtype(torch.float32)):
+        folder = HeadFolder(s, heads)
+        with ThreadPoolExecutor(2) as pool:
+            torch.testing.assert_close(folder.fold(prefs, pool).weight, folder.fold(prefs).weight, rtol=0, atol=0)
+            eye = torch.eye(D, dtype=torch.float64)
+            bad = CorrectionSolver(beta=1.0, normalisation="none").fit([TaskStatistics(-2 * eye, eye, 1, 1.0)] * T)
+            with pytest.raises(torch.linalg.LinAlgError):  # a failing chunk fails the call, not silently its thread
+                bad.right_solve(bad.M_, prefs, pool)
+
+
 def test_fused_heads_equal_head_of_corrected_representation(setup) -> None:
     data, solver, _ = setup
     g = torch.Generator().manual_seed(2)
@@ -192,10 +209,96 @@ def test_float32_solve_close_to_float64(setup) -> None:
     torch.testing.assert_close(W32.double(), solver.solve(torch.tensor([0.2, 0.5, 0.3])), rtol=1e-3, atol=1e-4)
 
 
+def reference_solve(terms: list[dict], p: np.ndarray) -> np.ndarray:
+    """W_p = (sum p_t M_t)(sum p_t C_t)^{-1} by NumPy's float64 LU solve (an independent route)."""
+    C = sum(pt * r["C"] for pt, r in zip(p, terms))
+    M = sum(pt * r["M"] for pt, r in zip(p, terms))
+    return np.linalg.solve(C.T, M.T).T
+
+
+def ill_conditioned_data(seed: int = 7) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Features scaled over 5 decades along a random basis (a diagonal scaling would not hurt Cholesky):
+    with beta = 1e-6, sum_t p_t C_t has condition ~1e7."""
+    Q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(D, D)))
+    S = Q @ np.diag(np.logspace(-4, 1, D)) @ Q.T
+    return [(zm @ S, ze @ S) for zm, ze in make_data(seed)]
+
+
+def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+
+
+def test_condition_bound_is_an_upper_bound(setup) -> None:
+    data, _, _ = setup
+    prefs = np.vstack([np.eye(T), np.random.default_rng(8).exponential(size=(20, T)), [[1e-9, 1.0, 0.0]]])
+    for beta, dataset in ((BETA, data), (1e-6, ill_conditioned_data())):
+        solver = CorrectionSolver(beta=beta).fit(stats_of(dataset))
+        ref = reference_terms(dataset, beta)
+        bound = solver.condition_bound(torch.from_numpy(prefs)).numpy()
+        true = np.array([np.linalg.cond(sum(pt * r["C"] for pt, r in zip(p, ref))) for p in prefs])
+        assert np.all(true <= bound * (1 + 1e-9)), (true, bound)
+        assert np.all(bound <= 10 * true), "the bound is too loose to be a useful guard"
+
+
+def test_float32_guard_falls_back_to_float64_on_ill_conditioned_systems() -> None:
+    data = ill_conditioned_data()
+    ref = reference_terms(data, beta=1e-6)
+    prefs = np.array([[0.2, 0.5, 0.3], [1.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
+    expected = np.stack([reference_solve(ref, p) for p in prefs])
+    guarded = CorrectionSolver(beta=1e-6, dtype=torch.float32).fit(stats_of(data))
+    assert (guarded.condition_bound(torch.from_numpy(prefs)) > guarded.max_float32_condition).all()
+    got = guarded.solve(torch.from_numpy(prefs))
+    assert got.dtype == torch.float32
+    assert relative_error(got.double().numpy(), expected) < 1e-6  # float64 solve, rounded to float32
+    # the same solves in float32 regardless of conditioning are far off: the guard is what keeps them exact
+    unguarded = CorrectionSolver(beta=1e-6, dtype=torch.float32, max_float32_condition=float("inf")).fit(stats_of(data))
+    assert relative_error(unguarded.solve(torch.from_numpy(prefs)).double().numpy(), expected) > 1e-3
+    # a little worse conditioned and the float32 factorisation breaks down altogether
+    worse = CorrectionSolver(beta=1e-8, dtype=torch.float32, max_float32_condition=float("inf")).fit(stats_of(data))
+    with pytest.raises(torch.linalg.LinAlgError):
+        worse.solve(torch.from_numpy(prefs))
+    guarded_worse = CorrectionSolver(beta=1e-8, dtype=torch.float32).fit(stats_of(data))
+    expected = np.stack([reference_solve(reference_terms(data, beta=1e-8), p) for p in prefs])
+    assert relative_error(guarded_worse.solve(torch.from_numpy(prefs)).double().numpy(), expected) < 1e-6
+
+
+def test_float32_guard_splits_a_mixed_batch(setup) -> None:
+    data, solver64, ref = setup
+    prefs = torch.from_numpy(np.random.default_rng(9).exponential(size=(11, T)))
+    bounds = solver64.condition_bound(prefs)
+    threshold = float(bounds.median())
+    guarded = solver64.with_dtype(torch.float32)
+    guarded.max_float32_condition = threshold
+    got = guarded.solve(prefs).double()
+    exact = solver64.solve(prefs)
+    fast = solver64.with_dtype(torch.float32)
+    fast.max_float32_condition = float("inf")
+    float32_only = fast.solve(prefs).double()
+    for i in range(len(prefs)):
+        if bounds[i] > threshold:  # float64 solve, rounded to float32 at the end
+            torch.testing.assert_close(got[i], exact[i].float().double(), rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(got[i], float32_only[i], rtol=1e-6, atol=1e-6)
+            assert not torch.equal(got[i], exact[i].float().double()), "expected a float32 solve"
+        np.testing.assert_allclose(got[i].numpy(), reference_solve(ref, prefs[i].numpy()), rtol=1e-4, atol=1e-5)
+
+
+def test_float32_fold_matches_float64_reference(setup) -> None:
+    data, solver64, ref = setup
+    g = torch.Generator().manual_seed(5)
+    heads = [TaskHead(torch.randn(k, D, generator=g), torch.randn(k, generator=g)) for k in (2, 5, 3)]
+    H = torch.cat([h.weight for h in heads]).double().numpy()
+    prefs = torch.from_numpy(np.random.default_rng(10).exponential(size=(9, T)))  # more than one chunk
+    fused = HeadFolder(solver64.with_dtype(torch.float32), heads).fold(prefs).weight
+    assert fused.dtype == torch.float32
+    for i, p in enumerate(prefs.numpy()):
+        np.testing.assert_allclose(fused[i].double().numpy(), H @ reference_solve(ref, p), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"beta": 0.0}, "beta"), ({"beta": float("nan")}, "beta"), ({"normalisation": "zscore"}, "zscore"),
-     ({"dtype": torch.float16}, "dtype")],
+     ({"dtype": torch.float16}, "dtype"), ({"max_float32_condition": 0.5}, "max_float32_condition")],
 )
 def test_bad_parameters_fail_early(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):

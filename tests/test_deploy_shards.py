@@ -60,6 +60,8 @@ def test_reduced_shards_equal_one_unsharded_pass(experts: dict[str, Path], shard
     assert reduced.manifest.correction.beta == whole.manifest.correction.beta
     assert got["score"] == pytest.approx(want["score"], rel=1e-5)
     assert reduced.manifest.extra["shards"] == SHARDS
+    assert reduced.manifest.expert_diagnostics is not None
+    assert reduced.manifest.expert_diagnostics == whole.manifest.expert_diagnostics  # carried through the shards
     assert reduced.manifest.files["backbone/model.safetensors"] == whole.manifest.files["backbone/model.safetensors"]
 
 

@@ -240,7 +240,9 @@ def test_documented_bytes_per_preference_bound_the_measured_peak(what: str, dtyp
     out = subprocess.run([sys.executable, "-c", _PEAK, dtype, what], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).parents[1], check=True).stdout
     measured, bound = map(float, out.split())
-    assert 0.3 * bound < measured <= bound, (measured, bound)
+    # An upper bound (the solver also chunks internally, CPU_CHUNK preferences at a time, so a long
+    # call stays well below it); a bound that is too small fails here.
+    assert 0 < measured <= bound, (measured, bound)
 
 
 def test_executors_keep_their_own_torch_thread_counts(engine: Engine) -> None:

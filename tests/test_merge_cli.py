@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from peft.utils import merge_utils as peft
+from safetensors.torch import save_file
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
 from reprmerge_core.cli import main
 from reprmerge_core.merging import REPORT_FILE, merge_sequential, text_batches
+from reprmerge_core.merging.diagnostics import task_vector_norm
 from tests.helpers import TOKENIZER_FILES
 
 TEXTS = [
@@ -32,14 +34,14 @@ def copy_tokenizer(src: Path, out: Path) -> None:
             shutil.copy(src / name, out / name)
 
 
-def make_expert(base_dir: Path, out: Path, seed: int, with_head: bool = False) -> Path:
+def make_expert(base_dir: Path, out: Path, seed: int, with_head: bool = False, scale: float = 0.05) -> Path:
     """The base with every encoder parameter moved (embeddings frozen, as in the project's experts)."""
     base = BertModel.from_pretrained(base_dir)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in base.named_parameters():
             if not name.startswith("embeddings."):
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+                p.add_(scale * torch.randn(p.shape, generator=gen))
     if with_head:
         model = BertForSequenceClassification(BertConfig.from_pretrained(base_dir, num_labels=3))
         model.bert.load_state_dict(base.state_dict())
@@ -186,3 +188,45 @@ def test_data_aware_method_needs_calibration(
 ) -> None:
     assert main(merge_args(tiny_backbone_dir, experts, tmp_path / "x", "regmean")) == 2
     assert "calibration" in capsys.readouterr().err
+
+
+def with_head(expert: Path, head_seed: int) -> Path:
+    """Give `expert` a head.safetensors started from `head_seed` and moved ~3%, as one epoch of training does."""
+    torch.manual_seed(head_seed)
+    head = torch.nn.Linear(BertConfig.from_pretrained(expert).hidden_size, 2)
+    gen = torch.Generator().manual_seed(1000 + head_seed)
+    weight = head.weight.detach() * (1 + 0.03 * torch.randn(head.weight.shape, generator=gen))
+    tensors = {"weight": weight.contiguous(), "bias": head.bias.detach().contiguous()}
+    save_file(tensors, str(expert / "head.safetensors"))
+    return expert
+
+
+def test_merge_warns_on_heads_from_one_seed_and_on_an_expert_far_from_the_base(
+    tiny_backbone_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shared = {name: with_head(make_expert(tiny_backbone_dir, tmp_path / name, seed), head_seed=0)
+              for name, seed in (("sms", 1), ("movie", 2))}
+    shared["stray"] = with_head(make_expert(tiny_backbone_dir, tmp_path / "stray", 3, scale=5.0), head_seed=7)
+    with caplog.at_level("WARNING"):
+        assert main(merge_args(tiny_backbone_dir, shared, tmp_path / "bad", "ties")) == 0
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("sms~movie" in m and "initialisation" in m for m in messages), messages
+    assert any("stray" in m and "far from the base" in m for m in messages), messages
+    assert "WARNING: 2 expert check(s) failed" in capsys.readouterr().out
+    check = json.loads((tmp_path / "bad" / REPORT_FILE).read_text())["expert_diagnostics"]
+    base = state(tiny_backbone_dir)
+    stray_norm = task_vector_norm(base, state(shared["stray"]))
+    assert check["task_vector_norms"]["stray"] == pytest.approx(stray_norm, rel=1e-9)
+    assert check["norm_ratios"]["stray"] > 50  # 5.0 vs 0.05 per parameter
+    pairs = {tuple(p["tasks"]): p for p in check["head_pairs"]}
+    assert pairs["sms", "movie"]["aligned"] and pairs["sms", "movie"]["direction_cosine"] > 0.99
+    assert not pairs["sms", "stray"]["aligned"]
+
+    caplog.clear()
+    fixed = {name: with_head(make_expert(tiny_backbone_dir, tmp_path / f"own-{name}", seed), head_seed=100 + seed)
+             for name, seed in (("sms", 1), ("movie", 2), ("trec", 3))}
+    with caplog.at_level("WARNING"):
+        assert main(merge_args(tiny_backbone_dir, fixed, tmp_path / "good", "ties")) == 0
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    check = json.loads((tmp_path / "good" / REPORT_FILE).read_text())["expert_diagnostics"]
+    assert check["warnings"] == [] and len(check["head_pairs"]) == 3 and max(check["norm_ratios"].values()) < 1.5

@@ -8,9 +8,11 @@ import pytest
 import torch
 from peft.utils import merge_utils as peft
 from torch import Tensor, nn
+from torch.nn import functional as F
 from transformers import BertModel
 
 from reprmerge_core.merging import collect_grams, diagnose, layer_stages, merge_sequential, merge_state_dicts
+from reprmerge_core.merging.diagnostics import diagnose_experts, task_vector_norm
 from reprmerge_core.merging.merge import parameter_seed
 from reprmerge_core.merging.projection import (
     calibration_loss,
@@ -367,3 +369,50 @@ def test_sequential_uses_merged_inputs_and_differs_from_one_shot() -> None:
     one_shot = merge_state_dicts(base, experts, "regmean", params, own).state_dict
     torch.testing.assert_close(one_shot["0.weight"], w1)
     assert float((one_shot["2.weight"] - w2).abs().max()) > 1e-3
+
+
+def _trained_head(seed: int, classes: int, dim: int, gen: torch.Generator) -> Tensor:
+    """A Linear head started from `seed` and moved 3% by training (issue 10 measured ~3% after one epoch)."""
+    torch.manual_seed(seed)
+    w = nn.Linear(dim, classes).weight.detach()
+    return w + 0.03 * w.norm() / classes ** 0.5 * torch.randn(w.shape, generator=gen) / dim ** 0.5
+
+
+def test_heads_from_one_seed_are_flagged_and_independent_heads_are_not() -> None:
+    gen = torch.Generator().manual_seed(0)
+    shared = {name: _trained_head(0, 2, 384, gen) for name in ("sms", "movie")}
+    shared["trec"] = _trained_head(0, 6, 384, gen)
+    own = {name: _trained_head(seed, c, 384, gen)
+           for name, seed, c in (("sms", 100, 2), ("movie", 101, 2), ("trec", 102, 6))}
+    bad, good = diagnose_experts(shared), diagnose_experts(own)
+    by_pair = {p.tasks: p for p in bad.head_pairs}
+    assert set(by_pair) == {("sms", "movie"), ("sms", "trec"), ("movie", "trec")}
+    # binary heads: the class-direction cosine is the cosine of w1 - w0, computed here independently
+    reference = F.cosine_similarity(shared["sms"][1] - shared["sms"][0], shared["movie"][1] - shared["movie"][0], dim=0)
+    assert by_pair["sms", "movie"].direction_cosine == pytest.approx(float(reference), abs=1e-6) and reference > 0.99
+    # a 6-class head from the same seed shares its first rows with the binary heads (one RNG stream)
+    assert by_pair["sms", "trec"].direction_cosine is None and by_pair["sms", "trec"].max_row_cosine > 0.99
+    assert all(p.aligned for p in bad.head_pairs) and len(bad.warnings) == 1
+    assert "3 of 3 pairs" in bad.warnings[0] and "sms~movie" in bad.warnings[0] and "seed" in bad.warnings[0]
+    assert not any(p.aligned for p in good.head_pairs) and good.warnings == []
+    assert max(abs(p.max_row_cosine) for p in good.head_pairs) < 0.3
+    assert bad.task_vector_norms is None and bad.norm_ratios == {}
+
+
+def test_an_expert_far_from_the_base_is_flagged_against_its_peers() -> None:
+    gen = torch.Generator().manual_seed(1)
+    base = random_state(gen)
+    base["position_ids"] = torch.arange(5)  # integer buffers are not weights
+    scales = {"a": 1.0, "b": 1.3, "c": 0.8, "stray": 100.0}
+    experts = {t: {k: v + s * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v + 1
+                   for k, v in base.items()} for t, s in scales.items()}
+    experts["a"]["extra.weight"] = torch.ones(3)  # a parameter the base lacks is not part of the task vector
+    norms = {t: task_vector_norm(base, e) for t, e in experts.items()}
+    deltas = [(experts["b"][k].double() - base[k].double()).flatten() for k in base if k != "position_ids"]
+    reference = torch.cat(deltas).norm()
+    assert norms["b"] == pytest.approx(float(reference), rel=1e-9)
+    result = diagnose_experts({}, norms)
+    assert result.norm_ratios["stray"] == pytest.approx(norms["stray"] / norms["a"], rel=1e-9)  # median of a, b, c
+    assert result.norm_ratios["stray"] > 50 and max(r for t, r in result.norm_ratios.items() if t != "stray") < 2
+    assert len(result.warnings) == 1 and "stray" in result.warnings[0] and " a " not in result.warnings[0]
+    assert diagnose_experts({}, {"a": 1.0}).norm_ratios == {}  # no peers, no ratio

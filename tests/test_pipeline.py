@@ -15,7 +15,7 @@ from reprmerge_core.evaluation import EvaluationInputs, evaluate_bundle
 from reprmerge_core.evaluation.report import write_report
 from reprmerge_core.pipeline import BuildConfig, build_bundle
 from reprmerge_core.pipeline.build import suite_from_extra
-from reprmerge_core.training import train_experts
+from reprmerge_core.training import RECIPES, train_experts
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +79,12 @@ def test_build_refuses_bad_requests(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert cli(["build", "--suite", "tiny", "--set", "density=2", "--out", str(tmp_path / "x")]) == 2
     assert "density" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_bundles_from_before_per_task_seeds_evaluate_with_their_own_experts() -> None:
+    """A bundle's recorded recipe without `seeding` was trained with one seed for all tasks."""
+    suite = {"tasks": ["sms_spam"]}
+    old = {k: v for k, v in RECIPES["tiny"].model_dump(mode="json").items() if k != "seeding"}
+    assert suite_from_extra({"suite": suite, "recipe": old})[1].seeding == "shared"
+    new = RECIPES["tiny"].model_dump(mode="json")
+    assert suite_from_extra({"suite": suite, "recipe": new})[1] == RECIPES["tiny"]

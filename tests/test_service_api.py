@@ -34,8 +34,8 @@ def engine(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) ->
 
 
 def _client(engine: Engine, **overrides: object) -> TestClient:
-    settings = ServiceSettings(bundle=engine.bundle.path, device="cpu", max_inputs=4, max_text_chars=50,
-                               max_body_bytes=4096, max_preferences=3, **overrides)
+    limits: dict[str, object] = {"max_inputs": 4, "max_text_chars": 50, "max_body_bytes": 4096, "max_preferences": 3}
+    settings = ServiceSettings(bundle=engine.bundle.path, device="cpu", **{**limits, **overrides})  # type: ignore[arg-type]
     return TestClient(create_app(settings, engine), raise_server_exceptions=False)
 
 
@@ -70,6 +70,9 @@ BAD_INPUTS = [
     ("too many preferences", {"texts": ["a"], "preferences": [[1, 1, 1]] * 4}, {}, 413, None),
     ("text too long", {"texts": ["x" * 51]}, {}, 413, "texts[0]"),
     ("body too large", {"texts": ["a"], "pad": "x" * 5000}, {}, 413, None),
+    ("lone surrogate in a text", {"texts": ["fine", "\ud800"]}, {}, 422, "texts[1]"),
+    ("raw surrogate bytes in a text", b'{"texts": ["\xed\xa0\x80"]}', {}, 422, "texts[0]"),
+    ("surrogate in a preference key", {"texts": ["a"], "preference": {"\ud800": 1}}, {}, 422, "preference.\\ud800"),
     ("wrong key", OK, {"Authorization": "Bearer nope"}, 401, None),
     ("deadline passed", OK, {"X-Request-Timeout": "1e-9"}, 504, None),
 ]
@@ -78,7 +81,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize(("name", "body", "headers", "status", "field"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_inputs_get_their_documented_problem(client: TestClient, name: str, body: object, headers: dict[str, str],
                                                  status: int, field: str | None) -> None:
-    content = body if isinstance(body, str) else json.dumps(body)
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
     r = client.post("/v1/predict", content=content, headers={"Content-Type": "application/json", **headers})
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/problem+json"
@@ -88,6 +91,70 @@ def test_bad_inputs_get_their_documented_problem(client: TestClient, name: str, 
     assert problem.get("field") == field
     if status == 401:
         assert r.headers["www-authenticate"] == "Bearer"
+
+
+def _v2(data: object = ("a fine day",), **extra: object) -> dict[str, object]:
+    return {"inputs": [{"name": "text", "shape": [len(data)], "datatype": "BYTES", "data": list(data)}], **extra}  # type: ignore[arg-type]
+
+
+def _binary(texts: Sequence[str], size: object) -> tuple[bytes, dict[str, str]]:
+    """A Triton binary-extension body: JSON header, then 4-byte-length-prefixed BYTES elements."""
+    blob = b"".join(len(t.encode()).to_bytes(4, "little") + t.encode() for t in texts)
+    head = json.dumps({"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": size}}]}).encode()
+    return head + blob, {"Inference-Header-Content-Length": str(len(head))}
+
+
+DEEP = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+V2_BAD_INPUTS = [
+    # (name, body (dict -> JSON, bytes -> raw), extra headers, status, field)
+    ("lone surrogate in a text", _v2(["ok", "\ud800"]), {}, 422, "inputs[0].data[1]"),
+    ("raw surrogate bytes in a text", _v2(["\udead"]), {}, 422, "inputs[0].data[0]"),
+    ("surrogate in the id", _v2(id="\ud800"), {}, 422, "id"),
+    ("surrogate in a preference key", _v2(parameters={"preference": {"\ud800": 1}}), {}, 422, "parameters.preference.\\ud800"),
+    ("400-digit weight", _v2(parameters={"preference": '{"alpha": 1' + "0" * 400 + "}"}), {}, 422, "parameters.preference.alpha"),
+    ("400-digit weight in a list", _v2(parameters={"preference": [1, 10**400, 1]}), {}, 422, "parameters.preference[1]"),
+    ("binary_data_size a string", _binary(["a"], "abc"), None, 422, "inputs[0].parameters.binary_data_size"),
+    ("binary_data_size a list", _binary(["a"], [1]), None, 422, "inputs[0].parameters.binary_data_size"),
+    ("binary_data_size NaN", _binary(["a"], float("nan")), None, 422, "inputs[0].parameters.binary_data_size"),
+    ("binary_data_size past the blob", _binary(["a"], 50), None, 400, "inputs[0].parameters.binary_data_size"),
+    ("100,000-deep JSON", DEEP, {}, 400, None),
+    ("5,000-digit integer", b'{"inputs": [], "id": ' + b"9" * 5000 + b"}", {}, 400, None),
+    ("shape not integers", _v2(["a"]) | {"inputs": [{"name": "text", "shape": ["x"], "datatype": "BYTES", "data": ["a"]}]},
+     {}, 422, "inputs[0].shape[0]"),
+]
+
+
+@pytest.fixture(scope="module")
+def roomy(engine: Engine) -> Iterator[TestClient]:
+    """Without a key and with a 1 MiB body limit, for the bodies that attack the parser."""
+    with _client(engine, max_body_bytes=1 << 20) as c:
+        yield c
+
+
+@pytest.mark.parametrize(("name", "body", "headers", "status", "field"), V2_BAD_INPUTS, ids=[b[0] for b in V2_BAD_INPUTS])
+def test_v2_bad_inputs_get_their_documented_problem(roomy: TestClient, name: str, body: object,
+                                                    headers: dict[str, str] | None, status: int, field: str | None) -> None:
+    if isinstance(body, tuple):
+        body, headers = body
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    if name.startswith("raw surrogate"):
+        content = content.replace(b"\\udead", b"\xed\xba\xad")
+    r = roomy.post("/v2/models/reprmerge/infer", content=content, headers={"Content-Type": "application/json", **(headers or {})})
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    problem = r.json()
+    assert problem["status"] == status and problem.get("field") == field and problem["error"] == problem["detail"]
+
+
+def test_a_bad_text_never_reaches_the_model(engine: Engine) -> None:
+    """The surrogate is refused at validation: no batch (and so no co-batched request) ever sees it."""
+    with _client(engine) as c:
+        batches = c.app.state.service.metrics.batch_size._sum.get()  # type: ignore[union-attr]
+        for body in ({"texts": ["\ud800"]}, _v2(["\ud800"])):
+            path = "/v1/predict" if "texts" in body else "/v2/models/reprmerge/infer"
+            assert c.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"}).status_code == 422
+        assert c.app.state.service.metrics.batch_size._sum.get() == batches  # type: ignore[union-attr]
 
 
 def test_probes_and_metrics_need_no_key_but_the_api_does(client: TestClient) -> None:
@@ -176,7 +243,20 @@ def test_draining_turns_readyz_and_predict_to_503(engine: Engine) -> None:
         assert c.get("/readyz").status_code == 503
         r = c.post("/v1/predict", json=OK)
         assert r.status_code == 503 and r.headers["retry-after"] and r.json()["status"] == 503
+        assert r.headers["connection"] == "close"  # the server is closing its connections: do not reuse this one
         assert c.get("/livez").status_code == 200
+
+
+def test_a_500_tells_the_client_to_close_the_connection(engine: Engine) -> None:
+    """uvicorn closes the connection after an unhandled error; without `Connection: close` a pool reuses it."""
+    with _client(engine) as c:
+        def broken(names: object, field: str = "tasks") -> list[str]:
+            raise RuntimeError("injected fault")
+
+        c.app.state.service.tasks = broken  # type: ignore[union-attr]
+        r = c.post("/v1/predict", json=OK)
+        assert r.status_code == 500 and r.headers["connection"] == "close"
+        assert "connection" not in c.get("/livez").headers
 
 
 def test_field_of_drops_locations_and_union_tags() -> None:

@@ -246,3 +246,128 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(server: ServerProcess,
         except Unsatisfiable:  # an operation without inputs has no invalid cases to generate
             assert mode is GenerationMode.NEGATIVE
 
+
+
+def test_a_lone_surrogate_fails_only_its_own_request(server: ServerProcess) -> None:
+    """Raw bytes ED A0 80 (Python's JSON decoder accepts them) among 40 co-batched requests: one 422, 40 answers."""
+    poison = b'{"texts": ["fine", "\xed\xa0\x80"]}'
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=50)) as c:
+            good = [c.post("/v1/predict", json=b) for b in _bodies(40, seed=5)]
+            bad = c.post("/v1/predict", content=poison, headers={"Content-Type": "application/json"})
+            return await asyncio.gather(bad, *good)
+
+    bad, *good = asyncio.run(scenario())
+    assert bad.status_code == 422 and bad.json()["field"] == "texts[1]", bad.text
+    assert [r.status_code for r in good] == [200] * 40
+
+
+def _http(sock: socket.socket, request: bytes, timeout: float = 10) -> bytes:
+    """Send one raw request and read one response (headers and Content-Length body); b"" if the server closed."""
+    sock.settimeout(timeout)
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return data
+
+
+def test_an_idle_connection_outlives_the_clients_pool_expiry(server: ServerProcess) -> None:
+    """httpx expires pooled connections after 5 s idle; the server must keep them longer, or a reuse at ~5 s dies."""
+    get = f"GET /livez HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        assert _http(sock, get).startswith(b"HTTP/1.1 200")
+        time.sleep(5.5)
+        assert _http(sock, get).startswith(b"HTTP/1.1 200")
+
+
+@pytest.fixture()
+def strict_server(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ServerProcess]:
+    """A server with 1 s header and body deadlines and room for 20 connections."""
+    for name, value in (("HEADER_TIMEOUT", "1"), ("BODY_TIMEOUT", "1"), ("MAX_CONNECTIONS", "20")):
+        monkeypatch.setenv(f"REPRMERGE_{name}", value)
+    srv = ServerProcess(bundle, tmp_path / "strict.log")
+    yield srv
+    srv.stop()
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bytes | None:
+    """What the server sent before closing the connection within `seconds`; None if it stayed open."""
+    sock.settimeout(seconds)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def test_slow_clients_are_cut_off_and_cannot_exhaust_connections(strict_server: ServerProcess) -> None:
+    srv, address = strict_server, ("127.0.0.1", strict_server.port)
+    with socket.create_connection(address) as silent, socket.create_connection(address) as dribbling, \
+            socket.create_connection(address) as slow_body:
+        dribbling.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")
+        slow_body.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{\"texts\": ")
+        assert _closed_within(silent, 3) == b""
+        assert _closed_within(dribbling, 3) == b""
+        answer = _closed_within(slow_body, 3)
+        assert answer is not None and answer.startswith(b"HTTP/1.1 408") and b"connection: close" in answer.lower()
+    # Past the connection cap: answered 503 and closed at once, and the server keeps serving afterwards.
+    crowd = [socket.create_connection(address) for _ in range(40)]
+    try:
+        refused = [_closed_within(s, 0.5) for s in crowd]
+        assert sum(r is not None and r.startswith(b"HTTP/1.1 503") for r in refused) >= 20
+    finally:
+        for s in crowd:
+            s.close()
+    time.sleep(1.5)
+    assert httpx.post(f"{srv.url}/v1/predict", json={"texts": ["still serving"]}).status_code == 200
+    assert srv.log.read_text().count("refusing connections") <= 2
+
+
+def test_a_body_cut_short_by_a_disconnect_is_not_answered(server: ServerProcess) -> None:
+    """16 of 200 declared bytes, valid JSON on their own, then the client leaves: the model must not run."""
+    ok = 'reprmerge_requests_total{code="200",route="/v1/predict"}'
+    answered, batches = server.metric(ok), server.metric("reprmerge_batch_size_count")
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 200\r\n\r\n{\"texts\": [\"a\"]}")
+        time.sleep(0.2)
+    time.sleep(1)
+    assert server.metric(ok) == answered and server.metric("reprmerge_batch_size_count") == batches
+    assert server.metric('reprmerge_rejections_total{reason="client_gone"}') >= 1
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("REPRMERGE_API_KEY", "", "API key is empty"),
+    ("REPRMERGE_API_KEY", "  ", "API key is empty"),
+    ("REPRMERGE_API_KEYS", "s3cret", "unknown environment variable(s) REPRMERGE_API_KEYS"),
+])
+def test_a_misconfigured_key_refuses_to_start_instead_of_serving_without_auth(
+    bundle: Path, variable: str, value: str, message: str,
+) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", variable: value}
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", str(bundle), "--port", "0", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    assert proc.returncode == 2 and message in out, out
+
+
+def test_the_startup_log_says_whether_auth_is_on(server: ServerProcess) -> None:
+    assert "auth off" in server.log.read_text()

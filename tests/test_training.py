@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
@@ -24,8 +25,10 @@ from reprmerge_core.training import (
     load_expert,
     macro_f1,
     train_expert,
+    train_experts,
 )
 from reprmerge_core.training.cache import build_once, cache_key
+from reprmerge_core.training.recipe import TASK_SEED_OFFSET
 
 # 64 trec6 questions, 2 epochs of batch 8 (16 steps): a few seconds on 2 idle cores, yet enough to learn.
 RECIPE = TrainRecipe(learning_rate=2e-4, batch_size=8, epochs=2, max_length=32)
@@ -110,10 +113,10 @@ def test_second_call_hits_the_cache(expert: Expert, splits: TaskSplits, cache: P
 
 
 def test_cache_key_changes_with_every_input() -> None:
-    inputs = {"task": "trec6", "recipe": RECIPE.model_dump(), "train_sha256": "0" * 64}
+    inputs = {"task": "trec6", "recipe": RECIPE.model_dump(), "train_sha256": "0" * 64, "seed": 100}
     changed = [{**inputs, "task": "sms_spam"}, {**inputs, "recipe": RECIPE.model_copy(update={"seed": 1}).model_dump()},
-               {**inputs, "train_sha256": "1" * 64}]
-    assert len({cache_key(inputs), *(cache_key(c) for c in changed)}) == 4
+               {**inputs, "train_sha256": "1" * 64}, {**inputs, "seed": 101}]
+    assert len({cache_key(inputs), *(cache_key(c) for c in changed)}) == 5
     assert cache_key(dict(reversed(list(inputs.items())))) == cache_key(inputs)
 
 
@@ -148,3 +151,34 @@ def test_load_expert_and_evaluate_head_refuse_bad_input(expert: Expert, tmp_path
         evaluate_head(backbone, TaskHead(torch.zeros(2, 3), torch.zeros(2)), ["a"], [0])
     with pytest.raises(ValueError, match="1 texts but 2 labels"):
         evaluate_head(backbone, expert.head, ["a"], [0, 1])
+
+
+def _class_direction(head: TaskHead) -> torch.Tensor:
+    return head.weight[1] - head.weight[0]
+
+
+def test_experts_of_one_suite_start_from_different_heads(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    """Issue 10: one seed for every task gave every head the same start, so binary heads shared one axis."""
+    config = SplitConfig(test_size=4, calibration_size=4, train_size=16)
+    suite = [split_task(load_task(name), config) for name in ("sms_spam", "movie_sentiment")]
+    recipe = TrainRecipe(learning_rate=2e-4, batch_size=8, epochs=1, max_length=16)
+    fixed = train_experts(suite, recipe, base=tiny_backbone_dir, cache_dir=tmp_path, device="cpu", progress=False)
+    assert [e.info["seed"] for e in fixed] == [TASK_SEED_OFFSET, TASK_SEED_OFFSET + 1]
+    cosine = F.cosine_similarity(*(_class_direction(e.head) for e in fixed), dim=0)
+    assert abs(cosine) < 0.9, cosine
+    shared = train_experts(suite, recipe.model_copy(update={"seeding": "shared"}), base=tiny_backbone_dir,
+                           cache_dir=tmp_path, device="cpu", progress=False)
+    assert [e.info["seed"] for e in shared] == [0, 0] and all(e.trained for e in shared)
+    assert F.cosine_similarity(*(_class_direction(e.head) for e in shared), dim=0) > 0.99
+
+
+def test_cache_key_moved_off_the_shared_seed_entries(expert: Expert) -> None:
+    """An entry trained before per-task seeding (no seed, no training version in its key) is never reused."""
+    info = expert.info
+    old_recipe = {k: v for k, v in info["recipe"].items() if k != "seeding"}
+    old = {"task": info["task"], "labels": info["labels"], "train_sha256": info["train_sha256"], "split": info["split"],
+           "recipe": old_recipe, "base_weights_sha256": info["base_weights_sha256"]}
+    assert info["seed"] == TASK_SEED_OFFSET and info["training_version"] == 2
+    assert cache_key(old) != info["cache_key"]
+    new = {**old, "recipe": info["recipe"], "seed": info["seed"], "training_version": 2}
+    assert cache_key(new) == info["cache_key"]

@@ -26,7 +26,7 @@ import gevent
 import numpy as np
 from locust.env import Environment
 
-from local import LocalServer
+from reprmerge_bench.server import LocalServer
 from locustfile import SCHEDULED, OpenLoopUser, add_options
 
 SWEEP = (1, 10, 100, 1000, 10000)

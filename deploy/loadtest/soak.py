@@ -16,7 +16,7 @@ from pathlib import Path
 import gevent
 import numpy as np
 
-from local import LocalServer
+from reprmerge_bench.server import LocalServer
 from run import locust_options, run_scenario
 
 

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from reprmerge_core import __version__
 from reprmerge_core.correction.heads import TaskHead
 from reprmerge_core.correction.statistics import TaskStatistics
+from reprmerge_core.merging.diagnostics import ExpertDiagnostics
 from reprmerge_core.bundle.manifest import (
     BACKBONE_DIR,
     FORMAT,
@@ -138,6 +139,7 @@ def write_bundle(
     merge: MergeInfo,
     backbone: BackboneInfo,
     extra: Mapping[str, Any] | None = None,
+    expert_diagnostics: ExpertDiagnostics | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Validate everything, write it into a temporary sibling directory, then rename into place.
@@ -186,6 +188,7 @@ def write_bundle(
             backbone=backbone,
             files=files,
             extra=dict(extra or {}),
+            expert_diagnostics=expert_diagnostics,
         )
         with (tmp / MANIFEST_FILE).open("w") as f:
             f.write(manifest.model_dump_json(indent=2))

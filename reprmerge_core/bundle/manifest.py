@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from reprmerge_core.correction.solver import Normalisation
+from reprmerge_core.merging.diagnostics import ExpertDiagnostics
 
 FORMAT = "reprmerge-bundle"
 FORMAT_VERSION = 1
@@ -66,6 +67,8 @@ class Manifest(_Strict):
     backbone: BackboneInfo
     files: dict[str, str]
     extra: dict[str, Any] = Field(default_factory=dict)
+    # Head alignment and distance from the base measured before merging (absent in bundles made before it).
+    expert_diagnostics: ExpertDiagnostics | None = None
 
     @field_validator("files")
     @classmethod

@@ -19,6 +19,9 @@ from reprmerge_core.pipeline.calibrate import ShardSpec, calibrate_bundle
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="build a bundle from your own checkpoints")
     p.add_argument("--backbone", type=Path, required=True, help="the merged backbone checkpoint directory")
+    p.add_argument("--base", type=Path, default=None,
+                   help="the checkpoint the experts were fine-tuned from: adds each expert's distance from it "
+                   "to the checks")
     p.add_argument("--expert", type=pair, action="append", required=True, metavar="NAME=DIR",
                    help="an expert checkpoint with head.safetensors or a sequence-classification head (repeat)")
     p.add_argument("--calibration", type=pair, action="append", required=True, metavar="NAME=FILE",
@@ -49,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         calibration = {name: read_texts(path) for name, path in unique(args.calibration, "--calibration").items()}
         path = calibrate_bundle(args.backbone, experts, calibration, args.out, shard=args.shard, pooling=args.pooling,
                                 max_length=args.max_length, beta=args.beta, folds=args.folds,
-                                merge_method=args.merge_method, device=args.device, overwrite=args.overwrite)
+                                merge_method=args.merge_method, device=args.device, overwrite=args.overwrite,
+                                base=args.base)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
         print(f"calibrate failed: {exc}", file=sys.stderr)
         return 2

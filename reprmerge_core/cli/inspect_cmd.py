@@ -37,6 +37,13 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(t.name) for t in m.tasks)
     for t in m.tasks:
         print(f"  {t.name:<{width}}  {t.calibration_samples:>6} calibration samples  labels: {', '.join(t.labels)}")
+    check = m.expert_diagnostics
+    if check is not None:
+        worst = max((abs(p.max_row_cosine) for p in check.head_pairs), default=None)
+        print("experts     " + ("" if worst is None else f"max head row cosine across tasks {worst:.3f}; ")
+              + f"{len(check.warnings)} warning(s)")
+        for message in check.warnings:
+            print(f"  WARNING {message}")
     total = sum((bundle.path / f).stat().st_size for f in m.files)
     print(f"files       {len(m.files)} files, {total / 1e6:.1f} MB, sha256 verified")
     print("VALID")

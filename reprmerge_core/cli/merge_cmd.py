@@ -6,8 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from torch import Tensor
+
 from reprmerge_core.cli.args import json_value, pair, unique
 from reprmerge_core.merging import METHODS, REPORT_FILE, merge_checkpoints, read_texts
+from reprmerge_core.pipeline.calibrate import has_head, read_expert
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         required=True,
         metavar="NAME=DIR",
-        help="an expert checkpoint (repeat); a classification head in it is ignored",
+        help="an expert checkpoint (repeat); its head (head.safetensors or a classifier) is only checked for "
+        "alignment with the other experts' heads",
     )
     p.add_argument("--method", required=True, choices=sorted(METHODS))
     p.add_argument(
@@ -45,12 +49,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _heads(experts: dict[str, Path]) -> dict[str, Tensor]:
+    """Head weights of the experts that have one (an encoder alone is merged without the head check)."""
+    return {name: read_expert(name, path, "mean").head.weight for name, path in experts.items() if has_head(path)}
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         experts = unique(args.expert, "--expert")
         params = {key: json_value(value) for key, value in unique(args.params, "--set").items()}
         files = unique(args.calibration, "--calibration")
         texts = {name: read_texts(path) for name, path in files.items()} or None
+        heads = _heads({name: Path(path) for name, path in experts.items()})
         result = merge_checkpoints(
             args.base,
             experts,
@@ -61,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             max_length=args.max_length,
             progress=True,
+            heads=heads,
         )
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"merge failed: {exc}", file=sys.stderr)
@@ -71,5 +82,9 @@ def run(args: argparse.Namespace) -> int:
         f"merged {len(experts)} experts with {args.method}{rho}: {len(report.merged_parameters)} parameters merged, "
         f"{len(report.base_parameters)} kept at the base"
     )
+    check = report.expert_diagnostics
+    if check is not None and check.warnings:
+        print(f"WARNING: {len(check.warnings)} expert check(s) failed "
+              f"(see above and expert_diagnostics in {REPORT_FILE})")
     print(f"wrote {args.out} ({REPORT_FILE}; " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items()) + ")")
     return 0

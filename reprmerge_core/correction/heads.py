@@ -2,12 +2,14 @@
 
 logits_t = H_t (W_p z) + b_t = (H_t W_p) z + b_t. Since W_p = M_p C_p^{-1}, the fused weight is
 H_t W_p = (H_t M_p) C_p^{-1}: with the products H M_s precomputed per task s, a new preference costs
-one Cholesky factorisation and a solve with K (total classes) right-hand sides, never W_p itself.
+one Cholesky factorisation and a solve with K (total classes) right-hand sides, never W_p itself:
+(1/3) d^3 + 2 K d^2 flops instead of (7/3) d^3.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +65,9 @@ class HeadFolder:
                 raise ValueError(f"head {t} has input size {h.weight.shape[1]}, representation size is {solver.dim_}")
         self.solver = solver
         self.out_dtype = out_dtype
-        H = torch.cat([h.weight for h in heads]).to(solver.device, solver.dtype)
+        H = torch.cat([h.weight for h in heads]).to(solver.device, torch.float64)
         self._H = H
-        self._HM = torch.einsum("kd,tde->tke", H, solver.M_)  # (T, K, d)
+        self._HM = torch.einsum("kd,tde->tke", H, solver.M_)  # (T, K, d), float64: the solver casts it
         self.bias = torch.cat([h.bias for h in heads]).to(solver.device, out_dtype)
         bounds = torch.tensor([0] + [h.num_classes for h in heads]).cumsum(0).tolist()
         self.slices = tuple(slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]))
@@ -74,17 +76,17 @@ class HeadFolder:
     def fold_bytes_per_preference(self) -> int:
         """Upper bound of `fold`'s temporaries per preference, for callers that bound a fold's memory.
 
-        Two d x d matrices in the solve dtype (sum_t p_t C_t and its Cholesky factor; peak RSS
-        measured at exactly that) plus a few K x d right-hand sides and outputs.
+        Two d x d matrices (sum_t p_t C_t and its Cholesky factor; peak RSS measured at exactly that)
+        plus a few K x d right-hand sides and outputs, counted in float64: a float32 solver falls back
+        to float64 for ill-conditioned preferences.
         """
-        size = torch.finfo(self.solver.dtype).bits // 8
+        size = 8
         K, d = self._H.shape
         return 2 * d * d * size + 6 * K * d * size
 
-    def fold(self, prefs: torch.Tensor) -> FusedHeads:
-        """Fused heads H_t W_p for a (P, T) stack of preferences."""
-        numer = self.solver.aggregate(prefs, self._HM)
-        weight = self.solver.right_solve(numer, prefs).to(self.out_dtype)
+    def fold(self, prefs: torch.Tensor, executor: Executor | None = None) -> FusedHeads:
+        """Fused heads H_t W_p for a (P, T) stack of preferences (chunks spread over `executor`'s threads if given)."""
+        weight = self.solver.right_solve(self._HM, prefs, executor).to(self.out_dtype)
         return FusedHeads(weight, self.bias, self.slices)
 
     def fold_matrices(self, W: torch.Tensor) -> FusedHeads:

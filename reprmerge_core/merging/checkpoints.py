@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from reprmerge_core.merging.calibration import collect_grams, linear_layers, text_batches
+from reprmerge_core.merging.diagnostics import ExpertDiagnostics, diagnose_experts, task_vector_norm
 from reprmerge_core.merging.merge import (
     MergeResult,
     changed_parameters,
@@ -38,6 +41,7 @@ ARCHITECTURE_FIELDS = (
     "position_embedding_type",
 )
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -87,6 +91,20 @@ def compatibility_problems(base_dir: Path, expert_dirs: Mapping[str, Path]) -> l
     return problems
 
 
+def check_experts(heads: Mapping[str, Tensor], norms: Mapping[str, float] | None) -> ExpertDiagnostics:
+    """`diagnose_experts`, with each finding logged as a warning so a user sees it before trusting the merge."""
+    diagnostics = diagnose_experts(heads, norms)
+    for message in diagnostics.warnings:
+        logger.warning(message)
+    return diagnostics
+
+
+def distances_from_base(base_dir: Path, expert_dirs: Mapping[str, Path]) -> dict[str, float]:
+    """Each expert's task-vector norm from the base checkpoint, holding one expert in memory at a time."""
+    base = _load_encoder(base_dir).state_dict()
+    return {task: task_vector_norm(base, _load_encoder(path).state_dict()) for task, path in expert_dirs.items()}
+
+
 def merge_checkpoints(
     base_dir: str | Path,
     expert_dirs: Mapping[str, str | Path],
@@ -98,12 +116,15 @@ def merge_checkpoints(
     batch_size: int = 32,
     max_length: int = 128,
     progress: bool = False,
+    heads: Mapping[str, Tensor] | None = None,
 ) -> MergeResult:
     """Merge expert encoders (AutoModel; a classification head in an expert directory is ignored) into
     the base. `calibration_texts[task]` are unlabeled inputs of each expert's task: required by data-aware
     methods, and with any method they add per-layer rho to the report. With `out_dir`, writes the merged
     checkpoint (safetensors + the base's tokenizer) and merge_report.json. Incompatible checkpoints and
-    bad parameters are refused before any weights are merged."""
+    bad parameters are refused before any weights are merged. Before merging, the experts' distances
+    from the base and the alignment of their `heads` (task -> head weight (classes, d), where known) are
+    checked and recorded in the report's `expert_diagnostics`; findings are logged as warnings."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     spec, checked = resolve(method, params)
@@ -130,6 +151,7 @@ def merge_checkpoints(
     problems += state_dict_problems(base, states)
     if problems:
         raise ValueError(f"cannot merge into {base_dir}:\n  " + "\n  ".join(problems))
+    diagnostics = check_experts(heads or {}, {task: task_vector_norm(base, state) for task, state in states.items()})
     tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
     timings["load_and_check"] = time.perf_counter() - start
 
@@ -156,6 +178,7 @@ def merge_checkpoints(
         result = merge_state_dicts(base, states, method, checked, grams, progress=progress)
         timings["merge"] = time.perf_counter() - start
     result.report.timings = {**timings, **result.report.timings}
+    result.report.expert_diagnostics = diagnostics
 
     if out_dir is not None:
         start = time.perf_counter()

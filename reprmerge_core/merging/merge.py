@@ -14,6 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from reprmerge_core.merging.arithmetic import dare, task_arithmetic, ties
+from reprmerge_core.merging.diagnostics import ExpertDiagnostics
 from reprmerge_core.merging.params import (
     DareParams,
     DataAwareParams,
@@ -117,6 +118,7 @@ class MergeReport(BaseModel):
     layers: dict[str, LayerDiagnostics] = {}
     rho: float | None = None  # whole model: 1 - sum of losses / sum of energies over `layers`
     timings: dict[str, float] = {}
+    expert_diagnostics: ExpertDiagnostics | None = None  # head alignment and distance from the base, before merging
 
     @classmethod
     def start(cls, method: str, params: MergeParams, experts: Mapping[str, object]) -> MergeReport:

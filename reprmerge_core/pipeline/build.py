@@ -87,6 +87,7 @@ def build_bundle(config: BuildConfig, out: str | Path, *, overwrite: bool = Fals
             default_backbone_path(), {e.task: e.path for e in experts}, config.merge, merge_params,
             calibration if spec.data_aware else None, work,
             batch_size=config.batch_size, max_length=recipe.max_length, progress=progress,
+            heads={e.task: e.head.weight for e in experts},
         )
         timings["merge"] = time.perf_counter() - start
 
@@ -115,14 +116,15 @@ def build_bundle(config: BuildConfig, out: str | Path, *, overwrite: bool = Fals
             extra={
                 "suite": suite.model_dump(mode="json"),
                 "recipe": recipe.model_dump(mode="json"),
-                "experts": {e.task: {"cache_key": e.info["cache_key"], "train_seconds": e.info.get("train_seconds")}
-                            for e in experts},
+                "experts": {e.task: {"cache_key": e.info["cache_key"], "seed": e.info.get("seed"),
+                                     "train_seconds": e.info.get("train_seconds")} for e in experts},
                 "merge_report": result.report.model_dump(mode="json"),
                 "timings": timings,
                 "statistics_per_task_seconds": stats.task_seconds,
                 "device": str(device),
                 "torch": torch.__version__,
             },
+            expert_diagnostics=result.report.expert_diagnostics,
             overwrite=overwrite,
         )
 
@@ -131,6 +133,8 @@ def suite_from_extra(extra: dict[str, Any]) -> tuple[SuiteConfig, TrainRecipe]:
     """The suite and recipe a built bundle was made from (for evaluation)."""
     if "suite" not in extra or "recipe" not in extra:
         raise ValueError("bundle was not built from a built-in suite: no suite/recipe recorded")
-    return SuiteConfig.model_validate(extra["suite"]), TrainRecipe.model_validate(extra["recipe"])
+    # Bundles built before per-task seeding recorded no `seeding`: their experts all used one seed.
+    recipe = TrainRecipe.model_validate({"seeding": "shared", **extra["recipe"]})
+    return SuiteConfig.model_validate(extra["suite"]), recipe
 
 

@@ -41,7 +41,8 @@ from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
 from reprmerge_core.calibration import choose_correction, collect_statistics
 from reprmerge_core.correction import TaskHead, TaskStatistics
 from reprmerge_core.correction.solver import Normalisation
-from reprmerge_core.merging.checkpoints import compatibility_problems
+from reprmerge_core.merging.checkpoints import check_experts, compatibility_problems, distances_from_base
+from reprmerge_core.merging.diagnostics import ExpertDiagnostics
 
 HEAD_FILE = "head.safetensors"
 
@@ -71,6 +72,16 @@ def _label_names(path: Path, classes: int) -> list[str]:
     return labels if len(set(labels)) == classes else [str(i) for i in range(classes)]
 
 
+def has_head(path: Path) -> bool:
+    """Whether the checkpoint at `path` carries a task head that `read_expert` reads."""
+    if (path / HEAD_FILE).is_file():
+        return True
+    if not (path / "config.json").is_file():
+        return False
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+
+
 def read_expert(name: str, path: str | Path, pooling: Pooling) -> ExpertSource:
     """The head and representation of one expert checkpoint (see the module docstring)."""
     path = Path(path)
@@ -82,8 +93,7 @@ def read_expert(name: str, path: str | Path, pooling: Pooling) -> ExpertSource:
             raise ValueError(f"expert {name!r}: {HEAD_FILE} must hold exactly 'weight' and 'bias', has {sorted(tensors)}")
         head = TaskHead(tensors["weight"].float(), tensors["bias"].float())
         return ExpertSource(name, path, head, _label_names(path, head.num_classes), pooling)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+    if not has_head(path):
         raise ValueError(f"expert {name!r}: {path} has neither {HEAD_FILE} nor a sequence-classification head")
     model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
     classifier = getattr(model, "classifier", None)
@@ -107,13 +117,18 @@ class CalibrationPlan:
     normalisation: Normalisation
     folds: int
     merge_method: str
+    diagnostics: ExpertDiagnostics | None = None
 
 
 def _plan(
     backbone: Path, experts: Mapping[str, str | Path], calibration: Mapping[str, Sequence[str]], *, pooling: Pooling,
     max_length: int, beta: float | str, normalisation: Normalisation, folds: int, merge_method: str,
+    base: Path | None = None,
 ) -> CalibrationPlan:
-    """Every check that needs no forward pass (see the module docstring)."""
+    """Every check that needs no forward pass (see the module docstring), and the experts' diagnostics.
+
+    Head alignment is always measured; distances from the base only when `base` is given.
+    """
     if not experts:
         raise ValueError("at least one --expert is needed")
     if set(calibration) != set(experts):
@@ -122,14 +137,20 @@ def _plan(
     for name, texts in calibration.items():
         if len(texts) < folds:
             raise ValueError(f"calibration for {name!r} has {len(texts)} inputs; at least {folds} are needed")
-    problems = compatibility_problems(backbone, {n: Path(p) for n, p in experts.items()})
+    paths = {n: Path(p) for n, p in experts.items()}
+    problems = compatibility_problems(backbone, paths)
+    if base is not None:
+        problems += [f"base: {p}" for p in compatibility_problems(base, paths)]
     if problems:
         raise ValueError("experts do not match the backbone:\n  " + "\n  ".join(problems))
     sources = [read_expert(name, path, pooling) for name, path in experts.items()]
     poolings = {s.pooling for s in sources}
     if len(poolings) != 1:
         raise ValueError(f"experts read different representations ({sorted(poolings)}); one bundle needs one pooling")
-    return CalibrationPlan(backbone, sources, poolings.pop(), max_length, beta, normalisation, folds, merge_method)
+    diagnostics = check_experts({s.name: s.head.weight for s in sources},
+                                None if base is None else distances_from_base(base, paths))
+    return CalibrationPlan(backbone, sources, poolings.pop(), max_length, beta, normalisation, folds, merge_method,
+                           diagnostics)
 
 
 def _load_models(plan: CalibrationPlan, device: str) -> tuple[Backbone, list[Backbone]]:
@@ -160,6 +181,7 @@ def _write(plan: CalibrationPlan, fold_stats: Sequence[Sequence[TaskStatistics]]
         backbone=BackboneInfo(source=str(plan.backbone), pooling=plan.pooling, max_length=plan.max_length),
         extra={"timings": {**timings, "beta_selection": time.perf_counter() - start}, **extra,
                "experts": {s.name: str(s.path) for s in plan.sources}},
+        expert_diagnostics=plan.diagnostics,
         overwrite=overwrite,
     )
 
@@ -181,15 +203,19 @@ def calibrate_bundle(
     batch_size: int = 32,
     overwrite: bool = False,
     progress: bool = True,
+    base: str | Path | None = None,
 ) -> Path:
     """Statistics of `backbone` (already merged) against each expert on its task's inputs, as a bundle.
 
     With `shard`, only that shard's inputs are used and `out` is a shard file for `reduce_shards`.
+    `base` (the checkpoint the experts were fine-tuned from) adds each expert's distance from it to the
+    diagnostics recorded in the bundle.
     """
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     plan = _plan(Path(backbone), experts, calibration, pooling=pooling, max_length=max_length, beta=beta,
-                 normalisation=normalisation, folds=folds, merge_method=merge_method)
+                 normalisation=normalisation, folds=folds, merge_method=merge_method,
+                 base=None if base is None else Path(base))
     merged, models = _load_models(plan, device)
     texts = [list(calibration[s.name]) for s in plan.sources]
     if shard is not None:
@@ -264,6 +290,7 @@ class ShardManifest(_Frozen):
     merge_method: str
     tensors_sha256: str = ""
     statistics_forward_seconds: float = 0.0
+    expert_diagnostics: ExpertDiagnostics | None = None
 
 
 @dataclass(frozen=True)
@@ -316,7 +343,7 @@ def _calibrate_shard(plan: CalibrationPlan, merged: Backbone, models: Sequence[B
                          expert_sha256=_checkpoint_sha256(s.path)) for s, x in zip(plan.sources, texts)],
         backbone=str(plan.backbone), backbone_sha256=_checkpoint_sha256(plan.backbone), pooling=plan.pooling,
         max_length=plan.max_length, beta=plan.beta, normalisation=plan.normalisation, merge_method=plan.merge_method,
-        statistics_forward_seconds=stats.forward_seconds,
+        statistics_forward_seconds=stats.forward_seconds, expert_diagnostics=plan.diagnostics,
     )
     tensors = {"n": torch.tensor([[x.n for x in task] for task in fold_stats], dtype=torch.int64),
                "e": torch.tensor([[x.e for x in task] for task in fold_stats], dtype=torch.float64)}
@@ -406,7 +433,7 @@ def reduce_shards(paths: Sequence[str | Path], out: str | Path, *, backbone: str
     fold_stats = [[reduce(add, (s.folds[t][f] for s in shards)) for f in range(m.folds)] for t in range(len(m.tasks))]
     plan = CalibrationPlan(
         backbone=backbone_dir, pooling=m.pooling, max_length=m.max_length, beta=m.beta, normalisation=m.normalisation,
-        folds=m.folds, merge_method=m.merge_method,
+        folds=m.folds, merge_method=m.merge_method, diagnostics=m.expert_diagnostics,
         sources=[ExpertSource(t.name, Path(t.expert), head, t.labels, m.pooling) for t, head in zip(m.tasks, shards[0].heads)],
     )
     return _write(plan, fold_stats, out, overwrite=overwrite, extra={"shards": m.count},

@@ -31,6 +31,11 @@ from reprmerge_core.training.recipe import TrainRecipe
 EXPERT_FILE = "expert.json"
 HEAD_FILE = "head.safetensors"
 EXPERT_FORMAT = "reprmerge-expert"
+TRAINING_VERSION = 2
+"""Part of the cache key; bump when `_fit` trains differently for the same inputs.
+
+1: every task trained with `recipe.seed` (entries without this field); 2: the seed comes from `TrainRecipe.task_seed`.
+"""
 
 
 @dataclass(frozen=True)
@@ -78,13 +83,16 @@ def _data_digest(task: Task) -> str:
     return hashlib.sha256(json.dumps([task.texts, task.labels, task.label_names]).encode()).hexdigest()
 
 
-def _fit(backbone: Backbone, train: Task, recipe: TrainRecipe, progress: bool) -> tuple[TaskHead, list[float], float]:
+def _fit(
+    backbone: Backbone, train: Task, recipe: TrainRecipe, seed: int, progress: bool
+) -> tuple[TaskHead, list[float], float]:
     """Train encoder and a fresh linear head jointly (cross-entropy, AdamW, warmup then linear decay).
 
-    Returns the head, the loss of every step and the accuracy over the last epoch's batches (measured
-    in training mode, as they went by, so it costs no extra forward pass).
+    `seed` sets the head's initialisation and the batch order. Returns the head, the loss of every step
+    and the accuracy over the last epoch's batches (measured in training mode, as they went by, so it
+    costs no extra forward pass).
     """
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(seed)
     model, device = backbone.model, backbone.device
     if recipe.freeze_embeddings:
         model.embeddings.requires_grad_(False)
@@ -93,7 +101,7 @@ def _fit(backbone: Backbone, train: Task, recipe: TrainRecipe, progress: bool) -
     optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     total = math.ceil(len(train) / recipe.batch_size) * recipe.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(recipe.warmup_fraction * total), total)
-    order_rng = torch.Generator().manual_seed(recipe.seed)
+    order_rng = torch.Generator().manual_seed(seed)
     labels = torch.tensor(train.labels)
     losses: list[float] = []
     model.train()
@@ -121,6 +129,7 @@ def train_expert(
     splits: TaskSplits,
     recipe: TrainRecipe,
     *,
+    task_index: int = 0,
     base: str | Path | None = None,
     cache_dir: str | Path | None = None,
     device: str | torch.device = "auto",
@@ -128,10 +137,13 @@ def train_expert(
 ) -> Expert:
     """The expert for `splits.train` under `recipe`, trained from `base` unless already cached.
 
-    `base` defaults to the packaged all-MiniLM-L6-v2; `cache_dir` to `cache_root()`. The device is
-    not part of the key: an expert trained on GPU serves a CPU rebuild.
+    `task_index` (the task's position in its suite) picks the seed, `recipe.task_seed(task_index)`, so
+    the experts of one suite start from different heads. `base` defaults to the packaged
+    all-MiniLM-L6-v2; `cache_dir` to `cache_root()`. The device is not part of the key: an expert
+    trained on GPU serves a CPU rebuild.
     """
     base = Path(base) if base is not None else default_backbone_path()
+    seed = recipe.task_seed(task_index)
     inputs = {
         "task": splits.name,
         "labels": list(splits.label_names),
@@ -139,6 +151,8 @@ def train_expert(
         "split": splits.config.model_dump(),
         "recipe": recipe.model_dump(),
         "base_weights_sha256": weights_digest(base),
+        "seed": seed,
+        "training_version": TRAINING_VERSION,
     }
     key = cache_key(inputs)
     entry = cache_root(cache_dir) / f"{splits.name}-{key[:16]}"
@@ -146,7 +160,7 @@ def train_expert(
     def write(tmp: Path) -> None:
         backbone = Backbone.from_pretrained(base, pooling=recipe.pooling, max_length=recipe.max_length, device=device)
         start = time.perf_counter()
-        head, losses, accuracy = _fit(backbone, splits.train, recipe, progress)
+        head, losses, accuracy = _fit(backbone, splits.train, recipe, seed, progress)
         seconds = time.perf_counter() - start
         backbone.save(tmp)
         save_file({"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}, str(tmp / HEAD_FILE))
@@ -177,8 +191,11 @@ def train_experts(
     device: str | torch.device = "auto",
     progress: bool = True,
 ) -> list[Expert]:
-    """One expert per task of `suite` (see `reprmerge_core.data.load_suite`), in the suite's order."""
+    """One expert per task of `suite` (see `reprmerge_core.data.load_suite`), in the suite's order.
+
+    The i-th task trains with `recipe.task_seed(i)`.
+    """
     return [
-        train_expert(splits, recipe, base=base, cache_dir=cache_dir, device=device, progress=progress)
-        for splits in tqdm(suite, desc="experts", unit="task", disable=not progress)
+        train_expert(splits, recipe, task_index=i, base=base, cache_dir=cache_dir, device=device, progress=progress)
+        for i, splits in enumerate(tqdm(suite, desc="experts", unit="task", disable=not progress))
     ]

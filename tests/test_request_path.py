@@ -1,0 +1,171 @@
+"""The pipelined request path: tokenise once at admission, batches by a padded-token budget, admission by
+estimated wait, one bad text failing only its own request, departed clients never reaching the backbone."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from reprmerge_core.backbone import Backbone, default_backbone_path
+from reprmerge_core.preference import canonical_preference
+from service.batcher import Batcher
+from service.engine import Engine
+from service.heads import Heads
+from service.metrics import Metrics
+from service.settings import ServiceSettings
+from tests.helpers import make_random_bundle
+from tests.test_service_http import ServerProcess
+
+TEXTS = ["hi", "WIN a free cruise, text now! Reply STOP to end " * 4, "", "a dull, lifeless and boring film", "ok then"]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collated_token_ids_equal_the_tokenizers_own_padding(tiny_backbone_dir: Path, side: str) -> None:
+    backbone = Backbone.from_pretrained(tiny_backbone_dir, max_length=16, device="cpu")
+    backbone.tokenizer.padding_side = side
+    reference = backbone.tokenize(TEXTS)
+    collated = backbone.collate(backbone.token_ids(TEXTS))
+    assert collated.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(collated[key], reference[key]), key
+    assert max(map(len, backbone.token_ids(TEXTS))) == 16  # truncated at admission already
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> Path:
+    return make_random_bundle(tmp_path_factory.mktemp("path") / "bundle", tiny_backbone_dir, torch.Generator().manual_seed(3))
+
+
+class RecordingEngine(Engine):
+    """The real engine, remembering the (texts, padded width) of every backbone pass."""
+
+    passes: list[tuple[int, int]]
+
+    def embed(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        self.passes.append((len(rows), max(map(len, rows))))
+        return super().embed(rows)
+
+
+def test_batches_respect_the_padded_token_budget_and_text_cap(bundle: Path) -> None:
+    engine = RecordingEngine.load(bundle, device="cpu")
+    engine.passes = []
+    pref = canonical_preference([1, 1, 1], engine.tasks)
+    long_text, short_text = " ".join(["word"] * 40), "short"
+
+    async def scenario() -> list[int]:
+        infer, metrics = ThreadPoolExecutor(1), Metrics()
+        heads = Heads(engine, ServiceSettings(bundle=bundle), metrics)
+        heads.start()
+        batcher = Batcher(engine, heads, infer, metrics, max_batch_size=8, max_batch_tokens=64, max_wait=0.0, queue_limit=100)
+        batcher.start()
+        jobs = [[long_text] * 3, [short_text] * 2, [short_text] * 5, [long_text], [short_text] * 8, [short_text]]
+        ids = [engine.token_ids(texts) for texts in jobs]
+        results = await asyncio.gather(*(batcher.submit(i, [pref], time.monotonic() + 30) for i in ids))
+        await batcher.stop()
+        await heads.stop()
+        infer.shutdown()
+        return [r.probabilities[0].shape[0] for r in results]
+
+    sizes = asyncio.run(scenario())
+    assert sizes == [3, 2, 5, 1, 8, 1]
+    widths = {len(engine.token_ids([t])[0]) for t in (long_text, short_text)}
+    assert widths == {3, 32}  # [CLS] short [SEP]; the long text truncated at the bundle's max length
+    for texts, width in engine.passes:
+        # A pass holds one request alone, or several within both budgets.
+        assert texts <= 8 and (texts * width <= 64 or texts in (1, 3, 8)), engine.passes
+    assert sum(t for t, _ in engine.passes) == 20
+    assert any(t > 1 and w == 3 for t, w in engine.passes), "short requests were never batched together"
+
+
+@pytest.fixture(scope="module")
+def server(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = ServerProcess(bundle, tmp_path_factory.mktemp("logs") / "path.log", "--max-batch-size", "32")
+    yield srv
+    srv.stop()
+
+
+def test_one_untokenisable_text_fails_only_its_own_request(server: ServerProcess) -> None:
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            good = [c.post("/v1/predict", json={"texts": ["fine words", "more words"]}) for _ in range(20)]
+            bad = c.post("/v1/predict", content=b'{"texts": ["ok", "\\ud800"]}', headers={"Content-Type": "application/json"})
+            return await asyncio.gather(bad, *good)
+
+    bad, *good = asyncio.run(scenario())
+    assert bad.status_code == 422 and bad.json()["field"] == "texts[1]", bad.text
+    assert [r.status_code for r in good] == [200] * 20
+
+
+def _post_raw(port: int, body: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    return sock
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_departed_clients_texts_never_reach_the_backbone(server: ServerProcess) -> None:
+    busy = {"texts": [" ".join(["busy"] * 30)] * 32}
+    departed = b'{"texts": [' + b", ".join([b'"gone"'] * 7) + b"]}"
+    encoded_before = server.metric("reprmerge_batch_size_sum")
+    gone_before = server.metric('reprmerge_rejections_total{reason="client_gone"}')
+
+    async def scenario() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as c:
+            load = asyncio.gather(*(c.post("/v1/predict", json=busy, headers={"X-Request-Timeout": "300"})
+                                    for _ in range(60)))
+            # Hang up once the backbone is busy with a long queue behind it.
+            await asyncio.to_thread(_wait_for, lambda: server.metric("reprmerge_queue_depth") >= 10)
+            sock = _post_raw(server.port, departed)
+            await asyncio.sleep(0.05)
+            sock.close()
+            return await load
+
+    codes = [r.status_code for r in asyncio.run(scenario())]
+    assert codes == [200] * 60, codes
+    _wait_for(lambda: server.metric('reprmerge_rejections_total{reason="client_gone"}') > gone_before, 10)
+    assert server.metric('reprmerge_rejections_total{reason="client_gone"}') == gone_before + 1
+    assert server.metric("reprmerge_batch_size_sum") - encoded_before == 60 * 32  # the 7 departed texts never ran
+
+
+def test_admission_refuses_what_would_miss_its_deadline_with_an_honest_retry_after(tmp_path: Path) -> None:
+    # The real MiniLM backbone: admission must weigh backbone time, which the 32-wide test model barely has.
+    bundle = make_random_bundle(tmp_path / "minilm", default_backbone_path(), torch.Generator().manual_seed(4), n=500)
+    srv = ServerProcess(bundle, tmp_path / "admission.log", "--max-batch-size", "32")
+    body = {"texts": [" ".join(["long"] * 30)] * 32}
+    try:
+        batch = float(httpx.post(f"{srv.url}/v1/predict", json=body).headers["x-inference-time"])
+        timeout = 10 * batch  # room for ~10 batches; 40 requests of one full batch each arrive at once
+
+        async def scenario() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60, limits=httpx.Limits(max_connections=100)) as c:
+                return await asyncio.gather(*(c.post("/v1/predict", json=body, headers={"X-Request-Timeout": f"{timeout:.4f}"})
+                                              for _ in range(40)))
+
+        responses = asyncio.run(scenario())
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 429, 504} and codes.count(200) > 0 and codes.count(429) > 0, codes
+        # Refused at the door instead of timing out in the queue.
+        assert codes.count(504) <= codes.count(429) // 4, codes
+        refused = [r for r in responses if r.status_code == 429]
+        # Retry-After covers the queued work it saw: at least a second, never much more than the whole burst.
+        assert all(1 <= int(r.headers["retry-after"]) <= 40 * batch * 3 + 1 for r in refused)
+        assert "deadline" in refused[0].json()["detail"]
+        assert srv.metric('reprmerge_rejections_total{reason="overloaded"}') == len(refused)
+    finally:
+        srv.stop()
