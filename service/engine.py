@@ -107,10 +107,6 @@ class Engine:
         """Most preferences one `fold` may take for its temporaries to stay within `budget_bytes` (at least 1)."""
         return max(1, budget_bytes // self.folder.fold_bytes_per_preference)
 
-    def tradeoff_chunk(self, budget_bytes: int) -> int:
-        """Most preferences one `tradeoff` may take for its temporaries to stay within `budget_bytes` (at least 1)."""
-        return max(1, budget_bytes // self.folder.solver.tradeoff_bytes_per_preference)
-
     def tradeoff(self, prefs: Sequence[Preference]) -> list[tuple[float, ...]]:
         """Closed-form per-task losses of each preference's correction, from the statistics (one row per preference)."""
         return [tuple(row) for row in self.folder.solver.tradeoff(self._pref_tensor(prefs)).tolist()]

@@ -50,6 +50,15 @@ class SolveCache(Generic[V]):
     def __contains__(self, fingerprint: str) -> bool:
         return fingerprint in self._entries
 
+    @property
+    def pending(self) -> int:
+        """Preferences being solved (queued or running)."""
+        return len(self._pending)
+
+    def missing(self, prefs: Sequence[Preference]) -> int:
+        """Preferences that `get_many(prefs)` would start solving now: distinct, neither cached nor pending."""
+        return sum(fp not in self._entries and fp not in self._pending for fp in {p.fingerprint for p in prefs})
+
     async def get_many(self, prefs: Sequence[Preference], deadline: float) -> dict[str, V | ServiceError]:
         """Values of every distinct preference; a failed one maps to its error, the others are unaffected.
 

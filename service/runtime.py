@@ -89,7 +89,9 @@ class Service:
     async def drain(self) -> bool:
         """Refuse new work and answer everything admitted; False if `drain_timeout` ran out."""
         self.state = State.DRAINING
-        return await self.batcher.drain(self.settings.drain_timeout)
+        end = time.monotonic() + self.settings.drain_timeout
+        # Batches first (their heads and applies run on the heads thread), then admitted trade-offs.
+        return await self.batcher.drain(self.settings.drain_timeout) and await self.heads.drain(end - time.monotonic())
 
     async def close(self) -> None:
         await self.batcher.stop()

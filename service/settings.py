@@ -61,17 +61,19 @@ class ServiceSettings(BaseSettings):
     # is the only large computation; head work (a d x d Cholesky, K x d matmuls) is too small to gain
     # from a thread team, and on a busy CPU a team waits on descheduled members (one solve: 1.7 ms on
     # 1 thread, 20+ ms on 2). A 2-core box: inference 2, heads 1 (the defaults). A big CPU pod:
-    # inference = the pod's CPU limit (set it: a cgroup quota is not visible as CPUs), heads 1-2.
+    # inference = the pod's CPU request (set it, or OMP_NUM_THREADS as deploy/k8s does: a cgroup
+    # quota is not visible as CPUs), heads 1 unless a measurement on that pod says otherwise.
     inference_threads: int | None = Field(
-        None, ge=1, description="intra-op threads of the backbone pass; default: the CPUs this process may run on")
+        None, ge=1, description="intra-op threads of the backbone pass; default: OMP_NUM_THREADS, else the CPUs "
+                                "this process may run on")
     heads_threads: int = Field(1, ge=1, description="intra-op threads of head solves, head application and trade-offs")
 
     # The heads thread (service/heads.py).
     heads_queue_limit: int = Field(
-        32, ge=1, description="most work items waiting for the heads thread before trade-offs are refused with 429")
+        64, ge=1, description="most trade-off preferences waiting for or on the heads thread; more are refused with 429")
     fold_chunk_bytes: int = Field(
-        64 << 20, ge=1, description="bound on the temporaries of one head solve or trade-off; more preferences "
-                                          "are solved in chunks (at d = 384: 27 per fold chunk, 9 per trade-off chunk)")
+        64 << 20, ge=1, description="bound on the temporaries of one head solve (chunks run one at a time on the heads "
+                                    "thread); more preferences are solved in chunks (d = 384: 26 per chunk)")
     tradeoff_cache_entries: int = Field(4096, ge=0, description="trade-off results kept, by preference fingerprint")
     fail_solve_fingerprint: str | None = Field(
         None, pattern=r"^[0-9a-f]{16}$",
@@ -86,9 +88,12 @@ class ServiceSettings(BaseSettings):
 
     @property
     def inference_thread_count(self) -> int:
-        """`inference_threads`, or the CPUs this process may run on (its affinity mask) when unset."""
+        """`inference_threads`; unset: OMP_NUM_THREADS as torch reads it, else the CPUs this process may run on."""
         if self.inference_threads is not None:
             return self.inference_threads
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        if omp.isdigit() and int(omp) > 0:
+            return int(omp)
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
     # HTTP connections (uvicorn).

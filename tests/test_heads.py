@@ -7,9 +7,11 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -18,13 +20,14 @@ import torch
 from reprmerge_core.preference import Preference, canonical_preference
 from service.app import create_app
 from service.engine import Engine, Head, HeadGroup
-from service.errors import DeadlineExceeded, QueueFull
+from service.errors import DeadlineExceeded, QueueFull, Unavailable
 from service.heads import Heads
 from service.metrics import Metrics
 from service.settings import ServiceSettings
 from tests.helpers import make_random_bundle
 
 TASKS = ("alpha", "beta", "gamma")
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -43,26 +46,40 @@ def _fresh(n: int, seed: int) -> list[Preference]:
 
 
 class Recording:
-    """Wraps an engine method: records what each call was given, then runs the real thing."""
+    """Wraps an engine method: records the preferences of each call, then runs the real thing."""
 
-    def __init__(self, fn: object) -> None:
-        self.fn, self.calls = fn, []  # type: ignore[var-annotated]
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.calls: list[tuple[Any, ...]] = []
 
-    def __call__(self, *args: object) -> object:
+    def __call__(self, *args: Any) -> Any:
         self.calls.append(args)
-        return self.fn(*args)  # type: ignore[operator]
+        return self.fn(*args)
 
 
 @pytest.fixture()
-def recorded(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Recording]]:
+def recorded(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> dict[str, Recording]:
     calls = {name: Recording(getattr(engine, name)) for name in ("fold", "tradeoff", "apply")}
     for name, rec in calls.items():
         monkeypatch.setattr(engine, name, rec)
-    yield calls
+    return calls
 
 
-def _run(engine: Engine, scenario, **overrides: object) -> object:  # type: ignore[no-untyped-def]
-    async def main() -> object:
+def _hold_tradeoffs(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Trade-offs wait on the heads thread until the returned event is set, then run for real."""
+    gate, real = threading.Event(), engine.tradeoff
+
+    def held(prefs: list[Preference]) -> list[tuple[float, ...]]:
+        gate.wait(timeout=30)
+        return real(prefs)
+
+    monkeypatch.setattr(engine, "tradeoff", held)
+    return gate
+
+
+def _run(engine: Engine, scenario: Callable[[Heads], Awaitable[T]], **overrides: object) -> T:
+    """Run `scenario` against a started Heads on `engine`, then stop it."""
+    async def main() -> T:
         heads = Heads(engine, _settings(engine, **overrides), Metrics())
         heads.start()
         try:
@@ -73,16 +90,17 @@ def _run(engine: Engine, scenario, **overrides: object) -> object:  # type: igno
     return asyncio.run(main())
 
 
-def test_apply_jumps_ahead_of_queued_tradeoffs(engine: Engine, recorded: dict[str, Recording]) -> None:
+def test_apply_jumps_ahead_of_queued_tradeoffs(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """A victim's prediction waits for at most the one item running, not for every queued trade-off."""
     order: list[str] = []
+    gate = _hold_tradeoffs(engine, monkeypatch)  # the first trade-off runs until the others are queued
 
     async def scenario(heads: Heads) -> None:
         head = next(iter((await heads.get_many(_fresh(1, 0), math.inf)).values()))
         assert isinstance(head, Head)
 
         async def tradeoff(i: int) -> None:
-            await heads.tradeoff(_fresh(2, 100 + i), math.inf)
+            await heads.tradeoff(_fresh(1, 100 + i), math.inf)
             order.append(f"tradeoff{i}")
 
         async def apply() -> None:
@@ -90,11 +108,51 @@ def test_apply_jumps_ahead_of_queued_tradeoffs(engine: Engine, recorded: dict[st
             order.append("apply")
 
         flood = [asyncio.create_task(tradeoff(i)) for i in range(6)]
-        await asyncio.sleep(0)  # the trade-offs are queued, the first one runs
-        await asyncio.gather(*flood, apply())
+        while heads.depth < 5:  # the first trade-off runs (held), the other five wait
+            await asyncio.sleep(0.001)
+        victim = asyncio.create_task(apply())
+        while heads.depth < 6:
+            await asyncio.sleep(0.001)
+        gate.set()
+        await asyncio.gather(*flood, victim)
 
     _run(engine, scenario)
-    assert order.index("apply") <= 1, order
+    assert order[:2] == ["tradeoff0", "apply"], order
+
+
+def test_stop_answers_the_running_and_the_queued_items(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = _hold_tradeoffs(engine, monkeypatch)
+
+    async def scenario() -> list[object]:
+        heads = Heads(engine, _settings(engine), Metrics())
+        heads.start()
+        waiting = [asyncio.create_task(heads.tradeoff(_fresh(1, 800 + i), math.inf)) for i in range(3)]
+        while heads.depth < 2:  # one runs (held), two wait
+            await asyncio.sleep(0.001)
+        threading.Timer(0.2, gate.set).start()  # the running item finishes only after stop began
+        await heads.stop()
+        return await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), timeout=10)
+
+    assert all(isinstance(r, Unavailable) and r.status == 503 for r in asyncio.run(scenario()))
+
+
+def test_drain_answers_admitted_tradeoffs_before_close(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Draining used to wait for batches only: a trade-off still on the heads thread got 503 at close."""
+    async def scenario() -> httpx.Response:
+        app = create_app(_settings(engine), engine)
+        service = app.state.service
+        await service.start()  # its warm-up runs trade-offs: hold them only from here
+        gate = _hold_tradeoffs(engine, monkeypatch)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc") as c:
+            request = asyncio.create_task(c.post("/v1/tradeoff", json={"preference": [3, 1, 1]}))
+            while not service.heads.tradeoffs.pending:
+                await asyncio.sleep(0.001)
+            threading.Timer(0.2, gate.set).start()
+            assert await service.drain()
+            await service.close()
+            return await request
+
+    assert asyncio.run(scenario()).status_code == 200
 
 
 def test_full_queue_refuses_tradeoffs_with_retry_after_and_batch_work_still_runs(engine: Engine, recorded: dict[str, Recording]) -> None:
@@ -104,7 +162,7 @@ def test_full_queue_refuses_tradeoffs_with_retry_after_and_batch_work_still_runs
         found = await heads.get_many(_fresh(3, 300), math.inf)  # a batch's folds are never refused
         return await asyncio.gather(*flood, return_exceptions=True), found
 
-    results, found = _run(engine, scenario, heads_queue_limit=2)  # type: ignore[misc]
+    results, found = _run(engine, scenario, heads_queue_limit=2)
     refused = [r for r in results if isinstance(r, QueueFull)]
     assert refused and all(int(r.headers["Retry-After"]) >= 1 for r in refused)
     assert sum(isinstance(r, list) for r in results) >= 2
@@ -128,8 +186,8 @@ def test_tradeoffs_are_cached_by_fingerprint_and_equal_the_solver(engine: Engine
     async def scenario(heads: Heads) -> tuple[list[tuple[float, ...]], list[tuple[float, ...]]]:
         return await heads.tradeoff(prefs, math.inf), await heads.tradeoff(prefs[::-1], math.inf)
 
-    first, second = _run(engine, scenario)  # type: ignore[misc]
-    assert len(recorded["tradeoff"].calls) == 1 and second == first[::-1]
+    first, second = _run(engine, scenario)
+    assert len(recorded["tradeoff"].calls) == 3 and second == first[::-1]  # the second request: all cached
     want = engine.folder.solver.tradeoff(torch.tensor([p.weights for p in prefs], dtype=torch.float64))
     torch.testing.assert_close(torch.tensor(first, dtype=torch.float64), want, rtol=1e-12, atol=0)
 
@@ -141,13 +199,15 @@ def test_folds_and_tradeoffs_run_in_chunks_within_the_byte_budget(engine: Engine
 
     async def scenario(heads: Heads) -> dict[str, object]:
         await heads.tradeoff(prefs, math.inf)
-        return await heads.get_many(prefs, math.inf)
+        found = await heads.get_many(prefs, math.inf)
+        # The cache counts the bytes its heads really hold: one (K, d) storage each, nothing shared.
+        assert heads.cache.cost == sum(h.weight.untyped_storage().nbytes() for h in found.values()) > 0  # type: ignore[union-attr]
+        return found
 
     found = _run(engine, scenario, fold_chunk_bytes=budget)
     sizes = sorted(len(args[0]) for args in recorded["fold"].calls)
     assert sizes == [1, 2, 2]  # each chunk's temporaries: at most 2 x fold_bytes_per_preference <= budget
-    assert all(len(args[0]) * engine.folder.solver.tradeoff_bytes_per_preference <= max(budget, engine.folder.solver.tradeoff_bytes_per_preference)
-               for args in recorded["tradeoff"].calls)
+    assert [len(args[0]) for args in recorded["tradeoff"].calls] == [1] * 5  # an apply waits for one at most
     reference = {h.fingerprint: h for h in Engine.fold(engine, prefs)}
     for fp, head in found.items():
         torch.testing.assert_close(head.weight, reference[fp].weight)  # type: ignore[union-attr]
