@@ -55,10 +55,10 @@ class Normalisation(str, Enum):
 
 PROCRUSTES_TIE_BREAK = 1e-6
 # Largest condition-number bound solved in float32: the relative error of a float32 Cholesky solve is about
-# cond x 6e-8, so at most ~6e-4 here (measured far lower, see tests/test_correction.py); above it, float64.
+# cond x 6e-8, so at most ~6e-4 here (3e-5 measured on the tiny bundle: bench_solve.py --agreement); above, float64.
 FLOAT32_MAX_CONDITION = 1e4
 # Preferences factorised together on CPU: 4 float32 384 x 384 systems (2.4 MB) stay in cache between the
-# aggregation, the factorisation and the solves, which is ~20% faster than one batch of 32; it also bounds the
+# aggregation, the factorisation and the solves: 20-40% less CPU than one batch of 32 (measured); it bounds the
 # transient memory of a solve to ~CPU_CHUNK x d^2 elements whatever the number of preferences.
 CPU_CHUNK = 4
 
