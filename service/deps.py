@@ -11,8 +11,11 @@ from service.runtime import Service
 from service.schemas import Problem
 
 
-def get_service(request: Request) -> Service:
-    """The app's Service, injected with Depends so tests and routes never reach for globals."""
+async def get_service(request: Request) -> Service:
+    """The app's Service, injected with Depends so tests and routes never reach for globals.
+
+    `async` on purpose: FastAPI runs a plain `def` dependency on its thread pool, a thread hop per request.
+    """
     return request.app.state.service
 
 
