@@ -1,10 +1,11 @@
 """Dynamic batching with admission control: one backbone pass answers many requests and preferences.
 
 The request path is a pipeline, as in text-embeddings-inference: requests arrive already tokenised
-(at admission, on the tokenizer pool), the worker fills a batch from the queue by a padded-token
-budget and a text cap, and hands it to the inference thread; while the backbone runs, the heads of
-that batch are solved on the heads thread and the previous batch's heads are applied, so the next
-batch starts as soon as the backbone is free.
+(at admission, on the tokenizer pool), and whenever an inference worker is free the batcher fills a
+batch from the queue by a padded-token budget and a text cap and hands it over; while the backbone
+runs, the heads of that batch are solved on the heads thread and earlier batches' heads are applied,
+so a worker starts its next batch as soon as it is free. Several workers (single-threaded passes on
+a CPU) run at once: on a busy CPU, independent passes lose less than one thread team does.
 
 Admission refuses work the service cannot finish: draining -> 503; queue full, or an estimated wait
 (queued padded tokens over the measured throughput) past the request's deadline -> 429 with a
@@ -29,10 +30,6 @@ from service.engine import Engine, Head, HeadGroup
 from service.errors import ClientGone, DeadlineExceeded, QueueFull, ServiceError, Unavailable
 from service.heads import Heads
 from service.metrics import Metrics
-
-# Batches encoded but not yet answered (heads applied on the heads thread): bounds the memory of
-# the pipeline while letting the backbone run ahead by one batch.
-MAX_BATCHES_IN_FLIGHT = 2
 
 
 @dataclass
@@ -93,6 +90,7 @@ class Batcher:
         *,
         max_batch_size: int,
         max_batch_tokens: int,
+        workers: int = 1,
         max_wait: float,
         queue_limit: int,
     ) -> None:
@@ -109,7 +107,12 @@ class Batcher:
         self._unanswered = 0
         self._draining = False
         self.throughput = Throughput(tokens=1024, seconds=0.05)  # replaced by measurements from the warm-up on
-        self._in_flight = asyncio.Semaphore(MAX_BATCHES_IN_FLIGHT)
+        self._backbone_free = asyncio.Semaphore(workers)
+        self._running = 0  # backbone passes under way
+        self._last_done: float | None = None  # when the last pass finished, if the backbone stayed busy since
+        # Batches between encoding and answer: bounds the pipeline's memory while every worker runs
+        # and one more batch has its heads applied.
+        self._in_flight = asyncio.Semaphore(workers + 1)
         self._finishing: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
 
@@ -240,35 +243,34 @@ class Batcher:
         return False
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         full = False
-        previous: tuple[float, int] | None = None  # (start, padded tokens) of the batch before, while busy
         while True:
+            await self._backbone_free.acquire()  # a worker is free: the next batch is formed for it now
             batch = await self._next_batch(linger=full)
             if not batch:
+                self._backbone_free.release()
                 continue
             rows = [ids for job in batch for ids in job.ids]
-            padded = len(rows) * max(map(len, rows))
-            full = len(rows) >= self._max_batch or padded >= self._max_tokens
+            full = len(rows) >= self._max_batch or len(rows) * max(map(len, rows)) >= self._max_tokens
             await self._in_flight.acquire()
-            start = time.monotonic()
-            if previous is not None:  # busy: one batch per cycle, with every serial cost of the worker in it
-                self.throughput.observe(previous[1], start - previous[0])
-            encoded: asyncio.Future[None] = loop.create_future()
-            task = asyncio.create_task(self._run_batch(batch, rows, encoded))
+            task = asyncio.create_task(self._run_batch(batch, rows))
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
-            await encoded  # the backbone is free: form the next batch while this one's heads are applied
-            previous = (start, padded)
-            if not self._queue:  # going idle: this batch's own time is all there is to learn from
-                self.throughput.observe(padded, time.monotonic() - start)
-                previous = None
 
-    async def _run_batch(self, batch: list[Job], rows: list[Sequence[int]], encoded: asyncio.Future[None]) -> None:
-        """Encode, apply heads, answer; `encoded` resolves as soon as the backbone is free again."""
+    def _encoded(self, padded: int, start: float) -> None:
+        """Learn the throughput: while the backbone stays busy, the time since the previous pass finished
+        is what this one cost (every serial cost of the worker included); after idle, its own time."""
+        now = time.monotonic()
+        self.throughput.observe(padded, now - (start if self._last_done is None else self._last_done))
+        self._last_done = now if (self._queue or self._running) else None
+
+    async def _run_batch(self, batch: list[Job], rows: list[Sequence[int]]) -> None:
+        """Encode on a free inference worker, apply heads, answer; the worker is released right after encoding."""
         loop = asyncio.get_running_loop()
         start = time.monotonic()
-        self._running_tokens = len(rows) * max(map(len, rows))
+        padded = len(rows) * max(map(len, rows))
+        self._running_tokens += padded
+        self._running += 1
         # The heads of this batch are solved on their thread while the backbone encodes it.
         heads = asyncio.ensure_future(
             self._heads.get_many([p for job in batch for p in job.prefs], max(j.deadline for j in batch)))
@@ -276,8 +278,10 @@ class Batcher:
             try:
                 z = await loop.run_in_executor(self._executor, self._engine.embed, rows)
             finally:
-                self._running_tokens = 0
-                encoded.set_result(None)
+                self._running_tokens -= padded
+                self._running -= 1
+                self._encoded(padded, start)
+                self._backbone_free.release()
             groups, where = self._group(batch, await heads)
             probs = await self._heads.apply(z, groups) if groups else []
         except Exception as exc:  # a failing batch answers its jobs with the error, never kills the worker

@@ -20,14 +20,14 @@ from reprmerge_core.correction import CorrectionSolver, HeadFolder
 from reprmerge_core.preference import Preference
 
 
-def torch_executor(name: str, threads: int) -> ThreadPoolExecutor:
-    """One worker thread that runs torch with `threads` intra-op threads.
+def torch_executor(name: str, threads: int, workers: int = 1) -> ThreadPoolExecutor:
+    """`workers` threads that run torch with `threads` intra-op threads each.
 
     torch.set_num_threads acts on the calling thread (its OpenMP team size) and also sets the
     default that threads which start using torch later pick up: so every executor sets its own
     count in its initializer, and none inherits another's by accident.
     """
-    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(threads,))
+    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(threads,))
 
 
 class UntokenizableText(ValueError):

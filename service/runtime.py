@@ -53,13 +53,14 @@ class Service:
     def __init__(self, settings: ServiceSettings, engine: Engine, metrics: Metrics) -> None:
         self.settings, self.engine, self.metrics = settings, engine, metrics
         # One thread each: batches run one at a time, and a head solve never waits behind a batch.
-        self.inference = torch_executor("inference", settings.inference_thread_count)
+        workers = settings.inference_worker_count
+        self.inference = torch_executor("inference", settings.inference_thread_count, workers)
         self.heads = Heads(engine, settings, metrics)
         # Tokenising at admission and rendering answers: Python-heavy work kept off the event loop.
         self._codec = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="codec")
         self.batcher = Batcher(
             engine, self.heads, self.inference, metrics, max_batch_size=settings.max_batch_size,
-            max_batch_tokens=settings.max_batch_tokens, max_wait=settings.max_batch_wait, queue_limit=settings.queue_limit,
+            max_batch_tokens=settings.max_batch_tokens, workers=workers, max_wait=settings.max_batch_wait, queue_limit=settings.queue_limit,
         )
         self.state = State.STARTING
         self._best_loss: list[float] = []

@@ -60,12 +60,15 @@ class ServiceSettings(BaseSettings):
     # Threads: torch intra-op threads per executor, each set on its own thread. The backbone pass
     # is the only large computation; head work (a d x d Cholesky, K x d matmuls) is too small to gain
     # from a thread team, and on a busy CPU a team waits on descheduled members (one solve: 1.7 ms on
-    # 1 thread, 20+ ms on 2). A 2-core box: inference 2, heads 1 (the defaults). A big CPU pod:
-    # inference = the pod's CPU request (set it, or OMP_NUM_THREADS as deploy/k8s does: a cgroup
-    # quota is not visible as CPUs), heads 1 unless a measurement on that pod says otherwise.
+    # 1 thread, 20+ ms on 2). A 2-core box: 2 inference workers of 1 thread, heads 1 (the defaults).
+    # A big CPU pod: 2 workers sharing the pod's CPU request (set OMP_NUM_THREADS, as deploy/k8s does:
+    # a cgroup quota is not visible as CPUs), heads 1 unless a measurement on that pod says otherwise.
+    inference_workers: int | None = Field(
+        None, ge=1, le=64, description="backbone passes that run at once, each on its own thread; default: 2 on a CPU "
+                                       "with 2 or more cores, else 1")
     inference_threads: int | None = Field(
-        None, ge=1, description="intra-op threads of the backbone pass; default: OMP_NUM_THREADS, else the CPUs "
-                                "this process may run on")
+        None, ge=1, description="intra-op threads of each backbone pass; default: the CPUs (OMP_NUM_THREADS, else the "
+                                "CPUs this process may run on) shared among the workers")
     heads_threads: int = Field(1, ge=1, description="intra-op threads of head solves, head application and trade-offs")
 
     # The heads thread (service/heads.py).
@@ -87,14 +90,32 @@ class ServiceSettings(BaseSettings):
     max_preferences: int = Field(16, ge=1, description="most preferences answered in one request")
 
     @property
-    def inference_thread_count(self) -> int:
-        """`inference_threads`; unset: OMP_NUM_THREADS as torch reads it, else the CPUs this process may run on."""
-        if self.inference_threads is not None:
-            return self.inference_threads
+    def cpu_count(self) -> int:
+        """OMP_NUM_THREADS as torch reads it, else the CPUs this process may run on."""
         omp = os.environ.get("OMP_NUM_THREADS", "")
         if omp.isdigit() and int(omp) > 0:
             return int(omp)
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    @property
+    def inference_worker_count(self) -> int:
+        """`inference_workers`; unset: 2 on a CPU with 2+ cores, 1 on CUDA (one device runs one pass at a time).
+
+        Two single-threaded passes beat one two-threaded pass on 2 cores whenever request handling
+        takes CPU too: a thread team waits at every operator for a member the scheduler took away,
+        two independent passes do not (measured with 25% of a core busy elsewhere: 390-417 vs
+        270-278 texts/s on the tiny bundle).
+        """
+        if self.inference_workers is not None:
+            return self.inference_workers
+        return 1 if self.device == "cuda" else min(2, self.cpu_count)
+
+    @property
+    def inference_thread_count(self) -> int:
+        """`inference_threads`; unset: the CPUs shared among the inference workers."""
+        if self.inference_threads is not None:
+            return self.inference_threads
+        return max(1, self.cpu_count // self.inference_worker_count)
 
     # HTTP connections (uvicorn).
     keep_alive: float = Field(

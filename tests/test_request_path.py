@@ -75,17 +75,19 @@ class RecordingEngine(Engine):
         return super().embed(rows)
 
 
-def test_batches_respect_the_padded_token_budget_and_text_cap(bundle: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batches_respect_the_padded_token_budget_and_text_cap(bundle: Path, workers: int) -> None:
     engine = RecordingEngine.load(bundle, device="cpu")
     engine.passes = []
     pref = canonical_preference([1, 1, 1], engine.tasks)
     long_text, short_text = " ".join(["word"] * 40), "short"
 
     async def scenario() -> list[int]:
-        infer, metrics = ThreadPoolExecutor(1), Metrics()
+        infer, metrics = ThreadPoolExecutor(workers), Metrics()
         heads = Heads(engine, ServiceSettings(bundle=bundle), metrics)
         heads.start()
-        batcher = Batcher(engine, heads, infer, metrics, max_batch_size=8, max_batch_tokens=64, max_wait=0.0, queue_limit=100)
+        batcher = Batcher(engine, heads, infer, metrics, max_batch_size=8, max_batch_tokens=64, workers=workers,
+                          max_wait=0.0, queue_limit=100)
         batcher.start()
         jobs = [[long_text] * 3, [short_text] * 2, [short_text] * 5, [long_text], [short_text] * 8, [short_text]]
         ids = [engine.token_ids(texts) for texts in jobs]
@@ -108,7 +110,9 @@ def test_batches_respect_the_padded_token_budget_and_text_cap(bundle: Path) -> N
 
 @pytest.fixture(scope="module")
 def server(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(bundle, tmp_path_factory.mktemp("logs") / "path.log", "--max-batch-size", "32")
+    # Two inference workers: two batches on the backbone at once, as on a multi-core CPU by default.
+    srv = ServerProcess(bundle, tmp_path_factory.mktemp("logs") / "path.log", "--max-batch-size", "32",
+                        "--inference-workers", "2")
     yield srv
     srv.stop()
 
@@ -166,7 +170,7 @@ def test_departed_clients_texts_never_reach_the_backbone(server: ServerProcess) 
 
 def test_admission_refuses_what_would_miss_its_deadline_with_an_honest_retry_after(minilm_bundle: Path, tmp_path: Path) -> None:
     # The real MiniLM backbone: admission must weigh backbone time, which the 32-wide test model barely has.
-    srv = ServerProcess(minilm_bundle, tmp_path / "admission.log", "--max-batch-size", "32")
+    srv = ServerProcess(minilm_bundle, tmp_path / "admission.log", "--max-batch-size", "32", "--inference-workers", "2")
     body = {"texts": [" ".join(["long"] * 30)] * 32}
     try:
         batch = float(httpx.post(f"{srv.url}/v1/predict", json=body).headers["x-inference-time"])
