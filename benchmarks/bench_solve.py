@@ -70,11 +70,12 @@ def engine_ratios(bundle: Path, batch_size: int, rounds: int) -> None:
     last row instead folds first, its chunks spread over 2 single-threaded workers, then runs the forward:
     the schedule for a box with no core to spare.
     """
-    from service.bench import EngineBench
+    from reprmerge_bench.serve import EngineBench, suite_texts
     from service.engine import Engine, Head
 
-    benches = {dtype: EngineBench(Engine.load(bundle, device="cpu", solve_dtype=dtype), batch_size, rounds)
-               for dtype in ("float64", "float32")}
+    engines = {dtype: Engine.load(bundle, device="cpu", solve_dtype=dtype) for dtype in ("float64", "float32")}
+    texts = suite_texts(engines["float64"].tasks, 4096, seed=5)
+    benches = {dtype: EngineBench(engine, batch_size, rounds, texts) for dtype, engine in engines.items()}
     steps = {"(a) backbone only": benches["float64"].engine.encode}
     for dtype, bench in benches.items():
         steps[f"(c) new preference per request, {dtype}"] = bench.cases(distinct=(1,))["(c) new preference per request"]
