@@ -111,7 +111,7 @@ async def predict(
     prefs, tasks = service.preferences(body), service.tasks(body.tasks)
     service.check_texts(body.texts)
     result = await service.infer(body.texts, prefs, deadline, partial(disconnected, request))
-    answer = Response(await service.render(service.predict_body, prefs, tasks, result), media_type="application/json")
+    answer = Response(await service.predict_answer(prefs, tasks, result), media_type="application/json")
     set_timings(request, answer, result)
     return answer
 

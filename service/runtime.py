@@ -13,7 +13,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
-from typing import TypeVar
 
 import orjson
 import torch
@@ -38,7 +37,6 @@ from service.settings import ServiceSettings
 
 log = logging.getLogger("reprmerge.service")
 TIMEOUT_HEADER = "X-Request-Timeout"
-T = TypeVar("T")
 
 
 class State(str, Enum):
@@ -166,19 +164,25 @@ class Service:
         if require_ready:
             self.require_ready()
         try:
-            ids = await asyncio.get_running_loop().run_in_executor(self._codec, self.engine.token_ids, texts)
+            if sum(map(len, texts)) <= self.settings.inline_codec_chars:
+                ids = self.engine.token_ids(texts)
+            else:
+                ids = await asyncio.get_running_loop().run_in_executor(self._codec, self.engine.token_ids, texts)
         except UntokenizableText as exc:
             raise InvalidInput(f"cannot be tokenised (e.g. a lone UTF-16 surrogate): {exc.__cause__}",
                                field=f"{field}[{exc.index}]") from exc
         return await self.batcher.submit(ids, prefs, deadline, gone)
 
-    async def render(self, fn: Callable[..., T], *args: object) -> T:
-        """Build a response body on the codec threads: the event loop keeps accepting requests."""
-        return await asyncio.get_running_loop().run_in_executor(self._codec, fn, *args)
+    async def predict_answer(self, prefs: Sequence[Preference], tasks: Sequence[str], result: JobResult) -> bytes:
+        """`predict_body`, rendered on the codec threads unless it is small (`inline_codec_chars` counts
+        each task prediction as ~100 characters): the event loop keeps accepting requests."""
+        if 100 * len(tasks) * sum(len(p) for p in result.probabilities) <= self.settings.inline_codec_chars:
+            return self.predict_body(prefs, tasks, result)
+        return await asyncio.get_running_loop().run_in_executor(self._codec, self.predict_body, prefs, tasks, result)
 
     def predict_body(self, prefs: Sequence[Preference], tasks: Sequence[str], result: JobResult) -> bytes:
         """The /v1/predict answer (a `PredictResponse`) as JSON bytes, from plain dicts: per-row models
-        would cost more than the backbone at small batches. Runs on the codec threads (`render`)."""
+        would cost more than the backbone at small batches."""
         labels, slices = self.engine.labels, self.engine.slices
         results = []
         for pref, probs in zip(prefs, result.probabilities):

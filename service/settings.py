@@ -47,6 +47,9 @@ class ServiceSettings(BaseSettings):
     trace_backbone: bool = Field(
         True, description="run the backbone as a TorchScript trace (checked against eager at load; eager if it differs): "
         "it does not contend with request handling for the GIL")
+    inline_codec_chars: int = Field(
+        1000, ge=0, description="requests of at most this many characters are tokenised, and answers of about this "
+        "size rendered, on the event loop: a hop to the codec threads costs more (~0.2 ms) than such work")
     tokenizer_threads: int = Field(
         1, ge=1, le=64, description="threads that tokenise requests at admission and render responses, off the event loop")
 

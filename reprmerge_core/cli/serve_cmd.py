@@ -21,6 +21,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "max_batch_wait": (float, "seconds a batch may wait to fill while the model is busy"),
     "queue_limit": (int, "most queued requests before 429"),
     "trace_backbone": (bool, "run the backbone as a TorchScript trace, checked against eager (default on)"),
+    "inline_codec_chars": (int, "requests up to this many characters are tokenised on the event loop (no thread hop)"),
     "tokenizer_threads": (int, "threads tokenising requests and rendering responses"),
     "head_cache_bytes": (int, "head cache budget in bytes"),
     "preference_grid": (int, "snap preferences to multiples of 1/grid"),
