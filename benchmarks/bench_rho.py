@@ -1,4 +1,4 @@
-"""Does rho rank merges like accuracy? Every merge method and setting, several rho variants, Spearman with a bootstrap CI.
+"""Does rho rank merges like accuracy? Merge methods and settings, rho variants, Spearman with a bootstrap CI.
 
 For each merge (task arithmetic at several lambdas, TIES, DARE, RegMean, projection QPs, sequential ones) of
 a suite's cached experts, measured on the same capped calibration and test texts:
@@ -11,13 +11,14 @@ a suite's cached experts, measured on the same capped calibration and test texts
   * `rho_repr`: rho at the final (pooled) representation, 1 - sum_t ||Z_m - Z_e||^2 / sum_t ||Z_0 - Z_e||^2 with
     Z_0 the base's features (the captured fraction of the experts' representation change), `rho_repr_task` its
     per-task mean;
-  * `rho_logit`: the same at each head's centred logits (the part of the representation the head reads), mean over tasks;
+  * `rho_logit`: the same at each head's centred logits (what the head reads), mean over tasks;
   * `agreement`: how often the merged backbone under a task's head predicts what the expert predicts;
   * `rho_stats`: 1 - sum_t L_t(I) / sum_t e_t from the bundle statistics alone (no base pass).
 Spearman's rank correlation of each variant with each accuracy over the merges, with a percentile bootstrap
 CI over merges (resampled with replacement).
 
-    nice -n 10 python benchmarks/bench_rho.py --suite text6 --calibration 128 --test 300 --out docs/results/rho/text6.json
+    nice -n 10 python benchmarks/bench_rho.py --suite text6 --calibration 64 --test 100 \
+        --out docs/results/rho/text6.json
 """
 
 from __future__ import annotations
@@ -53,22 +54,30 @@ FOLDS = 5
 
 
 def configs(k: int) -> list[tuple[str, str, dict[str, Any]]]:
-    """(label, method, params) of every merge compared, for k experts: bench_merge's settings and more lambdas."""
+    """(label, method, params) of every merge compared, for k experts: bench_merge's settings and more lambdas.
+
+    Ordered so that a run cut short (results are saved after every merge) still spans the methods.
+    """
     return [
-        *[(f"task_arithmetic {lam:g}", "task_arithmetic", {"lam": lam}) for lam in (0.1, 1 / k, 0.3, 0.5, 0.7, 1.0)],
         ("ties 0.2 x1", "ties", {"density": 0.2, "lam": 1.0}),
-        ("ties 0.1 x1", "ties", {"density": 0.1, "lam": 1.0}),
-        ("ties 0.5 x1", "ties", {"density": 0.5, "lam": 1.0}),
-        ("ties 0.2 x0.5", "ties", {"density": 0.2, "lam": 0.5}),
-        ("dare 0.5 ties x1", "dare", {"drop_rate": 0.5, "combine": "ties", "lam": 1.0}),
-        ("dare 0.5 linear x0.3", "dare", {"drop_rate": 0.5, "combine": "linear", "lam": 0.3}),
-        ("dare 0.9 linear x0.3", "dare", {"drop_rate": 0.9, "combine": "linear", "lam": 0.3}),
+        ("task_arithmetic 0.3", "task_arithmetic", {"lam": 0.3}),
         ("regmean a0.9", "regmean", {"alpha": 0.9}),
-        ("regmean a0.5", "regmean", {"alpha": 0.5}),
+        ("dare 0.5 ties x1", "dare", {"drop_rate": 0.5, "combine": "ties", "lam": 1.0}),
         ("projection diagonal", "projection", {}),
+        (f"task_arithmetic {1 / k:.3g}", "task_arithmetic", {"lam": 1 / k}),
+        ("task_arithmetic 1", "task_arithmetic", {"lam": 1.0}),
+        ("ties 0.1 x1", "ties", {"density": 0.1, "lam": 1.0}),
         ("projection eigen", "projection", {"basis": "eigen"}),
+        ("task_arithmetic 0.1", "task_arithmetic", {"lam": 0.1}),
+        ("dare 0.5 linear x0.3", "dare", {"drop_rate": 0.5, "combine": "linear", "lam": 0.3}),
+        ("task_arithmetic 0.5", "task_arithmetic", {"lam": 0.5}),
+        ("ties 0.5 x1", "ties", {"density": 0.5, "lam": 1.0}),
         ("regmean sequential", "regmean", {"alpha": 0.9, "sequential": True}),
+        ("ties 0.2 x0.5", "ties", {"density": 0.2, "lam": 0.5}),
         ("projection diag seq", "projection", {"sequential": True}),
+        ("task_arithmetic 0.7", "task_arithmetic", {"lam": 0.7}),
+        ("regmean a0.5", "regmean", {"alpha": 0.5}),
+        ("dare 0.9 linear x0.3", "dare", {"drop_rate": 0.9, "combine": "linear", "lam": 0.3}),
     ]
 
 
@@ -90,7 +99,8 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def spearman_ci(a: Sequence[float], b: Sequence[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def spearman_ci(a: Sequence[float], b: Sequence[float], resamples: int = 2000,
+                seed: int = 0) -> tuple[float, float, float]:
     """Spearman and its 95% percentile bootstrap interval over the items (resamples with a constant side dropped)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     rng = np.random.default_rng(seed)
@@ -215,9 +225,17 @@ def main() -> None:
           f"expert accuracy {np.mean(expert_acc):.3f}", flush=True)
 
     wanted = None if args.only is None else set(args.only.split(","))
+    settings = {"suite": args.suite, "tasks": tasks, "calibration_per_task": args.calibration,
+                "test_per_task": args.test, "expert_accuracy": expert_acc}
     rows: list[dict[str, Any]] = []
+    if args.out is not None and args.out.exists():  # resume a run cut short, with the same settings
+        saved = json.loads(args.out.read_text())
+        if {k: saved.get(k) for k in settings} == settings:
+            rows = saved["rows"]
+            print(f"resuming: {len(rows)} merges already measured", flush=True)
+    done = {r["label"] for r in rows}
     for label, method, params in configs(len(tasks)):
-        if wanted is not None and label not in wanted:
+        if (wanted is not None and label not in wanted) or label in done:
             continue
         start = time.perf_counter()
         if params.get("sequential"):
@@ -244,35 +262,47 @@ def main() -> None:
         print(f"  {label:<24} merged {row['merged_mean']:.3f} react {react_acc:.3f} rho {row['rho']:+.3f} "
               f"repr {row['rho_repr']:+.3f} logit {row['rho_logit']:+.3f} agree {row['agreement']:.3f} "
               f"({row['seconds']:.0f}s)", flush=True)
+        if args.out is not None:
+            save(args.out, settings, rows)
+    summarise(rows)
+    if args.out is not None:
+        save(args.out, {**settings, "seconds": time.perf_counter() - started}, rows)
 
-    variants = ["rho", "rho_layer_mean", "rho_depth", "rho_last_block", "rho_repr", "rho_repr_task", "rho_logit",
-                "agreement", "rho_stats"]
+
+VARIANTS = ["rho", "rho_layer_mean", "rho_depth", "rho_last_block", "rho_repr", "rho_repr_task", "rho_logit",
+            "agreement", "rho_stats"]
+TARGETS = {"merged mean accuracy": "merged_mean", "ReACT equal accuracy": "react_equal_mean"}
+
+
+def correlations(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Spearman (and its bootstrap CI) of every variant and every block's rho with each accuracy, over the merges."""
     blocks = sorted(rows[0]["blocks"]) if rows else []
-    targets = {"merged mean accuracy": "merged_mean", "ReACT equal accuracy": "react_equal_mean"}
-    correlations: dict[str, dict[str, list[float]]] = {}
-    for name, key in targets.items():
+    table: dict[str, dict[str, list[float]]] = {}
+    for name, key in TARGETS.items():
         truth = [r[key] for r in rows]
-        correlations[name] = {v: list(spearman_ci([r[v] for r in rows], truth)) for v in variants}
-        correlations[name].update({f"rho {b}": list(spearman_ci([r["blocks"][b] for r in rows], truth)) for b in blocks})
+        table[name] = {v: list(spearman_ci([r[v] for r in rows], truth)) for v in VARIANTS}
+        table[name].update({f"rho {b}": list(spearman_ci([r["blocks"][b] for r in rows], truth)) for b in blocks})
+    return table
 
-    header = f"{'merge':<24} {'merged':>7} {'ReACT=':>7} " + " ".join(f"{v[:11]:>11}" for v in variants)
+
+def save(path: Path, settings: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**settings, "rows": rows, "spearman": correlations(rows) if len(rows) > 2 else None},
+                               indent=1))
+
+
+def summarise(rows: list[dict[str, Any]]) -> None:
+    """Print the table (best merged accuracy first) and the correlations."""
+    header = f"{'merge':<24} {'merged':>7} {'ReACT=':>7} " + " ".join(f"{v[:11]:>11}" for v in VARIANTS)
     print("\n" + header)
     for r in sorted(rows, key=lambda r: -r["merged_mean"]):
         print(f"{r['label']:<24} {r['merged_mean']:7.3f} {r['react_equal_mean']:7.3f} "
-              + " ".join(f"{r[v]:11.3f}" for v in variants))
+              + " ".join(f"{r[v]:11.3f}" for v in VARIANTS))
     print(f"\nSpearman over {len(rows)} merges (95% bootstrap CI over merges):")
-    for name, table in correlations.items():
+    for name, table in correlations(rows).items():
         print(f"  vs {name}:")
-        for v, (s, lo, hi) in table.items():
-            print(f"    {v:<18} {s:+.2f}  [{lo:+.2f}, {hi:+.2f}]")
-    print(f"total {time.perf_counter() - started:.0f}s")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            "suite": args.suite, "tasks": tasks, "calibration_per_task": args.calibration, "test_per_task": args.test,
-            "expert_accuracy": expert_acc, "rows": rows, "spearman": correlations,
-            "seconds": time.perf_counter() - started,
-        }, indent=1))
+        for v, (rho, lo, hi) in table.items():
+            print(f"    {v:<18} {rho:+.2f}  [{lo:+.2f}, {hi:+.2f}]")
 
 
 if __name__ == "__main__":

@@ -66,9 +66,13 @@ def test_calibrate_with_a_sequence_classification_expert(checkpoints: dict[str, 
     c = checkpoints
     out = tmp_path / "bundle"
     assert cli(["calibrate", "--backbone", str(c["cls"]), "--expert", f"sentiment={c['cls']}",
-                "--calibration", f"sentiment={c['root'] / 'b.txt'}", "--out", str(out), "--folds", "2"]) == 0
+                "--calibration", f"sentiment={c['root'] / 'b.txt'}", "--out", str(out), "--folds", "2",
+                "--prior", "identity"]) == 0
     bundle = load_bundle(out)
     assert bundle.manifest.backbone.pooling == "pooler"
+    correction = bundle.manifest.correction  # the prior asked for, with the CV curve recorded beside it
+    assert correction.identity_weight == 1.0 and not correction.prior_selection["chosen"]
+    assert correction.prior_selection["candidates"][-1] == 1.0
     assert bundle.manifest.tasks[0].labels == ["neg", "pos"]
     model = BertForSequenceClassification.from_pretrained(c["cls"]).eval()
     torch.testing.assert_close(bundle.heads[0].weight, model.classifier.weight.detach())

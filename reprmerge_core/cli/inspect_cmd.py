@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"created     {m.created_at}")
     print(f"backbone    {m.backbone.source}  (pooling {m.backbone.pooling}, max_length {m.backbone.max_length}, d={m.representation_dim})")
     print(f"merge       {m.merge.method} {json.dumps(m.merge.parameters, sort_keys=True)}")
-    print(f"correction  beta={c.beta:g} normalisation={c.normalisation.value} prior={'procrustes' if c.use_prior else 'identity'}")
+    print(f"correction  beta={c.beta:g} normalisation={c.normalisation.value} prior={c.prior}")
     print("tasks")
     width = max(len(t.name) for t in m.tasks)
     for t in m.tasks:

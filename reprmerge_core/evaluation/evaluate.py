@@ -115,8 +115,9 @@ def evaluate_bundle(
     expert_acc = np.array([e.accuracy for e in experts_eval])
 
     c = m.correction
-    def solver_for(use_prior: bool = c.use_prior, stats: list[TaskStatistics] = bundle.statistics) -> CorrectionSolver:
-        return CorrectionSolver(c.beta, c.normalisation, use_prior=use_prior).fit(stats)
+    def solver_for(identity_weight: float = c.identity_weight,
+                   stats: list[TaskStatistics] = bundle.statistics) -> CorrectionSolver:
+        return CorrectionSolver(c.beta, c.normalisation, identity_weight=identity_weight).fit(stats)
 
     solver = solver_for()
     folder = HeadFolder(solver, bundle.heads)
@@ -137,6 +138,7 @@ def evaluate_bundle(
     report: dict[str, Any] = {
         "bundle_id": m.bundle_id, "tasks": names, "beta": c.beta, "normalisation": c.normalisation.value,
         "merge": m.merge.model_dump(mode="json"),
+        "prior": {"identity_weight": c.identity_weight, "name": c.prior, "selection": c.prior_selection},
         "majority": [t.majority_accuracy for t in tests],
         "experts": {"accuracy": expert_acc.tolist(), "macro_f1": [e.macro_f1 for e in experts_eval]},
         "scenarios": scenarios,
@@ -161,8 +163,9 @@ def evaluate_bundle(
         "steps": steps, "preferences": grid.tolist(),
         "react": _grid_summary(grid, score(tests, folder.fold(prefs)), expert_acc),
         "ablation_weighted_average": _grid_summary(grid, score(tests, folder.fold_matrices(averaged)), expert_acc),
-        "ablation_identity_prior": _grid_summary(
-            grid, score(tests, HeadFolder(solver_for(use_prior=False), bundle.heads).fold(prefs)), expert_acc),
+        **{f"ablation_{name}_prior": _grid_summary(
+            grid, score(tests, HeadFolder(solver_for(identity_weight=alpha), bundle.heads).fold(prefs)), expert_acc)
+           for name, alpha in (("identity", 1.0), ("procrustes", 0.0))},
     }
     if baseline:
         start = time.perf_counter()

@@ -54,10 +54,12 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"## Preference grid ({len(grid['preferences'])} preferences, step 1/{grid['steps']})", ""]
     methods = [("ReACT (closed form)", "react"), ("preference-weighted task arithmetic", "task_arithmetic"),
                ("ablation: weighted average of W_t", "ablation_weighted_average"),
-               ("ablation: identity prior", "ablation_identity_prior")]
+               ("ablation: identity prior", "ablation_identity_prior"),
+               ("ablation: Procrustes prior (the paper's)", "ablation_procrustes_prior")]
     lines += _table(["method", "hypervolume", "uniformity", "mean normalised accuracy"],
                     [[label, grid[k]["hypervolume"], grid[k]["uniformity"], grid[k]["mean_normalised"]]
                      for label, k in methods if k in grid])
+    lines += _prior_lines(report)
     if "beta_sweep" in report:
         lines += ["", "## Beta sweep (mean normalised accuracy)", ""]
         lines += _table(["beta", "equal", "one-hot"], [[r["beta"], r["equal_mean_normalised"], r["one_hot_mean_normalised"]]
@@ -79,6 +81,23 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "Plots: `pareto.png`, `scenarios.png`" + (", `beta_sweep.png`" if "beta_sweep" in report else "")
               + (", `calibration_sweep.png`" if "calibration_sweep" in report else "") + "."]
     return "\n".join(lines) + "\n"
+
+
+def _prior_lines(report: dict[str, Any]) -> list[str]:
+    """The prior ReACT used, how cross-validation chose it, and its grid hypervolume against the fixed priors."""
+    prior, grid = report.get("prior"), report["grid"]
+    if prior is None:
+        return []
+    selection = prior.get("selection") or {}
+    how = "chosen by label-free cross-validation" if selection.get("chosen") else "fixed when the bundle was made"
+    lines = ["", f"Prior: {prior['name']} (identity weight {prior['identity_weight']:g}, {how}). Grid hypervolume: "
+             + ", ".join(f"{label} {grid[key]['hypervolume']:.3f}" for label, key in (
+                 ("this prior", "react"), ("identity", "ablation_identity_prior"),
+                 ("Procrustes", "ablation_procrustes_prior")) if key in grid) + "."]
+    if selection.get("candidates"):
+        lines += ["", "CV score per identity weight (lower is better; each at its best beta): "
+                  + ", ".join(f"{a:g}: {s:.4f}" for a, s in zip(selection["candidates"], selection["score"])) + "."]
+    return lines
 
 
 def plot_pareto(report: dict[str, Any], path: Path) -> None:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from reprmerge_core.backbone import Backbone, default_backbone_path, select_device
 from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
-from reprmerge_core.calibration import choose_correction, collect_statistics
+from reprmerge_core.calibration import choose_correction, collect_statistics, prior_identity_weight
 from reprmerge_core.correction.solver import Normalisation
 from reprmerge_core.data import SuiteConfig, load_suite, resolve_suite
 from reprmerge_core.merging import merge_checkpoints, resolve
@@ -37,6 +37,7 @@ class BuildConfig(BaseModel):
     merge_params: dict[str, Any] = Field(default_factory=dict)
     calibration_size: int | None = Field(None, ge=2)
     beta: float | str = "auto"
+    prior: float | str = "auto"  # see `choose_correction`
     normalisation: Normalisation = Normalisation.ENERGY
     folds: int = Field(5, ge=2)
     device: str = "auto"
@@ -50,6 +51,13 @@ class BuildConfig(BaseModel):
             raise ValueError("beta must be a positive number or 'auto'")
         if isinstance(v, float) and not (0 < v < float("inf")):
             raise ValueError("beta must be a finite positive number")
+        return v
+
+    @field_validator("prior")
+    @classmethod
+    def _prior(cls, v: float | str) -> float | str:
+        if v != "auto":
+            prior_identity_weight(v)
         return v
 
     def resolved_suite(self) -> SuiteConfig:
@@ -99,7 +107,7 @@ def build_bundle(config: BuildConfig, out: str | Path, *, overwrite: bool = Fals
         timings["statistics_accumulate"] = stats.accumulate_seconds
 
         start = time.perf_counter()
-        correction = choose_correction(stats.folds, config.beta, config.normalisation)
+        correction = choose_correction(stats.folds, config.beta, config.normalisation, config.prior)
         timings["beta_selection"] = time.perf_counter() - start
 
         return write_bundle(
