@@ -188,7 +188,11 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=300, help="test inputs per task")
     parser.add_argument("--only", default=None, help="comma-separated labels to run (debugging)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the table and correlations")
+    parser.add_argument("--markdown", action="store_true", help="print the saved --out results as markdown and exit")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())))
+        return
     started = time.perf_counter()
     base_dir = default_backbone_path()
     suite = load_suite(args.suite)
@@ -289,6 +293,20 @@ def save(path: Path, settings: dict[str, Any], rows: list[dict[str, Any]]) -> No
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**settings, "rows": rows, "spearman": correlations(rows) if len(rows) > 2 else None},
                                indent=1))
+
+
+def markdown(saved: dict[str, Any]) -> str:
+    """The table and the correlations of a saved run, for docs/results."""
+    rows = sorted(saved["rows"], key=lambda r: -r["merged_mean"])
+    lines = [f"| merge | merged acc. | ReACT equal acc. | {' | '.join(VARIANTS)} |", "|---" * (3 + len(VARIANTS)) + "|"]
+    lines += [f"| {r['label']} | {r['merged_mean']:.3f} | {r['react_equal_mean']:.3f} | "
+              + " | ".join(f"{r[v]:.3f}" for v in VARIANTS) + " |" for r in rows]
+    table = correlations(saved["rows"])
+    lines += ["", f"Spearman over {len(rows)} merges, 95% bootstrap CI over merges:", "",
+              "| variant | " + " | ".join(f"vs {t}" for t in table) + " |", "|---" * (1 + len(table)) + "|"]
+    for v in table[next(iter(table))]:
+        lines.append(f"| {v} | " + " | ".join("{:+.2f} [{:+.2f}, {:+.2f}]".format(*table[t][v]) for t in table) + " |")
+    return "\n".join(lines)
 
 
 def summarise(rows: list[dict[str, Any]]) -> None:
