@@ -50,6 +50,9 @@ def test_calibrate_with_separate_linear_heads(checkpoints: dict[str, Path], tmp_
     bundle = load_bundle(out)
     assert bundle.task_names == ["topic", "same"] and bundle.manifest.tasks[0].labels == ["0", "1", "2"]
     assert [t.calibration_samples for t in bundle.manifest.tasks] == [24, 24]
+    agreement = bundle.manifest.extra["head_agreement"]  # an expert equal to the backbone always agrees
+    assert agreement["per_task"]["same"] == 1.0 and 0 <= agreement["per_task"]["topic"] <= 1
+    assert agreement["mean"] == pytest.approx((1.0 + agreement["per_task"]["topic"]) / 2)
     # statistics equal those of the features computed directly
     zm = Backbone.from_pretrained(c["backbone"], max_length=128, device="cpu").encode(TEXTS).double()
     ze = Backbone.from_pretrained(c["linear"], max_length=128, device="cpu").encode(TEXTS).double()

@@ -9,7 +9,7 @@ from reprmerge_core.calibration.beta import (
     prior_identity_weight,
     select_beta,
 )
-from reprmerge_core.calibration.collect import CalibrationStatistics, collect_statistics
+from reprmerge_core.calibration.collect import CalibrationStatistics, collect_statistics, head_agreement
 
 __all__ = ["DEFAULT_BETAS", "DEFAULT_IDENTITY_WEIGHTS", "BetaSelection", "choose_correction", "CalibrationStatistics",
-           "collect_statistics", "cross_validate", "prior_identity_weight", "select_beta"]
+           "collect_statistics", "cross_validate", "head_agreement", "prior_identity_weight", "select_beta"]

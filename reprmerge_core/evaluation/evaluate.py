@@ -139,6 +139,7 @@ def evaluate_bundle(
         "bundle_id": m.bundle_id, "tasks": names, "beta": c.beta, "normalisation": c.normalisation.value,
         "merge": m.merge.model_dump(mode="json"),
         "prior": {"identity_weight": c.identity_weight, "name": c.prior, "selection": c.prior_selection},
+        "head_agreement": m.extra.get("head_agreement"),  # the label-free merge diagnostic (docs/results/rho)
         "majority": [t.majority_accuracy for t in tests],
         "experts": {"accuracy": expert_acc.tolist(), "macro_f1": [e.macro_f1 for e in experts_eval]},
         "scenarios": scenarios,

@@ -46,6 +46,10 @@ def markdown(report: dict[str, Any]) -> str:
     rows.append(["**mean**", mean(report["majority"]), mean(exp), sc["merged"]["mean_accuracy"], sc["equal"]["mean_accuracy"],
                  mean([sc[f"priority:{n}"]["accuracy"][t] for t, n in enumerate(names)]), mean(report["one_hot"]["accuracy"])])
     lines += _table(["task", *(c for c, _ in columns)], rows)
+    if report.get("head_agreement"):
+        lines += ["", f"Label-free merge diagnostic: head agreement {report['head_agreement']['mean']:.3f} (share of "
+                  "calibration inputs where each task's head gives the merged backbone the expert's class; it ranks "
+                  "merges like the merged accuracy above)."]
     lines += ["", "Normalised accuracy (ReACT / expert), mean over tasks: "
               f"merged {sc['merged']['mean_normalised']:.3f}, equal {sc['equal']['mean_normalised']:.3f}, "
               f"one-hot {report['one_hot']['mean_normalised']:.3f}; priority (0.5 on one task): favoured "

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from reprmerge_core.backbone import Backbone, default_backbone_path, select_device
 from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
-from reprmerge_core.calibration import choose_correction, collect_statistics, prior_identity_weight
+from reprmerge_core.calibration import choose_correction, collect_statistics, head_agreement, prior_identity_weight
 from reprmerge_core.correction.solver import Normalisation
 from reprmerge_core.data import SuiteConfig, load_suite, resolve_suite
 from reprmerge_core.merging import merge_checkpoints, resolve
@@ -102,7 +102,8 @@ def build_bundle(config: BuildConfig, out: str | Path, *, overwrite: bool = Fals
         merged = Backbone.from_pretrained(work, pooling=recipe.pooling, max_length=recipe.max_length, device=device)
         expert_models = [e.backbone(device=device) for e in experts]
         stats = collect_statistics(merged, expert_models, [calibration[e.task] for e in experts],
-                                   folds=config.folds, batch_size=config.batch_size, progress=progress)
+                                   folds=config.folds, batch_size=config.batch_size, progress=progress,
+                                   heads=[e.head for e in experts])
         timings["statistics_forward"] = stats.forward_seconds
         timings["statistics_accumulate"] = stats.accumulate_seconds
 
@@ -127,6 +128,7 @@ def build_bundle(config: BuildConfig, out: str | Path, *, overwrite: bool = Fals
                 "experts": {e.task: {"cache_key": e.info["cache_key"], "seed": e.info.get("seed"),
                                      "train_seconds": e.info.get("train_seconds")} for e in experts},
                 "merge_report": result.report.model_dump(mode="json"),
+                "head_agreement": head_agreement([e.task for e in experts], stats.agreement),
                 "timings": timings,
                 "statistics_per_task_seconds": stats.task_seconds,
                 "device": str(device),

@@ -38,7 +38,7 @@ from reprmerge_core.backbone import Backbone, Pooling, select_device
 from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.io import _sha256
 from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
-from reprmerge_core.calibration import choose_correction, collect_statistics, prior_identity_weight
+from reprmerge_core.calibration import choose_correction, collect_statistics, head_agreement, prior_identity_weight
 from reprmerge_core.correction import TaskHead, TaskStatistics
 from reprmerge_core.correction.solver import Normalisation
 from reprmerge_core.merging.checkpoints import check_experts, compatibility_problems, distances_from_base
@@ -224,10 +224,12 @@ def calibrate_bundle(
     texts = [list(calibration[s.name]) for s in plan.sources]
     if shard is not None:
         return _calibrate_shard(plan, merged, models, texts, Path(out), shard, batch_size=batch_size, progress=progress)
-    stats = collect_statistics(merged, models, texts, folds=folds, batch_size=batch_size, progress=progress)
+    stats = collect_statistics(merged, models, texts, folds=folds, batch_size=batch_size, progress=progress,
+                               heads=[s.head for s in plan.sources])
     return _write(plan, stats.folds, out, overwrite=overwrite,
                   timings={"statistics_forward": stats.forward_seconds, "statistics_accumulate": stats.accumulate_seconds},
-                  extra={"statistics_per_task_seconds": stats.task_seconds})
+                  extra={"statistics_per_task_seconds": stats.task_seconds,
+                         "head_agreement": head_agreement([s.name for s in plan.sources], stats.agreement)})
 
 
 # -- shards ----------------------------------------------------------------------------------------
