@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"merge       {m.merge.method} {json.dumps(m.merge.parameters, sort_keys=True)}")
     agreement = m.extra.get("head_agreement")
     if agreement:
-        print(f"agreement   {agreement['mean']:.3f} of calibration inputs get the expert's class from the merged backbone "
-              "(label-free; " + ", ".join(f"{t} {v:.3f}" for t, v in agreement["per_task"].items()) + ")")
+        print(f"agreement   {agreement['mean']:.3f} of calibration inputs get the expert's class from the merged "
+              "backbone (label-free; " + ", ".join(f"{t} {v:.3f}" for t, v in agreement["per_task"].items()) + ")")
     print(f"correction  beta={c.beta:g} normalisation={c.normalisation.value} prior={c.prior}")
     print("tasks")
     width = max(len(t.name) for t in m.tasks)
