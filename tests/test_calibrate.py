@@ -41,7 +41,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Pat
     return {"root": root, "linear": linear, "cls": cls_dir, "same": same, "backbone": tiny_backbone_dir}
 
 
-def test_calibrate_with_separate_linear_heads(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+def test_calibrate_with_separate_linear_heads(checkpoints: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     c = checkpoints
     out = tmp_path / "bundle"
     assert cli(["calibrate", "--backbone", str(c["backbone"]), "--expert", f"topic={c['linear']}",
@@ -53,6 +54,9 @@ def test_calibrate_with_separate_linear_heads(checkpoints: dict[str, Path], tmp_
     agreement = bundle.manifest.extra["head_agreement"]  # an expert equal to the backbone always agrees
     assert agreement["per_task"]["same"] == 1.0 and 0 <= agreement["per_task"]["topic"] <= 1
     assert agreement["mean"] == pytest.approx((1.0 + agreement["per_task"]["topic"]) / 2)
+    capsys.readouterr()
+    assert cli(["inspect", str(out)]) == 0
+    assert f"agreement   {agreement['mean']:.3f} of calibration inputs" in capsys.readouterr().out
     # statistics equal those of the features computed directly
     zm = Backbone.from_pretrained(c["backbone"], max_length=128, device="cpu").encode(TEXTS).double()
     ze = Backbone.from_pretrained(c["linear"], max_length=128, device="cpu").encode(TEXTS).double()
