@@ -28,7 +28,6 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +36,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel
 
+from reprmerge_bench.merges import load_setup, spearman_ci
 from reprmerge_core.backbone import Backbone, default_backbone_path
 from reprmerge_core.calibration import select_beta
 from reprmerge_core.correction import CorrectionSolver, HeadFolder, TaskHead, TaskStatistics
-from reprmerge_core.data import load_suite
 from reprmerge_core.evaluation import TestSet, score
 from reprmerge_core.merging import METHODS, collect_grams, diagnose, merge_sequential, merge_state_dicts, overall_rho
-from reprmerge_core.merging import text_batches
 from reprmerge_core.merging.calibration import linear_layers
 from reprmerge_core.merging.merge import LayerDiagnostics, changed_parameters
-from reprmerge_core.training import RECIPES, train_experts
 
 FOLDS = 5
 
@@ -79,34 +76,6 @@ def configs(k: int) -> list[tuple[str, str, dict[str, Any]]]:
         ("regmean a0.5", "regmean", {"alpha": 0.5}),
         ("dare 0.9 linear x0.3", "dare", {"drop_rate": 0.9, "combine": "linear", "lam": 0.3}),
     ]
-
-
-def ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks with ties averaged (as scipy.stats.rankdata)."""
-    order = np.argsort(x, kind="stable")
-    r = np.empty(len(x))
-    r[order] = np.arange(len(x), dtype=float)
-    for value in np.unique(x):
-        tied = x == value
-        r[tied] = r[tied].mean()
-    return r
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    ra, rb = ranks(np.asarray(a, float)), ranks(np.asarray(b, float))
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def spearman_ci(a: Sequence[float], b: Sequence[float], resamples: int = 2000,
-                seed: int = 0) -> tuple[float, float, float]:
-    """Spearman and its 95% percentile bootstrap interval over the items (resamples with a constant side dropped)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    rng = np.random.default_rng(seed)
-    values = [spearman(a[i], b[i]) for i in (rng.integers(0, len(a), len(a)) for _ in range(resamples))]
-    values = np.array([v for v in values if np.isfinite(v)])
-    return spearman(a, b), float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))
 
 
 def block_of(layer: str) -> str:
@@ -194,21 +163,14 @@ def main() -> None:
         print(markdown(json.loads(args.out.read_text())))
         return
     started = time.perf_counter()
-    base_dir = default_backbone_path()
-    suite = load_suite(args.suite)
-    recipe = RECIPES[args.suite]
-    experts = train_experts(suite, recipe, progress=False)
-    tasks = [s.name for s in suite]
-    heads = [e.head for e in experts]
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    base_model = AutoModel.from_pretrained(base_dir)
-    base = {k: v.clone() for k, v in base_model.state_dict().items()}
-    models = {t: AutoModel.from_pretrained(e.path) for t, e in zip(tasks, experts)}
-    states = {t: m.state_dict() for t, m in models.items()}
+    setup = load_setup(args.suite)
+    suite, recipe, tokenizer, base_model, base, models, states = (
+        setup.suite, setup.recipe, setup.tokenizer, setup.base_model, setup.base, setup.models, setup.states)
+    base_dir, tasks, heads = default_backbone_path(), setup.tasks, [e.head for e in setup.experts]
     calibration = [list(s.calibration[: args.calibration]) for s in suite]
     test_texts = [list(s.test.texts[: args.test]) for s in suite]
     test_labels = [torch.tensor(list(s.test.labels[: args.test])) for s in suite]
-    batches = {t: text_batches(tokenizer, c, 32, recipe.max_length) for t, c in zip(tasks, calibration)}
+    batches = setup.batches(args.calibration)
 
     def backbone_of(model: torch.nn.Module) -> Backbone:
         return Backbone(model, tokenizer, pooling=recipe.pooling, max_length=recipe.max_length, device="cpu")
