@@ -268,6 +268,13 @@ def markdown(saved: dict[str, Any]) -> str:
               "| variant | " + " | ".join(f"vs {t}" for t in table) + " |", "|---" * (1 + len(table)) + "|"]
     for v in table[next(iter(table))]:
         lines.append(f"| {v} | " + " | ".join("{:+.2f} [{:+.2f}, {:+.2f}]".format(*table[t][v]) for t in table) + " |")
+    free = [r for r in saved["rows"] if not METHODS[r["method"]].data_aware]
+    if len(free) > 2:
+        table = correlations(free)
+        lines += ["", f"Among the {len(free)} data-free merges only (task arithmetic, TIES, DARE):", "",
+                  "| variant | " + " | ".join(f"vs {t}" for t in table) + " |", "|---" * (1 + len(table)) + "|"]
+        lines += [f"| {v} | " + " | ".join("{:+.2f} [{:+.2f}, {:+.2f}]".format(*table[t][v]) for t in table) + " |"
+                  for v in VARIANTS]
     return "\n".join(lines)
 
 
