@@ -4,6 +4,7 @@ estimated wait, one bad text failing only its own request, departed clients neve
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from service.batcher import Batcher
 from service.engine import Engine
 from service.heads import Heads
 from service.metrics import Metrics
+from service.server import freeze_startup_objects
 from service.settings import ServiceSettings
 from tests.helpers import make_random_bundle
 from tests.test_service_http import ServerProcess
@@ -232,3 +234,13 @@ def test_the_servers_malloc_setting_reuses_activation_memory_instead_of_faulting
     tuned, pinned = faults("tuned"), faults("pinned")
     assert pinned > 300, pinned  # the old setting: ~380 faults (1.5 MiB / 4 KiB) per step
     assert tuned < 10, tuned
+
+
+def test_startup_objects_are_frozen_out_of_full_collections() -> None:
+    """A full collection walked every torch/transformers object: ~0.5 s with the GIL held, per collection."""
+    try:
+        frozen = freeze_startup_objects()
+        assert frozen == gc.get_freeze_count() > 10_000  # this test process has torch and transformers loaded
+        assert len(gc.get_objects()) < frozen / 10  # what a full collection still walks
+    finally:
+        gc.unfreeze()
