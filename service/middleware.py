@@ -143,10 +143,11 @@ class RequestMiddleware:
             route = getattr(scope.get("route"), "path", None) or self._template(scope)
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_duration.labels(route).observe(elapsed)
-            access_log.info(json.dumps({
-                "request_id": request_id, "method": scope["method"], "route": route, "status": status,
-                "duration_ms": round(elapsed * 1e3, 3), **state["timings"],
-            }))
+            if access_log.isEnabledFor(logging.INFO):  # the line costs more than the check; off at --log-level warning
+                access_log.info(json.dumps({
+                    "request_id": request_id, "method": scope["method"], "route": route, "status": status,
+                    "duration_ms": round(elapsed * 1e3, 3), **state["timings"],
+                }))
 
     def _template(self, scope: Scope) -> str:
         """The route template of a request refused before routing (401, 413, ...), for the metrics."""
