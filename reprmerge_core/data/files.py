@@ -40,17 +40,21 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     elif suffix in CSV_DELIMITERS:
         with path.open(encoding="utf-8", newline="") as f:
             reader = csv.reader(f, delimiter=CSV_DELIMITERS[suffix])
-            header = next(reader, None)
-            if header is None:
-                raise ValueError(f"{path}: empty file, expected a header row")
-            start = reader.line_num + 1
-            for row in reader:
-                number, start = start, reader.line_num + 1
-                if not any(cell.strip() for cell in row):
-                    continue
-                if len(row) != len(header):
-                    raise ValueError(f"{path}:{number}: {len(row)} fields, the header has {len(header)}")
-                yield number, dict(zip(header, row))
+            start = 1
+            try:
+                header = next(reader, None)
+                if header is None:
+                    raise ValueError(f"{path}: empty file, expected a header row")
+                start = reader.line_num + 1
+                for row in reader:
+                    number, start = start, reader.line_num + 1
+                    if not any(cell.strip() for cell in row):
+                        continue
+                    if len(row) != len(header):
+                        raise ValueError(f"{path}:{number}: {len(row)} fields, the header has {len(header)}")
+                    yield number, dict(zip(header, row))
+            except csv.Error as exc:
+                raise ValueError(f"{path}:{start}: malformed CSV ({exc})") from None
     else:
         raise ValueError(f"{path}: unknown file type {path.suffix!r}; use .csv, .tsv or .jsonl")
 
@@ -86,8 +90,7 @@ def read_labelled(path: str | Path, task: str, label_names: Sequence[str], *, te
     for number, record in iter_records(path):
         for field in (text_field, label_field):
             if field not in record:
-                raise ValueError(f"{path}:{number}: no field {field!r} (has {', '.join(map(repr, record))}); "
-                                 "name the columns with --text-field/--label-field")
+                raise ValueError(f"{path}:{number}: no field {field!r} (has {', '.join(map(repr, record))})")
         text = record[text_field]
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{path}:{number}: field {text_field!r} must be a non-empty string, got {text!r}")
