@@ -122,7 +122,7 @@ def _score_label(report: dict[str, Any]) -> str:
 def plot_pareto(report: dict[str, Any], path: Path) -> None:
     """Pairwise fronts of normalised accuracy over the preference grid: ReACT vs task arithmetic.
 
-    The line joins the ReACT points no other ReACT point beats on both tasks of the panel (its 2-D front).
+    Circled and joined: the ReACT points no other ReACT point beats on both tasks of the panel (its 2-D front).
     """
     names, grid = report["tasks"], report["grid"]
     pairs = list(itertools.combinations(range(len(names)), 2))[:15]
@@ -139,7 +139,7 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
         front = np.array(grid["react"]["normalised"])[:, [a, b]]
         front = front[pareto_front(front)]
         front = front[np.lexsort((-front[:, 1], front[:, 0]))]
-        ax.plot(front[:, 0], front[:, 1], c="tab:blue", lw=1.2, label="ReACT Pareto front")
+        ax.plot(front[:, 0], front[:, 1], c="tab:blue", lw=1.2, marker="o", ms=9, mfc="none", label="ReACT Pareto front")
         ax.scatter([merged[a]], [merged[b]], c="k", marker="x", s=60, label="merged backbone")
         if report.get("normalised_by", "experts") == "experts":
             ax.scatter([1], [1], c="tab:green", marker="*", s=120, label="experts")
@@ -149,6 +149,8 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
     for ax in axes.flat[len(pairs):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"Pairwise trade-offs over the preference grid ({len(grid['preferences'])} preferences, "
+                 f"step 1/{grid['steps']})", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
