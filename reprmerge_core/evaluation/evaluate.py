@@ -73,9 +73,9 @@ class EvaluationData:
     `calibration` (unlabeled inputs per task) the calibration-size sweep.
     """
 
-    tests: list[Task]
+    tests: Sequence[Task]
     device: torch.device
-    experts: list[ComparedExpert] | None = None
+    experts: Sequence[ComparedExpert] | None = None
     base: Path | None = None
     calibration: list[Sequence[str]] | None = None
 
