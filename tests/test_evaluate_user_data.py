@@ -21,6 +21,7 @@ from reprmerge_core.cli import main as cli
 from reprmerge_core.data import SplitConfig, Task, TaskSplits
 from reprmerge_core.data.files import label_index, read_labelled
 from reprmerge_core.evaluation.metrics import simplex_grid
+from reprmerge_core.merging import read_texts
 from reprmerge_core.training import TrainRecipe, train_expert
 
 MAX_LENGTH = 16
@@ -245,6 +246,13 @@ def test_tasks_and_experts_must_match_the_bundle(user: dict[str, Path], tmp_path
     assert "expert 'spam'" in capsys.readouterr().err  # a 3-class head where the bundle's task has 2 labels
     assert cli([*full, "--base", str(user["base"])]) == 2
     assert "needs --expert" in capsys.readouterr().err
+    assert cli([*full, "--sweep-calibration"]) == 2
+    assert "not with --test" in capsys.readouterr().err
+    assert cli(["evaluate", str(root / "bundle"), "--out", str(tmp_path / "never"), "--expert", f"spam={user['spam']}"]) == 2
+    assert "--expert and --base go with --test" in capsys.readouterr().err
+    assert cli(["evaluate", str(root / "bundle"), "--out", str(tmp_path / "never")]) == 2
+    assert "not built from a built-in suite" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
 
 
 def test_label_matching() -> None:
@@ -254,6 +262,14 @@ def test_label_matching() -> None:
     # names that are numbers other than their own id make ids ambiguous: only names count
     assert label_index("1", ["5", "1"]) == 1 and label_index("0", ["5", "1"]) is None
     assert label_index("1", ["0", "1"]) == 1  # names equal to their ids: either reading agrees
+
+
+def test_read_texts_names_the_line_of_a_bad_json_line(tmp_path: Path) -> None:
+    """Blank lines count: the error points at the line an editor shows."""
+    path = tmp_path / "cal.jsonl"
+    path.write_text('{"text": "one"}\n\n{"text": 2}\n')
+    with pytest.raises(ValueError, match=r"cal.jsonl:3: expected an object with a string \"text\" field"):
+        read_texts(path)
 
 
 def test_read_labelled_tsv_with_multiline_quoted_text(tmp_path: Path) -> None:
