@@ -226,8 +226,8 @@ def evaluate_bundle(
     report: dict[str, Any] = {
         "bundle_id": m.bundle_id, "tasks": names, "beta": c.beta, "normalisation": c.normalisation.value,
         "merge": m.merge.model_dump(mode="json"),
-        "test_examples": [len(t.texts) for t in data.tests],
         "majority": [t.majority_accuracy for t in tests],
+        "test_examples": [len(t.texts) for t in data.tests],
         "experts": None if not experts_eval else {"accuracy": expert_acc.tolist(),
                                                   "macro_f1": [e.macro_f1 for e in experts_eval]},
         "normalised_by": "experts" if experts_eval else "none",
@@ -256,10 +256,6 @@ def evaluate_bundle(
         "ablation_identity_prior": _grid_summary(
             grid, score(tests, HeadFolder(solver_for(use_prior=False), bundle.heads).fold(prefs)), expert_acc),
     }
-    if T > 1:
-        report["edges"] = _edge_sweeps(tests, folder, names, default_edges(T) if edges is None else edges, expert_acc)
-    if T == 3:
-        report["simplex"] = _simplex_map(tests, folder, expert_acc)
     if baseline:
         start = time.perf_counter()
         report["grid"]["task_arithmetic"] = _grid_summary(
@@ -271,6 +267,10 @@ def evaluate_bundle(
             {"beta": beta, **_equal_and_one_hot(tests, HeadFolder(solver.with_beta(beta), bundle.heads), expert_acc)}
             for beta in DEFAULT_BETAS
         ]
+    if T > 1:
+        report["edges"] = _edge_sweeps(tests, folder, names, default_edges(T) if edges is None else edges, expert_acc)
+    if T == 3:
+        report["simplex"] = _simplex_map(tests, folder, expert_acc)
     if sweep_calibration:
         start = time.perf_counter()
         report["calibration_sweep"] = _calibration_sweep(bundle, merged, data, tests, expert_acc, solver_for,

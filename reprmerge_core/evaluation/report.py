@@ -67,8 +67,6 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _table(["method", "hypervolume", "uniformity", "mean normalised accuracy"],
                     [[label, grid[k]["hypervolume"], grid[k]["uniformity"], grid[k]["mean_normalised"]]
                      for label, k in methods if k in grid])
-    lines += _edges_markdown(report)
-    lines += _simplex_markdown(report)
     if "beta_sweep" in report:
         lines += ["", "## Beta sweep (mean normalised accuracy)", ""]
         lines += _table(["beta", "equal", "one-hot"], [[r["beta"], r["equal_mean_normalised"], r["one_hot_mean_normalised"]]
@@ -78,6 +76,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += _table(["fraction", "samples per task", "equal", "one-hot"],
                         [[r["fraction"], ", ".join(map(str, r["samples_per_task"])), r["equal_mean_normalised"],
                           r["one_hot_mean_normalised"]] for r in report["calibration_sweep"]])
+    lines += _edges_markdown(report)
+    lines += _simplex_markdown(report)
     lines += ["", "## Wall time per stage (seconds)", ""]
     lines += _table(["stage", "seconds"], [[k, float(v)] for k, v in report["timings"].items()])
     t = report["timings"]
