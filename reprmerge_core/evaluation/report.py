@@ -29,6 +29,30 @@ def _table(header: list[str], rows: list[list[object]]) -> list[str]:
     return [_row(header), "|" + "---|" * len(header), *(_row(r) for r in rows)]
 
 
+def _edges_markdown(report: dict[str, Any]) -> list[str]:
+    """Each edge's two tasks at its ends and its midpoint (the whole curves are in edges.png)."""
+    if "edges" not in report:
+        return []
+    lines = ["", "## Along simplex edges (accuracy as the weight moves from task a to task b)", ""]
+    rows: list[list[object]] = []
+    for edge in report["edges"]:
+        acc, mid = np.array(edge["accuracy"]), len(edge["weight"]) // 2
+        for t in (report["tasks"].index(n) for n in edge["tasks"]):
+            rows.append([" -> ".join(edge["tasks"]), report["tasks"][t], acc[0, t], acc[mid, t], acc[-1, t]])
+    return lines + _table(["edge a -> b", "accuracy on", "at a one-hot", "at a 0.5 : b 0.5", "at b one-hot"], rows)
+
+
+def _simplex_markdown(report: dict[str, Any]) -> list[str]:
+    if "simplex" not in report:
+        return []
+    simplex = report["simplex"]
+    prefs, acc = np.array(simplex["preferences"]), np.array(simplex["accuracy"])
+    best = int(acc.mean(1).argmax())
+    return ["", f"Simplex map (`simplex.png`, step 1/{simplex['steps']}): {sum(simplex['pareto'])} of {len(prefs)} "
+            f"preferences are Pareto-optimal in normalised accuracy; the best mean accuracy, {acc[best].mean():.3f}, "
+            f"is at preference ({', '.join(f'{w:.2f}' for w in prefs[best])})."]
+
+
 def markdown(report: dict[str, Any]) -> str:
     names, sc = report["tasks"], report["scenarios"]
     experts = report.get("experts")
@@ -89,30 +113,6 @@ def markdown(report: dict[str, Any]) -> str:
                   + " (one merged and one expert forward per input: linear in the number of tasks)."]
     lines += ["", "Plots: " + ", ".join(f"`{name}`" for name in plot_files(report)) + "."]
     return "\n".join(lines) + "\n"
-
-
-def _edges_markdown(report: dict[str, Any]) -> list[str]:
-    """Each edge's two tasks at its ends and its midpoint (the whole curves are in edges.png)."""
-    if "edges" not in report:
-        return []
-    lines = ["", "## Along simplex edges (accuracy as the weight moves from task a to task b)", ""]
-    rows: list[list[object]] = []
-    for edge in report["edges"]:
-        acc, mid = np.array(edge["accuracy"]), len(edge["weight"]) // 2
-        for t in (report["tasks"].index(n) for n in edge["tasks"]):
-            rows.append([" -> ".join(edge["tasks"]), report["tasks"][t], acc[0, t], acc[mid, t], acc[-1, t]])
-    return lines + _table(["edge a -> b", "accuracy on", "at a one-hot", "at a 0.5 : b 0.5", "at b one-hot"], rows)
-
-
-def _simplex_markdown(report: dict[str, Any]) -> list[str]:
-    if "simplex" not in report:
-        return []
-    simplex = report["simplex"]
-    prefs, acc = np.array(simplex["preferences"]), np.array(simplex["accuracy"])
-    best = int(acc.mean(1).argmax())
-    return ["", f"Simplex map (`simplex.png`, step 1/{simplex['steps']}): {sum(simplex['pareto'])} of {len(prefs)} "
-            f"preferences are Pareto-optimal in normalised accuracy; the best mean accuracy, {acc[best].mean():.3f}, "
-            f"is at preference ({', '.join(f'{w:.2f}' for w in prefs[best])})."]
 
 
 def _score_label(report: dict[str, Any]) -> str:
