@@ -29,6 +29,10 @@ def _table(header: list[str], rows: list[list[object]]) -> list[str]:
     return [_row(header), "|" + "---|" * len(header), *(_row(r) for r in rows)]
 
 
+def _score_label(report: dict[str, Any]) -> str:
+    return "normalised acc." if report.get("normalised_by", "experts") == "experts" else "accuracy"
+
+
 def _edges_markdown(report: dict[str, Any]) -> list[str]:
     """Each edge's two tasks at its ends and its midpoint (the whole curves are in edges.png)."""
     if "edges" not in report:
@@ -113,10 +117,6 @@ def markdown(report: dict[str, Any]) -> str:
                   + " (one merged and one expert forward per input: linear in the number of tasks)."]
     lines += ["", "Plots: " + ", ".join(f"`{name}`" for name in plot_files(report)) + "."]
     return "\n".join(lines) + "\n"
-
-
-def _score_label(report: dict[str, Any]) -> str:
-    return "normalised acc." if report.get("normalised_by", "experts") == "experts" else "accuracy"
 
 
 def plot_pareto(report: dict[str, Any], path: Path) -> None:
