@@ -103,8 +103,10 @@ def head(checkpoint: Path) -> tuple[np.ndarray, np.ndarray]:
     return tensors["weight"].astype(np.float64), tensors["bias"].astype(np.float64)
 
 
-def corrections(merged: list[np.ndarray], experts: list[np.ndarray], beta: float) -> tuple[list[np.ndarray], ...]:
-    """M_t and C_t of method.md in float64: energy-normalised statistics, Procrustes prior with its tie-break."""
+def corrections(merged: list[np.ndarray], experts: list[np.ndarray], beta: float,
+                identity_weight: float) -> tuple[list[np.ndarray], ...]:
+    """M_t and C_t of method.md in float64: energy-normalised statistics, prior O_t = a I + (1 - a) P_t with P_t
+    the Procrustes rotation (with its tie-break) and a the bundle's identity weight."""
     Ms, Cs = [], []
     for zm, ze in zip(merged, experts):
         d = zm.shape[1]
@@ -112,7 +114,7 @@ def corrections(merged: list[np.ndarray], experts: list[np.ndarray], beta: float
         A, B = zm.T @ zm / scale, ze.T @ zm / scale
         tie = 1e-6 * np.linalg.svd(B, compute_uv=False).sum() / d
         U, _, Vt = np.linalg.svd(B + tie * np.eye(d))
-        Ms.append(B + beta * U @ Vt)
+        Ms.append(B + beta * (identity_weight * np.eye(d) + (1 - identity_weight) * U @ Vt))
         Cs.append(A + beta * np.eye(d))
     return Ms, Cs
 
@@ -150,7 +152,8 @@ def test_evaluate_on_user_files_matches_an_independent_computation(
 
     cal = [(root / f"{t}.txt").read_text().splitlines() for t in WORDS]
     Ms, Cs = corrections([features(root / "merged", c) for c in cal],
-                         [features(user[t], c) for t, c in zip(WORDS, cal)], report["beta"])
+                         [features(user[t], c) for t, c in zip(WORDS, cal)], report["beta"],
+                         report["prior"]["identity_weight"] if "prior" in report else 0.0)  # 0: Procrustes
     merged_test = [features(root / "merged", texts[t]) for t in WORDS]
     one_hot = [accuracy(merged_test[t], Ms[t] @ np.linalg.inv(Cs[t]), heads[t], labels[name])
                for t, name in enumerate(WORDS)]
