@@ -192,8 +192,8 @@ def test_evaluate_without_experts_reports_plain_accuracy_and_a_simplex_map(
         rows = [{"text": f"sample {i} about {rng.choice(FILL)}", "gold": rng.choice(task.labels)} for i in range(12)]
         (tmp_path / f"{task.name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "report"
-    assert cli(["evaluate", str(random_bundle), "--out", str(out), "--label-column", "gold", "--no-baseline",
-                *(a for t in bundle.task_names for a in ("--test", f"{t}={tmp_path / f'{t}.jsonl'}"))]) == 0
+    tests = [a for t in bundle.task_names for a in ("--test", f"{t}={tmp_path / f'{t}.jsonl'}")]
+    assert cli(["evaluate", str(random_bundle), "--out", str(out), "--label-column", "gold", "--no-baseline", *tests]) == 0
     assert "No experts given" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["experts"] is None and report["normalised_by"] == "none"
@@ -205,7 +205,18 @@ def test_evaluate_without_experts_reports_plain_accuracy_and_a_simplex_map(
     dominated = [any((q >= p).all() and (q > p).any() for q in pts) for p in pts]
     assert simplex["pareto"] == [not d for d in dominated]
     assert [e["tasks"] for e in report["edges"]] == [["alpha", "beta"], ["alpha", "gamma"], ["beta", "gamma"]]
+    # an edge's ends are the simplex map's corners
+    corner = {tuple(p): row for p, row in zip(simplex["preferences"], simplex["accuracy"])}
+    assert report["edges"][1]["accuracy"][0] == pytest.approx(corner[1.0, 0.0, 0.0])
+    assert report["edges"][1]["accuracy"][-1] == pytest.approx(corner[0.0, 0.0, 1.0])
     assert {"simplex.png", "edges.png"} <= {p.name for p in out.iterdir()}
+
+    assert cli(["evaluate", str(random_bundle), "--out", str(tmp_path / "one-edge"), "--label-column", "gold",
+                "--no-baseline", "--edge", "gamma:alpha", *tests]) == 0
+    assert [e["tasks"] for e in json.loads((tmp_path / "one-edge" / "report.json").read_text())["edges"]] == [
+        ["gamma", "alpha"]]
+    assert cli(["evaluate", str(random_bundle), "--out", str(tmp_path / "never"), "--edge", "gamma:gamma", *tests]) == 2
+    assert "--edge 'gamma:gamma': expected A:B with two different tasks" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
