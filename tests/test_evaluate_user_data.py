@@ -130,8 +130,9 @@ def test_evaluate_on_user_files_matches_an_independent_computation(
     out = tmp_path / "report"
     root = user["root"]
     assert cli(["evaluate", str(root / "bundle"), "--test", f"spam={root / 'spam.csv'}",
-                "--test", f"topic={root / 'topic.jsonl'}", "--text-column", "message", "--expert", f"spam={user['spam']}",
-                "--expert", f"topic={user['topic']}", "--base", str(user["base"]), "--out", str(out)]) == 0
+                "--test", f"topic={root / 'topic.jsonl'}", "--text-column", "message",
+                "--expert", f"spam={user['spam']}", "--expert", f"topic={user['topic']}", "--base", str(user["base"]),
+                "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["tasks"] == ["spam", "topic"] and report["test_examples"] == [40, 40]
@@ -193,7 +194,8 @@ def test_evaluate_without_experts_reports_plain_accuracy_and_a_simplex_map(
         (tmp_path / f"{task.name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "report"
     tests = [a for t in bundle.task_names for a in ("--test", f"{t}={tmp_path / f'{t}.jsonl'}")]
-    assert cli(["evaluate", str(random_bundle), "--out", str(out), "--label-column", "gold", "--no-baseline", *tests]) == 0
+    assert cli(["evaluate", str(random_bundle), "--out", str(out), "--label-column", "gold", "--no-baseline",
+                *tests]) == 0
     assert "No experts given" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["experts"] is None and report["normalised_by"] == "none"
@@ -262,7 +264,8 @@ def test_tasks_and_experts_must_match_the_bundle(user: dict[str, Path], tmp_path
     assert "needs --expert" in capsys.readouterr().err
     assert cli([*full, "--sweep-calibration"]) == 2
     assert "not with --test" in capsys.readouterr().err
-    assert cli(["evaluate", str(root / "bundle"), "--out", str(tmp_path / "never"), "--expert", f"spam={user['spam']}"]) == 2
+    assert cli(["evaluate", str(root / "bundle"), "--out", str(tmp_path / "never"),
+                "--expert", f"spam={user['spam']}"]) == 2
     assert "--expert and --base go with --test" in capsys.readouterr().err
     assert cli(["evaluate", str(root / "bundle"), "--out", str(tmp_path / "never")]) == 2
     assert "not built from a built-in suite" in capsys.readouterr().err

@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
             suite, recipe = suite_from_extra(bundle.manifest.extra)
             device = select_device(args.device)
             splits = load_suite(suite)
-            inputs = EvaluationInputs(splits, train_experts(splits, recipe, cache_dir=args.cache_dir, device=device), device)
+            experts = train_experts(splits, recipe, cache_dir=args.cache_dir, device=device)
+            inputs = EvaluationInputs(splits, experts, device)
             baseline = not args.no_baseline
         report = evaluate_bundle(bundle, inputs, grid_steps=args.grid_steps, baseline=baseline,
                                  sweep_calibration=args.sweep_calibration, edges=edges)

@@ -156,7 +156,8 @@ def _check(bundle: Bundle, data: EvaluationData, baseline: bool, sweep_calibrati
                          f"got {[t.name for t in data.tests]}")
     for test, info in zip(data.tests, tasks):
         if list(test.label_names) != list(info.labels):
-            raise ValueError(f"task {info.name!r}: test labels {list(test.label_names)} differ from the bundle's {info.labels}")
+            raise ValueError(f"task {info.name!r}: test labels {list(test.label_names)} differ from the bundle's "
+                             f"{info.labels}")
     if data.experts is not None:
         if len(data.experts) != len(tasks):
             raise ValueError(f"{len(data.experts)} experts for {len(tasks)} tasks: give one per task or none")

@@ -1,4 +1,4 @@
-"""Writing an evaluation: report.json, report.md and PNG plots (Pareto fronts, edges, simplex map, scenarios, sweeps)."""
+"""Writing an evaluation: report.json, report.md and PNG plots (Pareto fronts, edges, simplex map, sweeps...)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"Merge: `{report['merge']['method']}` {json.dumps(report['merge']['parameters'])}; "
              f"beta {report['beta']:g} ({report['normalisation']} normalisation)."]
     if "test_examples" in report:
-        lines[-1] += " Test examples per task: " + ", ".join(f"{n} {k}" for n, k in zip(names, report["test_examples"])) + "."
+        counts = ", ".join(f"{n} {k}" for n, k in zip(names, report["test_examples"]))
+        lines[-1] += f" Test examples per task: {counts}."
     lines += ["", "## Accuracy per task (macro-F1 in parentheses)", ""]
     columns = [("majority", None), ("expert", None), ("merged", "merged"), ("ReACT equal", "equal"),
                ("ReACT priority", "priority"), ("ReACT one-hot", "one_hot")]
@@ -139,7 +140,8 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
         front = np.array(grid["react"]["normalised"])[:, [a, b]]
         front = front[pareto_front(front)]
         front = front[np.lexsort((-front[:, 1], front[:, 0]))]
-        ax.plot(front[:, 0], front[:, 1], c="tab:blue", lw=1.2, marker="o", ms=9, mfc="none", label="ReACT Pareto front")
+        ax.plot(front[:, 0], front[:, 1], c="tab:blue", lw=1.2, marker="o", ms=9, mfc="none",
+                label="ReACT Pareto front")
         ax.scatter([merged[a]], [merged[b]], c="k", marker="x", s=60, label="merged backbone")
         if report.get("normalised_by", "experts") == "experts":
             ax.scatter([1], [1], c="tab:green", marker="*", s=120, label="experts")
@@ -178,7 +180,8 @@ def plot_edges(report: dict[str, Any], path: Path) -> None:
                 ax.axhline(experts["accuracy"][t], c=colours[n], ls=":", lw=1.2)
         ax.set_title(f"{a} \u2192 {b}", fontsize=10)
         ax.set_xlim(0, 1)
-        ax.set_xticks([0, 0.25, 0.5, 0.75, 1], ["1 : 0", "0.75 : 0.25", "0.5 : 0.5", "0.25 : 0.75", "0 : 1"], fontsize=7)
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1], ["1 : 0", "0.75 : 0.25", "0.5 : 0.5", "0.25 : 0.75", "0 : 1"],
+                      fontsize=7)
         ax.set_xlabel(f"preference weight  {a} : {b}", fontsize=8)
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
@@ -210,7 +213,8 @@ def plot_simplex(report: dict[str, Any], path: Path) -> None:
     front = np.array(simplex["pareto"], dtype=bool)
     x, y = _ternary(prefs)
     triangulation = matplotlib.tri.Triangulation(x, y)
-    panels = [("mean test accuracy over tasks", acc.mean(1))] + [(f"accuracy on {n}", acc[:, t]) for t, n in enumerate(names)]
+    panels = [("mean test accuracy over tasks", acc.mean(1)),
+              *((f"accuracy on {n}", acc[:, t]) for t, n in enumerate(names))]
     fig, axes = plt.subplots(2, 2, figsize=(10, 8.6))
     corners = _ternary(np.eye(3))
     for ax, (title, values) in zip(axes.flat, panels):
