@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Playwright
+    from playwright.sync_api import Browser, Page, Playwright
 
 INSTALL_HINT = "apt-get install -y chromium (Debian, as root; `make test` does it when it can) and pip install -e '.[test]'"
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -45,3 +45,21 @@ def launch(playwright: Playwright) -> Browser:
         raise RuntimeError(missing() or "no Chromium")
     return playwright.chromium.launch(executable_path=str(path), headless=True,
                                       args=["--no-sandbox", "--disable-dev-shm-usage"])
+
+
+# The page's views show the latest state (none is aria-busy), with predictions and, where the
+# bundle has 2 or 3 tasks, the heat map drawn.
+SETTLED = """() => ['#tradeoff', '#predictions', '#compare'].every(s =>
+    document.querySelector(s).getAttribute('aria-busy') === 'false')
+  && document.querySelectorAll('#prediction-list article').length > 0
+  && (document.getElementById('simplex-figure').hidden || document.querySelectorAll('#heat > *').length > 0)"""
+
+
+def open_playground(page: Page, url: str, timeout_ms: float = 60_000) -> None:
+    """Open the playground of the server at `url` (via its front door `/`) and wait until it has settled."""
+    page.goto(f"{url}/")
+    settle(page, timeout_ms)
+
+
+def settle(page: Page, timeout_ms: float = 60_000) -> None:
+    page.wait_for_function(SETTLED, timeout=timeout_ms)

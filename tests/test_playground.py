@@ -19,7 +19,7 @@ import httpx
 import pytest
 import torch
 
-from reprmerge_bench.browser import launch, missing
+from reprmerge_bench.browser import launch, missing, open_playground, settle
 from reprmerge_core.preference import canonical_preference
 from tests.helpers import make_random_bundle
 from tests.test_service_http import ServerProcess
@@ -87,18 +87,9 @@ def session(browser: Browser) -> Iterator[Session]:
     context.close()
 
 
-def _settled(page: Page) -> None:
-    """Wait until the trade-off preview, the predictions and the comparison show the latest state."""
-    for section in ("#tradeoff", "#predictions", "#compare"):
-        expect(page.locator(section)).to_have_attribute("aria-busy", "false", timeout=TIMEOUT_MS)
-
-
 def _open(session: Session, url: str) -> Page:
-    page = session.page
-    page.goto(f"{url}/")
-    expect(page.locator("#prediction-list article")).not_to_have_count(0, timeout=TIMEOUT_MS)
-    _settled(page)
-    return page
+    open_playground(session.page, url, TIMEOUT_MS)
+    return session.page
 
 
 def _shown_predictions(page: Page) -> list[dict[str, dict[str, Any]]]:
@@ -145,7 +136,7 @@ def test_a_slider_at_one_hot_shows_the_one_hot_loss_and_the_apis_predictions(ser
     one_hot = canonical_preference({"beta": 1}, TASKS)
     expect(page.locator("#tradeoff-fingerprint")).to_have_text(one_hot.fingerprint)
     expect(page.locator("#fingerprint")).to_have_text(one_hot.fingerprint)
-    _settled(page)
+    settle(page, TIMEOUT_MS)
     assert page.inner_text("#canonical") == "alpha 0 · beta 1 · gamma 0"
 
     want = httpx.post(f"{server.url}/v1/tradeoff", json={"preference": {"beta": 1}}).json()["results"][0]["tasks"]
@@ -166,12 +157,12 @@ def test_two_pinned_preferences_come_from_one_predict_request(server: ServerProc
     page = _open(session, server.url)
     page.get_by_role("button", name="Only alpha").click()
     page.click("#pin")
-    _settled(page)
+    settle(page, TIMEOUT_MS)
     before = len(session.predict_bodies())
     page.get_by_role("button", name="Favour gamma").click()
     page.click("#pin")
     expect(page.locator("#compare-columns .column")).to_have_count(2)
-    _settled(page)
+    settle(page, TIMEOUT_MS)
 
     compared = [b for b in session.predict_bodies()[before:] if "preferences" in b]
     assert len(compared) == 1 and len(compared[0]["preferences"]) == 2, compared
@@ -193,7 +184,7 @@ def test_the_copied_curl_and_python_calls_answer_what_the_page_shows(server: Ser
     page = _open(session, server.url)
     page.fill("#texts", "it's a 'quoted' line\nwhat time is it? $HOME `date`")
     page.fill("#share-0", "20")  # a typed share: the others share the remaining 80% as before (40/40)
-    _settled(page)
+    settle(page, TIMEOUT_MS)
     expect(page.locator("#canonical")).to_have_text("alpha 0.2 · beta 0.4 · gamma 0.4")
 
     page.click("button[data-copy=curl]")
@@ -244,7 +235,7 @@ def test_with_an_api_key_the_page_shows_the_401_detail_then_works_with_the_key(k
     page.fill("#api-key", KEY)
     page.press("#api-key", "Enter")
     expect(page.locator("#prediction-list article")).not_to_have_count(0)
-    _settled(page)
+    settle(page, TIMEOUT_MS)
     assert page.is_hidden("#error") and page.is_hidden("#auth")
     assert page.inner_text("#fingerprint") == canonical_preference([1, 1, 1], TASKS).fingerprint
     assert page.evaluate("localStorage.length + sessionStorage.length + document.cookie.length") == 0
