@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: serve test install bench clean loadtest browser
+.PHONY: serve test install bench clean loadtest browser screenshots
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ test: $(STAMP) browser
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_solve.py
+
+# The README's playground screenshots (docs/playground/*.png), taken in headless Chromium on the default bundle.
+screenshots: $(STAMP) browser $(DEFAULT_BUNDLE)/manifest.json
+	OMP_NUM_THREADS=1 $(PY) benchmarks/playground_screenshots.py --bundle $(DEFAULT_BUNDLE) --out docs/playground
 
 # Open-loop load test of a local server on loopback (about 2.5 min): runs/loadtest/report.md, .json, PNGs.
 # More: make loadtest LOADTEST_ARGS="--rate 40 --seconds 30 --sweep 1,100,10000"
