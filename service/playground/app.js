@@ -4,7 +4,7 @@
 // one request) the comparison.
 "use strict";
 
-const DELAY_MS = 50;        // coalescing window: at most one request per view per window, always the latest state
+const DELAY_MS = 50;  // coalescing window: at most one request per view per window, always the latest state
 const MAX_PINS = 3;
 const GRID = { 2: 24, 3: 12 };  // heat-map subdivisions of the simplex per task count (91 points for 3 tasks)
 const DEFAULT_TEXTS = [
@@ -97,24 +97,25 @@ function askForKey(detail) {
   $("api-key").focus();
 }
 
-// One view's requests: the latest state is sent at most once per DELAY_MS and never while the previous
-// request of the view is in flight; the section is aria-busy until its view shows the latest state.
+// One view's requests: a change is sent at once when the view is idle; changes that follow within
+// DELAY_MS of the last request, or while it is in flight, are coalesced into one request with the
+// latest state. The section is aria-busy until its view shows the latest state.
 function view(section, task) {
-  let running = false, again = false, timer = 0;
+  let running = false, again = false, timer = 0, last = -Infinity;
   async function run() {
     timer = 0;
     if (running) { again = true; return; }
     running = true;
     try {
-      do { again = false; await task(); } while (again);
+      do { again = false; last = performance.now(); await task(); } while (again);
     } finally {
       running = false;
       if (!timer) section.setAttribute("aria-busy", "false");
     }
   }
-  return (delay = DELAY_MS) => {
+  return () => {
     section.setAttribute("aria-busy", "true");
-    if (!timer) timer = setTimeout(run, delay);
+    if (!timer) timer = setTimeout(run, Math.max(0, last + DELAY_MS - performance.now()));
   };
 }
 
@@ -574,7 +575,7 @@ async function start() {
   try {
     S.uniform = (await api("/v1/tradeoff", { preference: S.tasks.map(() => 1) })).results[0];
     report("uniform", null);
-    tradeoffView(0);
+    tradeoffView();
   } catch (err) {
     report("uniform", err);
   }
