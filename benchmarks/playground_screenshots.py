@@ -24,7 +24,7 @@ def stage(page: Page) -> None:
     page.click("#pin")
     presets.last.click()  # Favour <last task>
     page.click("#pin")
-    presets.nth(presets.count() // 2 + 1).click()  # Favour <first task> (or Only <second> with two tasks)
+    presets.nth(presets.count() // 2 + 1).click()  # Favour <first task> (Equal, n x Only, n x Favour)
     settle(page)
     page.evaluate("document.activeElement.blur(); window.scrollTo(0, 0)")
     page.mouse.move(0, 0)

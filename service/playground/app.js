@@ -174,7 +174,7 @@ function buildControls() {
   S.tasks.forEach((t, i) => presets.append(h("button", {
     type: "button", text: `Only ${t}`, onclick: () => setShares(S.tasks.map((_, j) => (j === i ? 1 : 0))),
   })));
-  if (n > 2) {
+  if (n > 1) {  // twice the weight of each other task
     S.tasks.forEach((t, i) => presets.append(h("button", {
       type: "button", text: `Favour ${t}`, onclick: () => setShares(S.tasks.map((_, j) => (j === i ? 2 : 1))),
     })));
@@ -204,6 +204,7 @@ function layoutSimplex() {
   const n = S.tasks.length;
   const fig = $("simplex-figure");
   fig.hidden = !(n === 2 || n === 3);
+  $("no-simplex").hidden = !fig.hidden || n < 2;
   if (fig.hidden) return;
   const box = $("simplex");
   if (n === 3) {
@@ -263,7 +264,8 @@ function drawMarker() {
   const [x, y] = pointOf(S.shares);
   marker.setAttribute("cx", x);
   marker.setAttribute("cy", S.vertices.length === 2 ? 30 : y);
-  $("simplex").setAttribute("aria-valuetext", S.tasks.map((t, i) => `${t} ${Math.round(100 * S.shares[i])}%`).join(", "));
+  const shares = S.tasks.map((t, i) => `${t} ${Math.round(100 * S.shares[i])}%`).join(", ");
+  $("simplex").setAttribute("aria-label", `Preference on the simplex: ${shares}`);
 }
 
 function wireSimplex() {
