@@ -33,14 +33,14 @@ $(DEFAULT_BUNDLE)/manifest.json: | $(STAMP)
 serve: $(STAMP) $(DEFAULT_BUNDLE)/manifest.json
 	$(VENV)/bin/reprmerge serve $(DEFAULT_BUNDLE) --host $(HOST) --port $(PORT)
 
-# The playground's browser tests drive a system Chromium (Playwright's own download is not reachable):
-# installed from Debian's packages when missing and apt-get can run as root. Best effort: without it those
-# tests skip and say how to get it, and this step never fails the target.
+# The playground's browser tests drive a system Chromium (Playwright's own download is not reachable) and run
+# the page's copied curl command: both installed from Debian's packages when missing and apt-get can run as
+# root. Best effort: this step never fails the target; without them those tests skip and say how to get them.
 browser:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	@{ command -v chromium || command -v chromium-browser; } >/dev/null 2>&1 && command -v curl >/dev/null 2>&1 || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-	  echo "no Chromium: the playground's browser tests will skip (as root: apt-get install -y chromium)"
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium curl >/dev/null; } || \
+	  echo "no Chromium: the playground's browser tests will skip (as root: apt-get install -y chromium curl)"
 
 test: $(STAMP) browser
 	# One BLAS thread per process: the tests run a server and a client side by side on small tensors,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ if missing() is None:
 TASKS = ("alpha", "beta", "gamma")
 KEY = "playground-test-key"
 TIMEOUT_MS = 30_000
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="no curl: apt-get install -y curl (`make test` does)")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,13 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) ->
 @pytest.fixture(scope="module")
 def server(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     srv = ServerProcess(bundle, tmp_path_factory.mktemp("logs") / "play.log", "--max-inputs", "4")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = ServerProcess(bundle, tmp_path_factory.mktemp("logs") / "keyed.log", "--api-key", KEY)
     yield srv
     srv.stop()
 
@@ -180,6 +189,7 @@ def test_two_pinned_preferences_come_from_one_predict_request(server: ServerProc
     assert page.is_disabled("#pin") and page.get_by_role("button", name="Unpin").count() == 2  # this one is pinned
 
 
+@needs_curl
 def test_the_copied_curl_and_python_calls_answer_what_the_page_shows(server: ServerProcess, session: Session) -> None:
     page = _open(session, server.url)
     page.fill("#texts", "it's a 'quoted' line\nwhat time is it? $HOME `date`")
@@ -212,13 +222,7 @@ def test_a_refused_request_shows_its_problem_detail(server: ServerProcess, sessi
     expect(page.locator("#error")).to_be_hidden()
 
 
-@pytest.fixture(scope="module")
-def keyed(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(bundle, tmp_path_factory.mktemp("logs") / "keyed.log", "--api-key", KEY)
-    yield srv
-    srv.stop()
-
-
+@needs_curl
 def test_with_an_api_key_the_page_shows_the_401_detail_then_works_with_the_key(keyed: ServerProcess, session: Session) -> None:
     page = session.page
     page.goto(f"{keyed.url}/")  # the page itself is public; its API calls are not
