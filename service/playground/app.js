@@ -162,8 +162,8 @@ function changed(except = null) {
   });
   drawMarker();
   renderSnippets();
-  refreshTradeoff();
-  refreshPredictions();
+  tradeoffView();
+  predictionsView();
   updatePinButton();
 }
 
@@ -364,9 +364,7 @@ function drawHeat() {
 }
 
 // ---- views -------------------------------------------------------------------------------------------
-const refreshTradeoff = () => tradeoffView();
-const refreshPredictions = () => predictionsView();
-let tradeoffView, predictionsView, compareView;
+let tradeoffView, predictionsView, compareView;  // set in wire(): each coalesces its own requests
 
 async function showTradeoff() {
   let answer;
