@@ -4,9 +4,9 @@ A move sets the first task's slider (an `input` event, as a drag or a key does) 
 until the trade-off preview and the predictions show the new preference (their sections stop being
 aria-busy), then one more animation frame: the request, the server, rendering and layout. Moves are
 PAUSE_MS apart, as a person's are; the page sends a move at once when idle and coalesces only moves that
-follow within 50 ms of its last request (a drag), which this does not time. 20 moves to preferences the server has never seen
-("fresh": a head solve and a trade-off solve each), then the same 20 again ("cached": both cached).
-Prints the median and the 90th percentile in ms.
+follow within 50 ms of its last request (a drag), which this does not time. 20 moves to preferences the
+server has never seen ("fresh": a head solve and a trade-off solve each), then the same 20 again
+("cached": both cached). Prints the median and the 90th percentile in ms.
 
     python benchmarks/bench_playground.py --bundle .cache/bundles/tiny
 """

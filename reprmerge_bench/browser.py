@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page, Playwright
 
-INSTALL_HINT = "apt-get install -y chromium (Debian, as root; `make test` does it when it can) and pip install -e '.[test]'"
+INSTALL_HINT = "apt-get install -y chromium (Debian, as root; `make test` does it when it can), pip install '.[test]'"
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 

@@ -32,12 +32,14 @@ if missing() is None:
 TASKS = ("alpha", "beta", "gamma")
 KEY = "playground-test-key"
 TIMEOUT_MS = 30_000
-needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="no curl: apt-get install -y curl (`make test` does)")
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None,
+                                reason="no curl: apt-get install -y curl (`make test` does)")
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> Path:
-    return make_random_bundle(tmp_path_factory.mktemp("play") / "bundle", tiny_backbone_dir, torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5)
+    return make_random_bundle(tmp_path_factory.mktemp("play") / "bundle", tiny_backbone_dir, generator)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,8 @@ def _texts(page: Page) -> list[str]:
     return [line for line in page.input_value("#texts").split("\n") if line.strip()]
 
 
-def test_page_loads_offline_with_the_bundle_identity_and_no_console_errors(server: ServerProcess, session: Session) -> None:
+def test_page_loads_offline_with_the_bundle_identity_and_no_console_errors(
+        server: ServerProcess, session: Session) -> None:
     page = _open(session, server.url)
     assert page.url == f"{server.url}/playground/"
     expect(page.locator("#heat polygon")).to_have_count(12 * 12, timeout=TIMEOUT_MS)  # the simplex heat map
@@ -138,7 +141,8 @@ def test_page_loads_offline_with_the_bundle_identity_and_no_console_errors(serve
     assert f"playground: {server.url}/playground/" in server.log.read_text()  # `reprmerge serve` prints the URL
 
 
-def test_a_slider_at_one_hot_shows_the_one_hot_loss_and_the_apis_predictions(server: ServerProcess, session: Session) -> None:
+def test_a_slider_at_one_hot_shows_the_one_hot_loss_and_the_apis_predictions(
+        server: ServerProcess, session: Session) -> None:
     page = _open(session, server.url)
     page.focus("#range-1")
     page.keyboard.press("End")  # the keyboard moves the slider to 100%: beta's one-hot preference
@@ -150,7 +154,8 @@ def test_a_slider_at_one_hot_shows_the_one_hot_loss_and_the_apis_predictions(ser
 
     want = httpx.post(f"{server.url}/v1/tradeoff", json={"preference": {"beta": 1}}).json()["results"][0]["tasks"]
     rows = page.eval_on_selector_all("#tradeoff-table tbody tr", """rows => Object.fromEntries(rows.map(r =>
-        [r.dataset.task, Object.fromEntries(['loss', 'best', 'kept'].map(k => [k, r.querySelector('.' + k).innerText.trim()]))]))""")
+        [r.dataset.task, Object.fromEntries(['loss', 'best', 'kept'].map(k =>
+            [k, r.querySelector('.' + k).innerText.trim()]))]))""")
     assert rows["beta"]["loss"] == rows["beta"]["best"] and rows["beta"]["kept"] == "100.0%"
     for task in TASKS:
         assert float(rows[task]["loss"]) == pytest.approx(want[task]["loss"], rel=5e-4)
@@ -200,9 +205,11 @@ def test_the_copied_curl_and_python_calls_answer_what_the_page_shows(server: Ser
     page.click("button[data-copy=curl]")
     command = page.evaluate("navigator.clipboard.readText()")
     assert command == page.inner_text("#curl")
-    curl = json.loads(subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=True, timeout=60).stdout)
+    ran = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=True, timeout=60)
+    curl = json.loads(ran.stdout)
     result = curl["results"][0]
-    assert result["fingerprint"] == page.inner_text("#fingerprint") == canonical_preference([1, 2, 2], TASKS).fingerprint
+    want = canonical_preference([1, 2, 2], TASKS).fingerprint
+    assert result["fingerprint"] == page.inner_text("#fingerprint") == want
     assert _shown_predictions(page) == _as_shown(result["predictions"])
 
     page.click("button[data-copy=python]")
@@ -223,7 +230,8 @@ def test_a_refused_request_shows_its_problem_detail(server: ServerProcess, sessi
 
 
 @needs_curl
-def test_with_an_api_key_the_page_shows_the_401_detail_then_works_with_the_key(keyed: ServerProcess, session: Session) -> None:
+def test_with_an_api_key_the_page_shows_the_401_detail_then_works_with_the_key(
+        keyed: ServerProcess, session: Session) -> None:
     page = session.page
     page.goto(f"{keyed.url}/")  # the page itself is public; its API calls are not
     refused = httpx.get(f"{keyed.url}/v1/info").json()

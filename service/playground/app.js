@@ -170,7 +170,8 @@ function changed(except = null) {
 function buildControls() {
   const n = S.tasks.length;
   const presets = $("presets");
-  presets.replaceChildren(h("button", { type: "button", text: "Equal", onclick: () => setShares(S.tasks.map(() => 1)) }));
+  const equal = () => setShares(S.tasks.map(() => 1));
+  presets.replaceChildren(h("button", { type: "button", text: "Equal", onclick: equal }));
   S.tasks.forEach((t, i) => presets.append(h("button", {
     type: "button", text: `Only ${t}`, onclick: () => setShares(S.tasks.map((_, j) => (j === i ? 1 : 0))),
   })));
@@ -221,7 +222,8 @@ function layoutSimplex() {
     const anchors = ["middle", "start", "end"];
     const offsets = [[0, -10], [-8, 18], [8, 18]];
     S.vertices.forEach(([x, y], i) => {
-      const label = svg("text", { x: x + offsets[i][0], y: y + offsets[i][1], "text-anchor": anchors[i], class: "vertex" });
+      const [dx, dy] = offsets[i];
+      const label = svg("text", { x: x + dx, y: y + dy, "text-anchor": anchors[i], class: "vertex" });
       label.textContent = S.tasks[i];
       frame.append(label);
     });
@@ -342,13 +344,15 @@ function drawHeat() {
     const shares = ks.map((k) => points[k].map((c) => c / n));
     const v = ks.reduce((s, k) => s + values[k], 0) / ks.length;
     const corners = shares.map(pointOf);
-    return svg("polygon", { points: corners.map((c) => c.join(",")).join(" "), fill: colour(scale(v)), stroke: colour(scale(v)) });
+    const fill = colour(scale(v));
+    return svg("polygon", { points: corners.map((c) => c.join(",")).join(" "), fill, stroke: fill });
   };
   if (S.tasks.length === 2) {
     for (let i = 0; i < n; i++) {
       const [x0] = pointOf([i / n, 1 - i / n]), [x1] = pointOf([(i + 1) / n, 1 - (i + 1) / n]);
       const v = (values[at(i)] + values[at(i + 1)]) / 2;
-      cells.push(svg("rect", { x: Math.min(x0, x1), y: 18, width: Math.abs(x1 - x0) + 0.5, height: 24, fill: colour(scale(v)) }));
+      const width = Math.abs(x1 - x0) + 0.5;  // overlapping by half a unit: no seams
+      cells.push(svg("rect", { x: Math.min(x0, x1), y: 18, width, height: 24, fill: colour(scale(v)) }));
     }
   } else {
     for (let i = 0; i < n; i++) {
@@ -427,11 +431,13 @@ async function showPredictions() {
 
 function taskPrediction(task, prediction) {
   return h("div", { class: "task", "data-task": task },
-    h("p", {}, h("span", { class: "muted", text: `${task}: ` }), h("strong", { class: "label", text: prediction.label })),
+    h("p", {},
+      h("span", { class: "muted", text: `${task}: ` }), h("strong", { class: "label", text: prediction.label })),
     h("ul", { class: "probs", "aria-label": `${task} class probabilities` },
       ...Object.entries(prediction.probabilities).map(([label, p]) => h("li", {
         class: label === prediction.label ? "top" : null, "data-class": label,
-      }, h("span", { class: "cls", text: label }), bar(p, `${label} ${pct(p)}`), h("span", { class: "num p", text: pct(p) })))));
+      }, h("span", { class: "cls", text: label }), bar(p, `${label} ${pct(p)}`),
+      h("span", { class: "num p", text: pct(p) })))));
 }
 
 // ---- compare --------------------------------------------------------------------------------------------
@@ -442,7 +448,8 @@ function updatePinButton() {
   const full = S.pins.length >= MAX_PINS;
   const dup = S.pins.some((p) => pinKey(p) === here);
   $("pin").disabled = full || dup;
-  $("pin-note").textContent = full ? `${MAX_PINS} pinned: unpin one to pin another.` : dup ? "This preference is pinned." : "";
+  const note = full ? `${MAX_PINS} pinned: unpin one to pin another.` : dup ? "This preference is pinned." : "";
+  $("pin-note").textContent = note;
 }
 
 function pin() {
@@ -455,7 +462,8 @@ async function showCompare() {
   const box = $("compare-columns");
   const inputs = texts();
   if (!S.pins.length) {
-    box.replaceChildren(h("p", { class: "hint", text: "Nothing pinned yet: set a preference and press “Pin for compare”." }));
+    const hint = "Nothing pinned yet: set a preference and press “Pin for compare”.";
+    box.replaceChildren(h("p", { class: "hint", text: hint }));
     report("compare", null);
     return;
   }
@@ -471,26 +479,36 @@ async function showCompare() {
     report("compare", err);
     return;
   }
-  box.replaceChildren(...pins.map((pref, k) => {
-    const trade = tradeoffs.results[k];
-    const result = predicted ? predicted.results[k] : null;
-    return h("section", { class: "column", "data-fingerprint": trade.fingerprint, "aria-label": `Pinned preference ${k + 1}` },
-      h("div", { class: "row" },
-        h("h3", { text: S.tasks.map((t) => `${t} ${fmtShare(trade.preference[t])}`).join(" · ") }),
-        h("button", { type: "button", class: "unpin", text: "Unpin", onclick: () => { S.pins.splice(k, 1); updatePinButton(); compareView(); } })),
-      h("p", { class: "hint" }, "head ", h("code", { class: "fp", text: trade.fingerprint })),
-      h("table", {},
-        h("thead", {}, h("tr", {}, h("th", { scope: "col", text: "Task" }), h("th", { scope: "col", text: "Loss" }), h("th", { scope: "col", text: "Kept" }))),
-        h("tbody", {}, ...S.tasks.map((t) => h("tr", { "data-task": t },
-          h("th", { scope: "row" }, breakable(t)),
-          h("td", { class: "num loss", text: fmtLoss(trade.tasks[t].loss) }),
-          h("td", { class: "num kept", text: pct(trade.tasks[t].best / trade.tasks[t].loss) }))))),
-      result ? h("ol", { class: "compact" }, ...result.predictions.map((row, i) => h("li", { "data-input": i },
-        h("p", { class: "text", text: inputs[i] }),
-        ...S.tasks.filter((t) => row[t]).map((t) => h("p", { "data-task": t },
-          h("span", { class: "muted", text: `${t}: ` }), h("strong", { class: "label", text: row[t].label }),
-          h("span", { class: "num p", text: ` ${pct(row[t].probabilities[row[t].label])}` })))))) : null);
-  }));
+  box.replaceChildren(...pins.map((_, k) =>
+    column(k, tradeoffs.results[k], predicted && predicted.results[k], inputs)));
+}
+
+function unpin(k) {
+  S.pins.splice(k, 1);
+  updatePinButton();
+  compareView();
+}
+
+// One pinned preference: its trade-off and, per input and task, the label and its probability.
+function column(k, trade, result, inputs) {
+  const heads = ["Task", "Loss", "Kept"].map((name) => h("th", { scope: "col", text: name }));
+  const label = `Pinned preference ${k + 1}`;
+  return h("section", { class: "column", "data-fingerprint": trade.fingerprint, "aria-label": label },
+    h("div", { class: "row" },
+      h("h3", { text: S.tasks.map((t) => `${t} ${fmtShare(trade.preference[t])}`).join(" · ") }),
+      h("button", { type: "button", class: "unpin", text: "Unpin", onclick: () => unpin(k) })),
+    h("p", { class: "hint" }, "head ", h("code", { class: "fp", text: trade.fingerprint })),
+    h("table", {},
+      h("thead", {}, h("tr", {}, heads)),
+      h("tbody", {}, ...S.tasks.map((t) => h("tr", { "data-task": t },
+        h("th", { scope: "row" }, breakable(t)),
+        h("td", { class: "num loss", text: fmtLoss(trade.tasks[t].loss) }),
+        h("td", { class: "num kept", text: pct(trade.tasks[t].best / trade.tasks[t].loss) }))))),
+    result ? h("ol", { class: "compact" }, ...result.predictions.map((row, i) => h("li", { "data-input": i },
+      h("p", { class: "text", text: inputs[i] }),
+      ...S.tasks.filter((t) => row[t]).map((t) => h("p", { "data-task": t },
+        h("span", { class: "muted", text: `${t}: ` }), h("strong", { class: "label", text: row[t].label }),
+        h("span", { class: "num p", text: ` ${pct(row[t].probabilities[row[t].label])}` })))))) : null);
 }
 
 // ---- use it ---------------------------------------------------------------------------------------------
@@ -587,7 +605,11 @@ function wire() {
   predictionsView = view($("predictions"), showPredictions);
   compareView = view($("compare"), showCompare);
   $("texts").value = DEFAULT_TEXTS;
-  $("texts").addEventListener("input", () => { renderSnippets(); predictionsView(); if (S.pins.length) compareView(); });
+  $("texts").addEventListener("input", () => {
+    renderSnippets();
+    predictionsView();
+    if (S.pins.length) compareView();
+  });
   $("pin").addEventListener("click", pin);
   for (const b of document.querySelectorAll("button.copy")) b.addEventListener("click", () => copy(b));
   $("auth-form").addEventListener("submit", (e) => {
