@@ -167,6 +167,44 @@ def test_a_slider_at_one_hot_shows_the_one_hot_loss_and_the_apis_predictions(
     assert _shown_predictions(page) == _as_shown(answer["results"][0]["predictions"])
 
 
+def _vertex(page: Page, task: int) -> tuple[float, float]:
+    """Screen position of a task's corner of the triangle."""
+    x, y = page.evaluate("""k => {
+        const box = document.getElementById('simplex');
+        const corner = box.querySelector('#frame polygon').points[k];
+        const p = new DOMPoint(corner.x, corner.y).matrixTransform(box.getScreenCTM());
+        return [p.x, p.y];
+    }""", task)
+    return x, y
+
+
+def test_the_triangle_follows_clicks_drags_and_arrow_keys_and_every_control_is_labelled(
+        server: ServerProcess, session: Session) -> None:
+    page = _open(session, server.url)
+    page.mouse.click(*_vertex(page, 0))
+    expect(page.locator("#canonical")).to_have_text("alpha 1 · beta 0 · gamma 0")
+    page.mouse.move(*_vertex(page, 0))
+    page.mouse.down()
+    page.mouse.move(*_vertex(page, 1), steps=8)
+    page.mouse.up()
+    expect(page.locator("#canonical")).to_have_text("alpha 0 · beta 1 · gamma 0")
+    settle(page, TIMEOUT_MS)
+    assert page.inner_text("#fingerprint") == canonical_preference({"beta": 1}, TASKS).fingerprint
+    assert page.eval_on_selector("#marker", "m => [m.cx.baseVal.value, m.cy.baseVal.value]") == [14, 208]
+
+    page.focus("#simplex")
+    page.keyboard.press("ArrowRight")  # from the beta corner toward gamma's
+    expect(page.locator("#canonical")).not_to_have_text("alpha 0 · beta 1 · gamma 0")
+    shares = page.evaluate("() => [0, 1, 2].map(i => document.getElementById('range-' + i).valueAsNumber)")
+    assert shares[0] == 0 and 0 < shares[2] < 10 < shares[1]
+
+    unnamed = page.eval_on_selector_all("#main :is(input, select, textarea, button, [tabindex])", """els => els
+        .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
+                     && !e.getAttribute('aria-labelledby') && !e.textContent.trim())
+        .map(e => e.outerHTML.slice(0, 80))""")
+    assert unnamed == []
+
+
 def test_two_pinned_preferences_come_from_one_predict_request(server: ServerProcess, session: Session) -> None:
     page = _open(session, server.url)
     page.get_by_role("button", name="Only alpha").click()
