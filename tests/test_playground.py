@@ -139,6 +139,9 @@ def test_page_loads_offline_with_the_bundle_identity_and_no_console_errors(
     assert session.urls and all(url.startswith(f"{server.url}/") for url in session.urls), session.urls
     assert session.errors == []
     assert f"playground: {server.url}/playground/" in server.log.read_text()  # `reprmerge serve` prints the URL
+    for width, height in ((1280, 800), (390, 844)):  # desktop and phone: nothing wider than the screen
+        page.set_viewport_size({"width": width, "height": height})
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
 
 
 def test_a_slider_at_one_hot_shows_the_one_hot_loss_and_the_apis_predictions(
