@@ -58,7 +58,9 @@ class DrainingServer(uvicorn.Server):
         if self._drain is not None or self._loop is None or self.should_exit:
             self.force_exit = self.should_exit = True
             return
-        # Signal handlers run between bytecodes of the loop's thread: hand the work to the loop.
+        # Signal handlers run between bytecodes of the loop's thread: refuse at once (a request already
+        # in the loop's ready queue would otherwise still see "ready"), then hand the drain to the loop.
+        self._service.refuse_new_work()
         self._drain = asyncio.run_coroutine_threadsafe(self._drain_then_exit(), self._loop)  # type: ignore[assignment]
 
     async def _drain_then_exit(self) -> None:
