@@ -363,7 +363,7 @@ class CountingFold:
     async def __call__(self, prefs: Sequence[Preference], deadline: float) -> list[Head]:
         self.calls.append(len(prefs))
         await asyncio.sleep(0)
-        return [Head(p.fingerprint, torch.zeros(2, self.dim)) for p in prefs]
+        return [Head(p.fingerprint, torch.zeros(2, self.dim), ()) for p in prefs]
 
 
 def test_head_cache_single_flight_batches_misses_and_evicts_by_bytes() -> None:
@@ -400,7 +400,7 @@ def test_head_cache_failed_or_short_solve_reaches_every_waiter_and_caches_nothin
         await asyncio.sleep(0)
         if how == "raise":
             raise RuntimeError("solver down")
-        return [Head(prefs[0].fingerprint, torch.zeros(2, 8))]
+        return [Head(prefs[0].fingerprint, torch.zeros(2, 8), ())]
 
     cache = SolveCache(broken, 1 << 20, lambda h: h.nbytes, chunk=16)
     prefs = _prefs(2)
