@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from transformers import AutoModel, AutoTokenizer
 
 from reprmerge_core.backbone import default_backbone_path
 from reprmerge_core.correction import TaskHead
-from reprmerge_core.data import SplitConfig, TaskSplits, load_task, split_task
+from reprmerge_core.data import DEFAULT_SUITE, SUITES, SplitConfig, SuiteConfig, TaskSplits, load_task, split_task
+from reprmerge_core.pipeline import BuildConfig
 from reprmerge_core.training import (
     CACHE_ENV,
     RECIPES,
@@ -58,6 +60,22 @@ def test_macro_f1_matches_a_hand_computed_case() -> None:
     assert macro_f1(torch.tensor([0, 3]), torch.tensor([0, 0])) == pytest.approx((2 / 3 + 0) / 2)
     with pytest.raises(ValueError, match="zero examples"):
         macro_f1(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
+
+
+def test_make_serve_and_the_image_build_the_default_suite_with_its_recipe() -> None:
+    """The default model's recipe (issue 10: experts >= 0.90 mean, sms_spam >= 0.97) is what `make serve`, the
+    Docker image and its entrypoint build, through BuildConfig's lookup (an unknown suite would get text6's)."""
+    root = Path(__file__).resolve().parents[1]
+    makefile = (root / "Makefile").read_text()
+    assert re.search(r"^DEFAULT_SUITE \?= (\S+)$", makefile, re.M).group(1) == DEFAULT_SUITE  # type: ignore[union-attr]
+    assert "reprmerge build --suite $(DEFAULT_SUITE) --merge ties --out $(DEFAULT_BUNDLE)" in makefile
+    for image_file in ("Dockerfile", "deploy/docker/entrypoint.sh"):
+        assert re.findall(r"reprmerge build --suite (\S+)", (root / image_file).read_text()) == [DEFAULT_SUITE]
+    assert SUITES[DEFAULT_SUITE] == SuiteConfig(tasks=("sms_spam", "trec6", "movie_sentiment"),
+                                                split=SplitConfig(test_size=500, calibration_size=500, train_size=2000))
+    recipe = TrainRecipe(learning_rate=2e-4, batch_size=32, epochs=1, max_length=48)
+    assert RECIPES[DEFAULT_SUITE] == recipe and BuildConfig(suite=DEFAULT_SUITE).recipe() == recipe
+    assert recipe.seeding == "per_task"
 
 
 def test_recipes_follow_data_md_and_bad_fields_are_named() -> None:

@@ -43,5 +43,9 @@ class TrainRecipe(BaseModel):
 RECIPES: dict[str, TrainRecipe] = {
     # One epoch at lr 1e-4, batch 32 is too few steps on 256 examples (sms_spam stays at the majority class).
     "tiny": TrainRecipe(learning_rate=2e-4, batch_size=16, epochs=2, max_length=32),
+    # The default model (`make serve`): text6's recipe at twice the learning rate (movie_sentiment 0.836 vs 0.830
+    # on 500 test texts) and max length 48 (90% of SMS, 97% of movie snippets, every question fit; ~25% less
+    # training time than 64).
+    "starter": TrainRecipe(learning_rate=2e-4, batch_size=32, epochs=1, max_length=48),
     "text6": TrainRecipe(learning_rate=1e-4, batch_size=32, epochs=1, max_length=64),
 }
