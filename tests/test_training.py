@@ -73,7 +73,7 @@ def test_make_serve_and_the_image_build_the_default_suite_with_its_recipe() -> N
         assert re.findall(r"reprmerge build --suite (\S+)", (root / image_file).read_text()) == [DEFAULT_SUITE]
     assert SUITES[DEFAULT_SUITE] == SuiteConfig(tasks=("sms_spam", "trec6", "movie_sentiment"),
                                                 split=SplitConfig(test_size=500, calibration_size=500, train_size=2000))
-    recipe = TrainRecipe(learning_rate=2e-4, batch_size=32, epochs=1, max_length=48)
+    recipe = TrainRecipe(learning_rate=2e-4, batch_size=32, epochs=1, max_length=48, class_weights="balanced")
     assert RECIPES[DEFAULT_SUITE] == recipe and BuildConfig(suite=DEFAULT_SUITE).recipe() == recipe
     assert recipe.seeding == "per_task"
 
@@ -100,7 +100,7 @@ def test_expert_is_a_loadable_checkpoint_with_a_head(expert: Expert, splits: Tas
     head = load_file(str(expert.path / "head.safetensors"))
     assert head["weight"].shape == (6, model.config.hidden_size) and head["bias"].shape == (6,)
     info = json.loads((expert.path / "expert.json").read_text())
-    assert info["recipe"] == RECIPE.model_dump() and info["split"] == splits.config.model_dump()
+    assert info["recipe"] == RECIPE.cache_fields() and info["split"] == splits.config.model_dump()
     assert info["train_examples"] == 64 and len(info["losses"]) == 16 and info["train_seconds"] > 0
 
 
@@ -200,3 +200,28 @@ def test_cache_key_moved_off_the_shared_seed_entries(expert: Expert) -> None:
     assert cache_key(old) != info["cache_key"]
     new = {**old, "recipe": info["recipe"], "seed": info["seed"], "training_version": 2}
     assert cache_key(new) == info["cache_key"]
+
+
+def test_balanced_class_weights_raise_the_rare_class(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    """sms_spam is 12% spam: weighting the loss by n / (classes x count) moves the head toward spam, all else equal."""
+    suite = [split_task(load_task("sms_spam"), SplitConfig(test_size=4, calibration_size=4, train_size=96))]
+    recipe = TrainRecipe(learning_rate=1e-3, batch_size=16, epochs=2, max_length=16)
+    plain, = train_experts(suite, recipe, base=tiny_backbone_dir, cache_dir=tmp_path, device="cpu", progress=False)
+    weighted, = train_experts(suite, recipe.model_copy(update={"class_weights": "balanced"}), base=tiny_backbone_dir,
+                              cache_dir=tmp_path, device="cpu", progress=False)
+    assert weighted.trained and weighted.path != plain.path
+    texts = list(suite[0].train.texts)
+
+    def mean_p_spam(e: Expert) -> float:
+        z = e.backbone("cpu").encode(texts)
+        return float(torch.softmax(z @ e.head.weight.T + e.head.bias, 1)[:, 1].mean())
+
+    assert sum(suite[0].train.labels) / len(texts) < 0.25
+    assert mean_p_spam(weighted) > mean_p_spam(plain) + 0.05
+
+
+def test_unweighted_experts_keep_their_cache_keys(expert: Expert) -> None:
+    """`class_weights` came later: at its default it stays out of the key, so experts cached before it are reused."""
+    assert "class_weights" not in expert.info["recipe"] and RECIPE.cache_fields() == expert.info["recipe"]
+    assert RECIPE.model_copy(update={"class_weights": "balanced"}).cache_fields()["class_weights"] == "balanced"
+    assert TrainRecipe.model_validate(expert.info["recipe"]) == RECIPE
