@@ -31,6 +31,15 @@ def torch_executor(name: str, threads: int, workers: int = 1) -> ThreadPoolExecu
     return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(threads,))
 
 
+KEPT_DECIMALS = 4
+"""`quality_kept` is reported to 4 decimals: a marker, and a one-hot task reads 1.0 rather than 0.99999999999
+(its float32 solve in a batch of one differs from the reference solve in the last bits)."""
+
+
+def _rounded(values: Sequence[float]) -> tuple[float, ...]:
+    return tuple(round(v, KEPT_DECIMALS) for v in values)
+
+
 class UntokenizableText(ValueError):
     """The tokenizer refused text `index` of a request (e.g. a lone UTF-16 surrogate)."""
 
@@ -114,7 +123,7 @@ class Engine:
         fused = self.folder.fold(weights)
         kept = self.folder.solver.quality_kept(weights).tolist()
         # clone: a view of fused.weight would keep the whole (P, K, d) fold output alive per cached head.
-        return [Head(p.fingerprint, fused.weight[i].clone(), tuple(kept[i])) for i, p in enumerate(prefs)]
+        return [Head(p.fingerprint, fused.weight[i].clone(), _rounded(kept[i])) for i, p in enumerate(prefs)]
 
     def fold_chunk(self, budget_bytes: int) -> int:
         """Most preferences one `fold` may take for its temporaries to stay within `budget_bytes` (at least 1)."""
@@ -129,7 +138,7 @@ class Engine:
         """`quality_kept` of `tradeoff` rows: cheap (no solve), on any thread."""
         table = torch.tensor(losses, dtype=torch.float64).reshape(len(losses), len(self.tasks))
         best, uncorrected = (torch.tensor(x, dtype=torch.float64) for x in (self.best_loss, self.uncorrected_loss))
-        return [tuple(row) for row in quality_kept(table, best, uncorrected).tolist()]
+        return [_rounded(row) for row in quality_kept(table, best, uncorrected).tolist()]
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, unpadded; raises `ValueError` naming the first text the tokenizer refuses."""

@@ -59,7 +59,7 @@ QUALITY_KEPT = (
     "(L_t(I) - L_t(W_p)) / (L_t(I) - L_t(W_t)) clipped, where L_t is the task's loss on the calibration statistics "
     "(/v1/tradeoff), W_t its own one-hot correction and I the uncorrected merged backbone. 1: as good as the task "
     "gets (its one-hot preference); 0: no better than the uncorrected backbone, typically a task left at weight 0, "
-    "whose labels should not be trusted. A representation-loss proxy, not an accuracy"
+    "whose labels should not be trusted. A representation-loss proxy, not an accuracy; 4 decimals"
 )
 
 

