@@ -22,14 +22,14 @@ RUN pip install --no-cache-dir . \
     && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt
 
 FROM builder AS bundle
-# 1: build the embedded default bundle (the `tiny` suite, TIES merge) now; 0: at first start.
+# 1: build the embedded default bundle (the `starter` suite, TIES merge, as `make serve`) now; 0: at first start.
 ARG BUILD_BUNDLE=1
 # TOKENIZERS_PARALLELISM is a tokenizer switch, not a secret:
 # hadolint ignore=DL3064
 ENV HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false REPRMERGE_CACHE=/tmp/reprmerge-cache
 RUN mkdir -p /opt/reprmerge \
     && if [ "$BUILD_BUNDLE" = 1 ]; then \
-        reprmerge build --suite tiny --merge ties --device cpu --out /opt/reprmerge/bundle \
+        reprmerge build --suite starter --merge ties --device cpu --out /opt/reprmerge/bundle \
         && rm -rf /tmp/reprmerge-cache; \
     fi
 

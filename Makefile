@@ -22,13 +22,18 @@ $(STAMP): $(PY) pyproject.toml requirements-nodeps.txt
 
 install: $(STAMP)
 
-# The embedded default: the `tiny` suite (3 real tasks, TIES merge), built once and reused.
-DEFAULT_BUNDLE ?= .cache/bundles/tiny
+# The embedded default: the `starter` suite (reprmerge_core.data.DEFAULT_SUITE: sms_spam, trec6,
+# movie_sentiment; 2,000 training texts each; TIES merge), built once and reused. The first build
+# trains three experts (a few minutes on 2 CPU cores, with progress bars), then answers the
+# hand-written examples of benchmarks/check_default_model.py.
+DEFAULT_SUITE ?= starter
+DEFAULT_BUNDLE ?= .cache/bundles/$(DEFAULT_SUITE)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
 $(DEFAULT_BUNDLE)/manifest.json: | $(STAMP)
-	$(VENV)/bin/reprmerge build --suite tiny --merge ties --out $(DEFAULT_BUNDLE) --overwrite
+	$(VENV)/bin/reprmerge build --suite $(DEFAULT_SUITE) --merge ties --out $(DEFAULT_BUNDLE) --overwrite
+	-$(PY) benchmarks/check_default_model.py $(DEFAULT_BUNDLE)
 
 serve: $(STAMP) $(DEFAULT_BUNDLE)/manifest.json
 	$(VENV)/bin/reprmerge serve $(DEFAULT_BUNDLE) --host $(HOST) --port $(PORT)

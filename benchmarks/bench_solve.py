@@ -84,8 +84,10 @@ def engine_ratios(bundle: Path, batch_size: int, rounds: int) -> None:
 
     def fold_first(texts: list[str]) -> None:
         prefs = fast._fresh(len(texts))
-        fused = fast.engine.folder.fold(torch.tensor([p.weights for p in prefs], dtype=torch.float64), workers)
-        heads = {p.fingerprint: Head(p.fingerprint, fused.weight[i].clone()) for i, p in enumerate(prefs)}
+        weights = torch.tensor([p.weights for p in prefs], dtype=torch.float64)
+        fused = fast.engine.folder.fold(weights, workers)
+        kept = fast.engine.folder.solver.quality_kept(weights).tolist()  # as Engine.fold: answers carry it
+        heads = {p.fingerprint: Head(p.fingerprint, fused.weight[i].clone(), tuple(kept[i])) for i, p in enumerate(prefs)}
         fast._apply(fast.engine.encode(texts), prefs, heads)
 
     steps["(c) float32, fold first on 2 workers"] = fold_first

@@ -17,6 +17,7 @@ import torch
 from reprmerge_core.backbone import Backbone
 from reprmerge_core.bundle import Bundle, load_bundle
 from reprmerge_core.correction import CorrectionSolver, HeadFolder
+from reprmerge_core.correction.solver import quality_kept
 from reprmerge_core.preference import Preference
 
 
@@ -30,6 +31,15 @@ def torch_executor(name: str, threads: int, workers: int = 1) -> ThreadPoolExecu
     return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(threads,))
 
 
+KEPT_DECIMALS = 4
+"""`quality_kept` is reported to 4 decimals: a marker, and a one-hot task reads 1.0 rather than 0.99999999999
+(its float32 solve in a batch of one differs from the reference solve in the last bits)."""
+
+
+def _rounded(values: Sequence[float]) -> tuple[float, ...]:
+    return tuple(round(v, KEPT_DECIMALS) for v in values)
+
+
 class UntokenizableText(ValueError):
     """The tokenizer refused text `index` of a request (e.g. a lone UTF-16 surrogate)."""
 
@@ -40,10 +50,15 @@ class UntokenizableText(ValueError):
 
 @dataclass(frozen=True)
 class Head:
-    """The fused heads H_t W_p of one preference, all tasks stacked: logits = z @ weight.T + bias."""
+    """The fused heads H_t W_p of one preference, all tasks stacked: logits = z @ weight.T + bias.
+
+    `kept` is each task's `quality_kept` under the preference (bundle task order), solved with the head
+    so that answers report it at no cost per request.
+    """
 
     fingerprint: str
     weight: torch.Tensor  # (K, d) on the engine's device, owning its storage
+    kept: tuple[float, ...]
 
     @property
     def nbytes(self) -> int:
@@ -69,6 +84,10 @@ class Engine:
         self.tasks: tuple[str, ...] = tuple(bundle.task_names)
         self.labels: dict[str, tuple[str, ...]] = {t.name: tuple(t.labels) for t in bundle.manifest.tasks}
         self.slices: dict[str, slice] = dict(zip(self.tasks, folder.slices))
+        # Solved now, before the heads thread exists: fold and tradeoff only read them later.
+        best, uncorrected = folder.solver.reference_losses()
+        self.best_loss: tuple[float, ...] = tuple(best.tolist())
+        self.uncorrected_loss: tuple[float, ...] = tuple(uncorrected.tolist())
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", solve_dtype: str = "float64", trace: bool = False) -> Engine:
@@ -98,18 +117,28 @@ class Engine:
         return torch.tensor([p.weights for p in prefs], dtype=torch.float64)
 
     def fold(self, prefs: Sequence[Preference]) -> list[Head]:
-        """Fused heads of several preferences in one batched solve (never forms W_p)."""
-        fused = self.folder.fold(self._pref_tensor(prefs))
+        """Fused heads of several preferences in one batched solve, with each task's quality kept (forms W_p once
+        per preference for the closed-form losses)."""
+        weights = self._pref_tensor(prefs)
+        fused = self.folder.fold(weights)
+        kept = self.folder.solver.quality_kept(weights).tolist()
         # clone: a view of fused.weight would keep the whole (P, K, d) fold output alive per cached head.
-        return [Head(p.fingerprint, fused.weight[i].clone()) for i, p in enumerate(prefs)]
+        return [Head(p.fingerprint, fused.weight[i].clone(), _rounded(kept[i])) for i, p in enumerate(prefs)]
 
     def fold_chunk(self, budget_bytes: int) -> int:
         """Most preferences one `fold` may take for its temporaries to stay within `budget_bytes` (at least 1)."""
-        return max(1, budget_bytes // self.folder.fold_bytes_per_preference)
+        solver = self.folder.solver
+        return max(1, budget_bytes // max(self.folder.fold_bytes_per_preference, solver.tradeoff_bytes_per_preference))
 
     def tradeoff(self, prefs: Sequence[Preference]) -> list[tuple[float, ...]]:
         """Closed-form per-task losses of each preference's correction, from the statistics (one row per preference)."""
         return [tuple(row) for row in self.folder.solver.tradeoff(self._pref_tensor(prefs)).tolist()]
+
+    def quality_kept(self, losses: Sequence[Sequence[float]]) -> list[tuple[float, ...]]:
+        """`quality_kept` of `tradeoff` rows: cheap (no solve), on any thread."""
+        table = torch.tensor(losses, dtype=torch.float64).reshape(len(losses), len(self.tasks))
+        best, uncorrected = (torch.tensor(x, dtype=torch.float64) for x in (self.best_loss, self.uncorrected_loss))
+        return [_rounded(row) for row in quality_kept(table, best, uncorrected).tolist()]
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, unpadded; raises `ValueError` naming the first text the tokenizer refuses."""

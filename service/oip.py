@@ -4,7 +4,9 @@ Input: one BYTES tensor `text` (shape [n] or [n, 1]), as JSON data or with Trito
 extension (the default of tritonclient). Request `parameters`: `preference` (a JSON string, or an
 object/list where the client allows it), optional `tasks` (comma-separated) and Triton's `timeout`
 (microseconds; it can shorten the request's deadline, never extend it). Outputs per task:
-`<task>_probabilities` FP32 [n, K_t] and `<task>_label` BYTES [n]. Responses are always JSON.
+`<task>_probabilities` FP32 [n, K_t] and `<task>_label` BYTES [n]. Response `parameters` echo the
+preference and carry `quality_kept`, JSON text {task: value in [0, 1]} as in /v1/predict (OIP
+parameters are scalars). Responses are always JSON.
 The model has one version, "1"; every model route also answers under `/versions/1`, and other
 versions are 404. `/config` is a Triton-style model configuration (perf_analyzer reads it).
 """
@@ -26,7 +28,7 @@ from reprmerge_core.preference import Preference
 from service.deps import disconnected, get_service, problems, set_timings
 from service.errors import InvalidInput, MalformedRequest, NotFound, field_of, printable
 from service.runtime import TIMEOUT_HEADER, Service
-from service.schemas import Text, unicode_text
+from service.schemas import QUALITY_KEPT, Text, unicode_text
 
 INPUT = "text"
 VERSION = "1"
@@ -67,7 +69,8 @@ class InferResponse(BaseModel):
     model_name: str
     model_version: str
     id: str | None = None
-    parameters: dict[str, Any]
+    parameters: dict[str, Any] = Field(description="`bundle_id`, `preference_fingerprint`, `preference` (JSON text) and "
+                                       "`quality_kept` (JSON text, per task answered: " + QUALITY_KEPT + ")")
     outputs: list[TensorOut]
 
 
@@ -198,7 +201,8 @@ async def infer(
     return InferResponse(
         model_name=name, model_version=VERSION, id=req.id, outputs=[o for o in outputs if wanted is None or o.name in wanted],
         parameters={"bundle_id": service.engine.bundle_id, "preference_fingerprint": pref.fingerprint,
-                    "preference": json.dumps(pref.as_dict())},
+                    "preference": json.dumps(pref.as_dict()),
+                    "quality_kept": json.dumps({t: result.kept[0][service.engine.tasks.index(t)] for t in tasks})},
     )
 
 

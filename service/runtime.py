@@ -61,11 +61,10 @@ class Service:
             max_batch_tokens=settings.max_batch_tokens, workers=workers, max_wait=settings.max_batch_wait, queue_limit=settings.queue_limit,
         )
         self.state = State.STARTING
-        self._best_loss: list[float] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        """Warm up (one batch, one-hot and uniform heads, reference losses), then turn ready."""
+        """Warm up (one batch, one-hot and uniform heads), then turn ready."""
         self.heads.start()
         self.batcher.start()
         tasks = self.engine.tasks
@@ -79,8 +78,6 @@ class Service:
         # throughput that admission control estimates waits with.
         warm = " ".join(["warm-up"] * self.engine.backbone.max_length)
         await self.infer([warm] * self.settings.max_batch_size, [uniform], deadline, require_ready=False)
-        losses = await self.heads.tradeoff(one_hots, deadline)
-        self._best_loss = [row[t] for t, row in enumerate(losses)]
         self.metrics.build_info.labels(__version__, self.engine.bundle_id, str(self.engine.device)).set(1)
         self.state = State.READY
         log.info("ready: bundle %s on %s", self.engine.bundle_id, self.engine.device)
@@ -188,9 +185,9 @@ class Service:
     def predict_body(self, prefs: Sequence[Preference], tasks: Sequence[str], result: JobResult) -> bytes:
         """The /v1/predict answer (a `PredictResponse`) as JSON bytes, from plain dicts: per-row models
         would cost more than the backbone at small batches."""
-        labels, slices = self.engine.labels, self.engine.slices
+        labels, slices, index = self.engine.labels, self.engine.slices, {t: i for i, t in enumerate(self.engine.tasks)}
         results = []
-        for pref, probs in zip(prefs, result.probabilities):
+        for pref, probs, kept in zip(prefs, result.probabilities, result.kept):
             predictions = []
             for row in probs.tolist():
                 answer = {}
@@ -199,16 +196,20 @@ class Service:
                     best = max(range(len(scores)), key=scores.__getitem__)
                     answer[t] = {"label": labels[t][best], "probabilities": dict(zip(labels[t], scores))}
                 predictions.append(answer)
-            results.append({"preference": pref.as_dict(), "fingerprint": pref.fingerprint, "predictions": predictions})
+            results.append({"preference": pref.as_dict(), "fingerprint": pref.fingerprint,
+                            "quality_kept": {t: kept[index[t]] for t in tasks}, "predictions": predictions})
         return orjson.dumps({"bundle_id": self.engine.bundle_id, "results": results})
 
     async def tradeoff(self, prefs: Sequence[Preference], deadline: float) -> TradeoffResponse:
         self.require_ready()
+        engine = self.engine
         losses = await self.heads.tradeoff(prefs, deadline)
-        return TradeoffResponse(bundle_id=self.engine.bundle_id, results=[
+        return TradeoffResponse(bundle_id=engine.bundle_id, results=[
             TradeoffResult(preference=p.as_dict(), fingerprint=p.fingerprint, tasks={
-                t: TaskLoss(loss=loss, best=best) for t, loss, best in zip(self.engine.tasks, row, self._best_loss)
-            }) for p, row in zip(prefs, losses)
+                t: TaskLoss(loss=loss, best=best, uncorrected=uncorrected, quality_kept=kept)
+                for t, loss, best, uncorrected, kept in zip(engine.tasks, row, engine.best_loss, engine.uncorrected_loss,
+                                                            kept_row)
+            }) for p, row, kept_row in zip(prefs, losses, engine.quality_kept(losses))
         ])
 
     def info(self) -> InfoResponse:

@@ -54,9 +54,20 @@ class TaskPrediction(BaseModel):
     probabilities: dict[str, float]
 
 
+QUALITY_KEPT = (
+    "how much of the task's attainable quality this preference keeps, in [0, 1], from the closed-form trade-off: "
+    "(L_t(I) - L_t(W_p)) / (L_t(I) - L_t(W_t)) clipped, where L_t is the task's loss on the calibration statistics "
+    "(/v1/tradeoff), W_t its own one-hot correction and I the uncorrected merged backbone. 1: as good as the task "
+    "gets (its one-hot preference); 0: no better than the uncorrected backbone, typically a task left at weight 0, "
+    "whose labels should not be trusted. A representation-loss proxy, not an accuracy; 4 decimals"
+)
+
+
 class PreferenceResult(BaseModel):
     preference: dict[str, float] = Field(description="canonical preference (sums to 1, snapped if the service snaps)")
     fingerprint: str = Field(description="id of the fused head that answered")
+    quality_kept: dict[str, float] = Field(description=f"per task answered: {QUALITY_KEPT}",
+                                           examples=[{"sms_spam": 1.0, "trec6": 0.0}])
     predictions: list[dict[str, TaskPrediction]] = Field(description="per input, per task")
 
 
@@ -72,6 +83,8 @@ class TradeoffRequest(PreferencesIn):
 class TaskLoss(BaseModel):
     loss: float = Field(description="closed-form loss L_t(W_p) of this task's representation (normalised statistics)")
     best: float = Field(description="the same loss at the task's own one-hot correction: the lowest reachable")
+    uncorrected: float = Field(description="the same loss of the uncorrected merged backbone (W = I)")
+    quality_kept: float = Field(ge=0, le=1, description=QUALITY_KEPT)
 
 
 class TradeoffResult(BaseModel):

@@ -14,6 +14,7 @@ from reprmerge_core.correction import (
     TaskStatistics,
     procrustes,
 )
+from reprmerge_core.correction.solver import quality_kept
 
 D, T = 12, 3
 BETA = 0.5
@@ -190,6 +191,33 @@ def test_tradeoff_equals_the_direct_float64_formula(setup) -> None:
         for t, r in enumerate(ref):
             direct = np.trace(W @ r["A"] @ W.T) - 2 * np.trace(W @ r["B"].T) + r["e"] + BETA * np.sum((W - r["O"]) ** 2)
             assert got[i, t] == pytest.approx(direct, rel=1e-12)
+
+
+def test_quality_kept_against_direct_float64_losses(setup) -> None:
+    """kept_t = (L_t(I) - L_t(W_p)) / (L_t(I) - L_t(W_t)) clipped to [0, 1], every loss from the data literally."""
+    _, solver, ref = setup
+    prefs = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.2, 0.5, 0.3], [1, 1, 1], [0, 3, 1], [5, 0, 1]], dtype=np.float64)
+    got = solver.quality_kept(torch.from_numpy(prefs)).numpy()
+    own = [reference_solve(ref, np.eye(T)[t]) for t in range(T)]
+    best = np.array([data_loss(own[t], r) for t, r in enumerate(ref)])
+    uncorrected = np.array([data_loss(np.eye(D), r) for r in ref])
+    assert (uncorrected > best).all()
+    raw = []
+    for i, p in enumerate(prefs):
+        W = reference_solve(ref, p / p.sum())
+        losses = np.array([data_loss(W, r) for r in ref])
+        raw.append((uncorrected - losses) / (uncorrected - best))
+        np.testing.assert_allclose(got[i], np.clip(raw[-1], 0, 1), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.diag(got[:T]), 1.0, rtol=0, atol=1e-12)
+    # the clip is exercised: some task at weight 0 does worse than the uncorrected backbone (raw < 0)
+    assert min(min(r) for r in raw) < 0 and (got >= 0).all() and (got <= 1).all()
+
+
+def test_quality_kept_when_the_backbone_is_already_the_best() -> None:
+    """A task whose W_t is the identity has no gap to close: 1 where its loss is the best, 0 elsewhere."""
+    best, uncorrected = torch.tensor([2.0, 5.0], dtype=torch.float64), torch.tensor([2.0, 9.0], dtype=torch.float64)
+    losses = torch.tensor([[2.0, 7.0], [2.5, 11.0]], dtype=torch.float64)
+    assert quality_kept(losses, best, uncorrected).tolist() == [[1.0, 0.5], [0.0, 0.0]]
 
 
 def test_energy_normalisation_makes_beta_scale_and_size_free() -> None:

@@ -122,7 +122,7 @@ def test_task_list_uses_given_or_default_split() -> None:
 def test_unknown_names_are_refused_listing_the_known_ones() -> None:
     with pytest.raises(ValidationError, match="unknown task 'imdb'; known tasks: sms_spam, trec6"):
         resolve_suite(["sms_spam", "imdb"])
-    with pytest.raises(ValueError, match="unknown suite 'text8'; known suites: tiny, text6"):
+    with pytest.raises(ValueError, match="unknown suite 'text8'; known suites: tiny, starter, text6"):
         resolve_suite("text8")
     with pytest.raises(ValueError, match="known tasks"):
         load_task("imdb")

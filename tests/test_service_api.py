@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -285,6 +286,58 @@ def test_predict_matches_the_library_computation(client: TestClient, engine: Eng
         assert torch.allclose(have, want, atol=1e-5)
 
 
+def reference_quality_kept(engine: Engine, prefs: list[list[float]]) -> np.ndarray:
+    """NumPy float64 from the bundle's raw statistics: energy normalisation, Procrustes prior, explicit W_p,
+    the literal loss tr(W A W^T) - 2 tr(W B^T) + e + beta ||W - O||^2, then the documented clipped ratio."""
+    beta, terms = engine.bundle.manifest.correction.beta, []
+    for st in engine.bundle.statistics:
+        A, B = st.A.numpy(), st.B.numpy()
+        d = A.shape[0]
+        scale = np.trace(A) / d
+        A, B, e = A / scale, B / scale, st.e / scale
+        U, _, Vt = np.linalg.svd(B + 1e-6 * np.linalg.norm(B, "nuc") / d * np.eye(d))
+        terms.append((A, B, e, U @ Vt))
+
+    def losses(W: np.ndarray) -> np.ndarray:
+        return np.array([np.trace(W @ A @ W.T) - 2 * np.trace(W @ B.T) + e + beta * np.sum((W - O) ** 2)
+                         for A, B, e, O in terms])
+
+    def solve(p: np.ndarray) -> np.ndarray:
+        d = terms[0][0].shape[0]
+        M = sum(w * (B + beta * O) for w, (_, B, _, O) in zip(p, terms))
+        return M @ np.linalg.inv(sum(w * (A + beta * np.eye(d)) for w, (A, _, _, _) in zip(p, terms)))
+
+    n = len(terms)
+    best = np.array([losses(solve(np.eye(n)[t]))[t] for t in range(n)])
+    uncorrected = losses(np.eye(terms[0][0].shape[0]))
+    return np.array([np.clip((uncorrected - losses(solve(np.array(p)))) / (uncorrected - best), 0, 1) for p in prefs])
+
+
+def test_quality_kept_in_every_answer_matches_an_independent_float64_computation(client: TestClient, engine: Engine) -> None:
+    prefs = [[1, 0, 0], [0, 1, 1], [1, 1, 1], [0.2, 0.3, 0.5]]
+    want = reference_quality_kept(engine, prefs)
+    assert np.diag(want[:1]).tolist() == [1.0] and want[1, 0] < 0.5  # one-hot keeps all; weight 0 loses most
+    for i, p in enumerate(prefs):  # one preference per request: the client allows 3 at most
+        got = client.post("/v1/predict", json={"texts": ["a day"], "preference": p}).json()["results"][0]["quality_kept"]
+        assert list(got) == list(TASKS)
+        np.testing.assert_allclose(list(got.values()), want[i], rtol=0, atol=5.1e-5)  # reported to 4 decimals
+        row = client.post("/v1/tradeoff", json={"preference": p}).json()["results"][0]["tasks"]
+        np.testing.assert_allclose([row[t]["quality_kept"] for t in TASKS], want[i], rtol=0, atol=5.1e-5)
+        for t in TASKS:
+            assert row[t]["best"] <= row[t]["loss"] + 1e-9 and row[t]["best"] < row[t]["uncorrected"]
+        v2 = client.post("/v2/models/reprmerge/infer", json={
+            "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a day"]}],
+            "parameters": {"preference": json.dumps(p), "tasks": "gamma,alpha"}}).json()
+        assert json.loads(v2["parameters"]["quality_kept"]) == pytest.approx({"gamma": want[i, 2], "alpha": want[i, 0]},
+                                                                            rel=0, abs=5.1e-5)
+    # only the tasks asked for, and the marker is documented in the schema
+    subset = client.post("/v1/predict", json={"texts": ["a"], "preference": {"beta": 1}, "tasks": ["beta"]}).json()
+    assert subset["results"][0]["quality_kept"] == {"beta": 1.0}
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert "uncorrected" in schema["PreferenceResult"]["properties"]["quality_kept"]["description"]
+    assert schema["TaskLoss"]["properties"]["quality_kept"]["maximum"] == 1
+
+
 def test_tradeoff_and_info(client: TestClient, engine: Engine) -> None:
     info = client.get("/v1/info").json()
     assert [t["name"] for t in info["tasks"]] == list(TASKS) and info["limits"]["max_inputs"] == 4
@@ -363,7 +416,7 @@ class CountingFold:
     async def __call__(self, prefs: Sequence[Preference], deadline: float) -> list[Head]:
         self.calls.append(len(prefs))
         await asyncio.sleep(0)
-        return [Head(p.fingerprint, torch.zeros(2, self.dim)) for p in prefs]
+        return [Head(p.fingerprint, torch.zeros(2, self.dim), ()) for p in prefs]
 
 
 def test_head_cache_single_flight_batches_misses_and_evicts_by_bytes() -> None:
@@ -400,7 +453,7 @@ def test_head_cache_failed_or_short_solve_reaches_every_waiter_and_caches_nothin
         await asyncio.sleep(0)
         if how == "raise":
             raise RuntimeError("solver down")
-        return [Head(prefs[0].fingerprint, torch.zeros(2, 8))]
+        return [Head(prefs[0].fingerprint, torch.zeros(2, 8), ())]
 
     cache = SolveCache(broken, 1 << 20, lambda h: h.nbytes, chunk=16)
     prefs = _prefs(2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from transformers import AutoModel, AutoTokenizer
 
 from reprmerge_core.backbone import default_backbone_path
 from reprmerge_core.correction import TaskHead
-from reprmerge_core.data import SplitConfig, TaskSplits, load_task, split_task
+from reprmerge_core.data import DEFAULT_SUITE, SUITES, SplitConfig, SuiteConfig, TaskSplits, load_task, split_task
+from reprmerge_core.pipeline import BuildConfig
 from reprmerge_core.training import (
     CACHE_ENV,
     RECIPES,
@@ -60,6 +62,22 @@ def test_macro_f1_matches_a_hand_computed_case() -> None:
         macro_f1(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
 
 
+def test_make_serve_and_the_image_build_the_default_suite_with_its_recipe() -> None:
+    """The default model's recipe (issue 10: experts >= 0.90 mean, sms_spam >= 0.97) is what `make serve`, the
+    Docker image and its entrypoint build, through BuildConfig's lookup (an unknown suite would get text6's)."""
+    root = Path(__file__).resolve().parents[1]
+    makefile = (root / "Makefile").read_text()
+    assert re.search(r"^DEFAULT_SUITE \?= (\S+)$", makefile, re.M).group(1) == DEFAULT_SUITE  # type: ignore[union-attr]
+    assert "reprmerge build --suite $(DEFAULT_SUITE) --merge ties --out $(DEFAULT_BUNDLE)" in makefile
+    for image_file in ("Dockerfile", "deploy/docker/entrypoint.sh"):
+        assert re.findall(r"reprmerge build --suite (\S+)", (root / image_file).read_text()) == [DEFAULT_SUITE]
+    assert SUITES[DEFAULT_SUITE] == SuiteConfig(tasks=("sms_spam", "trec6", "movie_sentiment"),
+                                                split=SplitConfig(test_size=500, calibration_size=500, train_size=2000))
+    recipe = TrainRecipe(learning_rate=2e-4, batch_size=32, epochs=1, max_length=48, class_weights="balanced")
+    assert RECIPES[DEFAULT_SUITE] == recipe and BuildConfig(suite=DEFAULT_SUITE).recipe() == recipe
+    assert recipe.seeding == "per_task"
+
+
 def test_recipes_follow_data_md_and_bad_fields_are_named() -> None:
     assert RECIPES["tiny"] == TrainRecipe(learning_rate=2e-4, batch_size=16, epochs=2, max_length=32)
     assert RECIPES["text6"] == TrainRecipe(learning_rate=1e-4, batch_size=32, epochs=1, max_length=64)
@@ -82,7 +100,7 @@ def test_expert_is_a_loadable_checkpoint_with_a_head(expert: Expert, splits: Tas
     head = load_file(str(expert.path / "head.safetensors"))
     assert head["weight"].shape == (6, model.config.hidden_size) and head["bias"].shape == (6,)
     info = json.loads((expert.path / "expert.json").read_text())
-    assert info["recipe"] == RECIPE.model_dump() and info["split"] == splits.config.model_dump()
+    assert info["recipe"] == RECIPE.cache_fields() and info["split"] == splits.config.model_dump()
     assert info["train_examples"] == 64 and len(info["losses"]) == 16 and info["train_seconds"] > 0
 
 
@@ -182,3 +200,28 @@ def test_cache_key_moved_off_the_shared_seed_entries(expert: Expert) -> None:
     assert cache_key(old) != info["cache_key"]
     new = {**old, "recipe": info["recipe"], "seed": info["seed"], "training_version": 2}
     assert cache_key(new) == info["cache_key"]
+
+
+def test_balanced_class_weights_raise_the_rare_class(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    """sms_spam is 12% spam: weighting the loss by n / (classes x count) moves the head toward spam, all else equal."""
+    suite = [split_task(load_task("sms_spam"), SplitConfig(test_size=4, calibration_size=4, train_size=96))]
+    recipe = TrainRecipe(learning_rate=1e-3, batch_size=16, epochs=2, max_length=16)
+    plain, = train_experts(suite, recipe, base=tiny_backbone_dir, cache_dir=tmp_path, device="cpu", progress=False)
+    weighted, = train_experts(suite, recipe.model_copy(update={"class_weights": "balanced"}), base=tiny_backbone_dir,
+                              cache_dir=tmp_path, device="cpu", progress=False)
+    assert weighted.trained and weighted.path != plain.path
+    texts = list(suite[0].train.texts)
+
+    def mean_p_spam(e: Expert) -> float:
+        z = e.backbone("cpu").encode(texts)
+        return float(torch.softmax(z @ e.head.weight.T + e.head.bias, 1)[:, 1].mean())
+
+    assert sum(suite[0].train.labels) / len(texts) < 0.25
+    assert mean_p_spam(weighted) > mean_p_spam(plain) + 0.05
+
+
+def test_unweighted_experts_keep_their_cache_keys(expert: Expert) -> None:
+    """`class_weights` came later: at its default it stays out of the key, so experts cached before it are reused."""
+    assert "class_weights" not in expert.info["recipe"] and RECIPE.cache_fields() == expert.info["recipe"]
+    assert RECIPE.model_copy(update={"class_weights": "balanced"}).cache_fields()["class_weights"] == "balanced"
+    assert TrainRecipe.model_validate(expert.info["recipe"]) == RECIPE

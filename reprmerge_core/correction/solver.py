@@ -143,6 +143,7 @@ class CorrectionSolver:
         self.dtype = dtype
         self.device = torch.device(device)
         self._fitted = False
+        self._references: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- fitting -----------------------------------------------------------------------------
     def fit(self, stats: Sequence[TaskStatistics]) -> CorrectionSolver:
@@ -172,6 +173,7 @@ class CorrectionSolver:
         self.M_ = B + self.beta * O
         self._C_work = self.C_.to(self.dtype)
         self.gram_norm_ = torch.linalg.matrix_norm(A)  # Frobenius norm of each A_t: >= its largest eigenvalue
+        self._references = None
         self.num_tasks_, self.dim_ = A.shape[0], A.shape[-1]
         self._fitted = True
         return self
@@ -294,3 +296,37 @@ class CorrectionSolver:
     def tradeoff(self, prefs: torch.Tensor) -> torch.Tensor:
         """Per-task closed-form loss at W_p for each preference, shape (P, T)."""
         return self.loss(self.solve(prefs))
+
+    def reference_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(best, uncorrected), each (T,), float64: L_t at the task's own one-hot W_t and at W = I.
+
+        The two ends of `quality_kept`'s scale; solved once (T preference solves) and kept.
+        """
+        self.require_fit()
+        if self._references is None:
+            best = self.tradeoff(torch.eye(self.num_tasks_, dtype=torch.float64)).diagonal()
+            uncorrected = self.loss(torch.eye(self.dim_, dtype=torch.float64, device=self.device))[0]
+            self._references = (best.cpu(), uncorrected.cpu())
+        return self._references
+
+    def quality_kept(self, prefs: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+        """`quality_kept` of every task under each preference, (P, T); `losses` = `tradeoff(prefs)` if known."""
+        losses = self.tradeoff(prefs) if losses is None else losses
+        return quality_kept(losses.cpu(), *self.reference_losses())
+
+
+def quality_kept(losses: torch.Tensor, best: torch.Tensor, uncorrected: torch.Tensor) -> torch.Tensor:
+    """How much of each task's attainable improvement a correction keeps, in [0, 1], shape of `losses` (P, T).
+
+    kept_t = (L_t(I) - L_t(W_p)) / (L_t(I) - L_t(W_t)), clipped to [0, 1]: 1 at the task's own one-hot
+    correction (its lowest loss), 0 at or beyond the loss of the uncorrected merged backbone (W = I) -- what a
+    task with weight 0 typically gets, since the other tasks' corrections pull its representation away
+    from its expert. A task whose uncorrected loss is already its best (W_t = I) keeps 1 exactly where its
+    loss is still the best (to float64 rounding), else 0.
+    """
+    gap = uncorrected - best
+    tolerance = 1e-9 * uncorrected.abs().clamp_min(1.0)
+    flat = gap <= tolerance
+    kept = (uncorrected - losses) / torch.where(flat, torch.ones_like(gap), gap)
+    kept = torch.where(flat, (losses - best <= tolerance).to(kept.dtype), kept)
+    return kept.clamp(0.0, 1.0)

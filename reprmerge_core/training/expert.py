@@ -103,6 +103,10 @@ def _fit(
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(recipe.warmup_fraction * total), total)
     order_rng = torch.Generator().manual_seed(seed)
     labels = torch.tensor(train.labels)
+    class_weight = None
+    if recipe.class_weights == "balanced":
+        counts = torch.bincount(labels, minlength=train.num_classes).clamp_min(1)
+        class_weight = (len(labels) / (train.num_classes * counts)).float().to(device)
     losses: list[float] = []
     model.train()
     with tqdm(total=total, desc=f"train {train.name}", unit="step", disable=not progress) as bar:
@@ -112,7 +116,7 @@ def _fit(
                 batch = {k: v.to(device) for k, v in backbone.tokenize([train.texts[i] for i in idx]).items()}
                 logits = head(pool(model(**batch), batch["attention_mask"], recipe.pooling))
                 y = labels[idx].to(device)
-                loss = F.cross_entropy(logits, y)
+                loss = F.cross_entropy(logits, y, weight=class_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -149,7 +153,7 @@ def train_expert(
         "labels": list(splits.label_names),
         "train_sha256": _data_digest(splits.train),
         "split": splits.config.model_dump(),
-        "recipe": recipe.model_dump(),
+        "recipe": recipe.cache_fields(),
         "base_weights_sha256": weights_digest(base),
         "seed": seed,
         "training_version": TRAINING_VERSION,
