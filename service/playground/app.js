@@ -308,7 +308,7 @@ async function loadHeat() {
       const batch = points.slice(start, start + chunk);
       $("status").textContent = `Heat map: ${start} of ${points.length} preferences…`;
       const answer = await api("/v1/tradeoff", { preferences: batch.map((p) => p.map((k) => k / n)) });
-      for (const r of answer.results) kept.push(S.tasks.map((t) => r.tasks[t].best / r.tasks[t].loss));
+      for (const r of answer.results) kept.push(S.tasks.map((t) => r.tasks[t].quality_kept));
     }
     report("heat", null);
   } catch (err) {
@@ -383,8 +383,7 @@ async function showTradeoff() {
   $("canonical").textContent = S.tasks.map((t) => `${t} ${fmtShare(result.preference[t])}`).join(" · ");
   $("tradeoff-fingerprint").textContent = result.fingerprint;
   $("tradeoff-table").tBodies[0].replaceChildren(...S.tasks.map((t) => {
-    const { loss, best } = result.tasks[t];
-    const kept = best / loss;
+    const { loss, best, quality_kept: kept } = result.tasks[t];
     return h("tr", { "data-task": t },
       h("th", { scope: "row" }, breakable(t)),
       h("td", { class: "num loss", text: fmtLoss(loss) }),
@@ -503,7 +502,7 @@ function column(k, trade, result, inputs) {
       h("tbody", {}, ...S.tasks.map((t) => h("tr", { "data-task": t },
         h("th", { scope: "row" }, breakable(t)),
         h("td", { class: "num loss", text: fmtLoss(trade.tasks[t].loss) }),
-        h("td", { class: "num kept", text: pct(trade.tasks[t].best / trade.tasks[t].loss) }))))),
+        h("td", { class: "num kept", text: pct(trade.tasks[t].quality_kept) }))))),
     result ? h("ol", { class: "compact" }, ...result.predictions.map((row, i) => h("li", { "data-input": i },
       h("p", { class: "text", text: inputs[i] }),
       ...S.tasks.filter((t) => row[t]).map((t) => h("p", { "data-task": t },
