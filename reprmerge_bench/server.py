@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-CLI = "import sys; from reprmerge_core.cli import main; sys.exit(main())"
+CLI = "import sys; from reprmerge_cli import main; sys.exit(main())"
 
 
 def metric_values(text: str) -> dict[str, float]:

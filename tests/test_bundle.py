@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from reprmerge_core.backbone import Backbone
 from reprmerge_core.bundle import BundleError, load_bundle
 from reprmerge_core.bundle.io import _sha256
-from reprmerge_core.cli import main as cli
+from reprmerge_cli import main as cli
 from tests.helpers import make_random_bundle
 
 

@@ -27,7 +27,7 @@ from reprmerge_core.preference import canonical_preference
 from tests.helpers import make_random_bundle
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven tired wizards quietly brew strange potions".split()
-CLI = "import sys; from reprmerge_core.cli import main; sys.exit(main())"
+CLI = "import sys; from reprmerge_cli import main; sys.exit(main())"
 
 
 class ServerProcess:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from reprmerge_core.cli.args import json_value, pair, unique
+from reprmerge_cli.args import json_value, pair, unique
 from reprmerge_core.merging import METHODS, REPORT_FILE, merge_checkpoints, read_texts
 from reprmerge_core.pipeline.calibrate import has_head, read_expert
 

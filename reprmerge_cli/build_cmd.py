@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from reprmerge_core.cli.args import beta_value, json_value, pair, unique
+from reprmerge_cli.args import beta_value, json_value, pair, unique
 from reprmerge_core.data import SUITES
 from reprmerge_core.merging import METHODS
 from reprmerge_core.pipeline import BuildConfig, build_bundle

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from reprmerge_core.backbone import select_device
 from reprmerge_core.bundle import Bundle, BundleError, load_bundle
-from reprmerge_core.cli.args import pair, unique
+from reprmerge_cli.args import pair, unique
 from reprmerge_core.data import load_suite
 from reprmerge_core.data.files import read_labelled
 from reprmerge_core.evaluation import CheckpointExpert, EvaluationData, EvaluationInputs, evaluate_bundle

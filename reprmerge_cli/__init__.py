@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from reprmerge_core import __version__
-from reprmerge_core.cli import (
+from reprmerge_cli import (
     bench_cmd,
     build_cmd,
     calibrate_cmd,

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from reprmerge_core.backbone import POOLINGS
-from reprmerge_core.cli.args import beta_value, pair, unique
+from reprmerge_cli.args import beta_value, pair, unique
 from reprmerge_core.merging import read_texts
 from reprmerge_core.pipeline.calibrate import ShardSpec, calibrate_bundle
 
