@@ -1,4 +1,4 @@
-"""The layers hold: the library knows no web, the service no command line, read from every import statement.
+"""The layers hold (the library knows no web, the service no command line), and the CLI loads lazily.
 
 reprmerge_core (library) <- service (web) <- reprmerge_cli (command line), reprmerge_bench (benchmarks).
 Imports inside functions count too: a lazy import still ties the packages together.
@@ -7,9 +7,14 @@ Imports inside functions count too: a lazy import still ties the packages togeth
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from reprmerge_cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
@@ -47,3 +52,37 @@ def test_package_never_imports_the_layers_above_it(package: str) -> None:
         if found:
             offenders.append(f"{path.relative_to(ROOT)} imports {sorted(found)}")
     assert not offenders, "\n".join(offenders)
+
+
+def _fresh_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`reprmerge ARGS` in a fresh interpreter, then the names of the heavy libraries it had imported."""
+    code = ("import sys\nfrom reprmerge_cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    code = e.code\nprint('HEAVY', sorted(m for m in ('torch', 'transformers', 'service') if m in sys.modules))\n"
+            "sys.exit(code)")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+
+
+def test_help_lists_every_subcommand_without_loading_torch() -> None:
+    result = _fresh_cli("--help")
+    assert result.returncode == 0, result.stderr
+    for name, _, text in COMMANDS:
+        assert name in result.stdout and text in result.stdout
+    assert "HEAVY []" in result.stdout
+
+
+def test_a_subcommands_help_shows_its_options_with_defaults() -> None:
+    result = _fresh_cli("calibrate", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--pooling {mean,cls,pooler}" in result.stdout and "--shard I/N" in result.stdout
+    assert "HEAVY []" in result.stdout
+
+
+def test_inspect_validates_without_torch(random_bundle: Path) -> None:
+    result = _fresh_cli("inspect", str(random_bundle))
+    assert result.returncode == 0, result.stderr
+    assert "sha256 verified" in result.stdout and "VALID" in result.stdout and "HEAVY []" in result.stdout
+    heads = random_bundle / "heads.safetensors"
+    heads.write_bytes(heads.read_bytes()[:-8] + b"\xff" * 8)  # damaged: the hash no longer matches
+    result = _fresh_cli("inspect", str(random_bundle))
+    assert result.returncode == 1 and "heads.safetensors: sha256 mismatch" in result.stderr
