@@ -38,7 +38,8 @@ def imported_packages(source: str, package: str) -> set[str]:
 
 
 def test_import_walk_sees_function_level_and_relative_imports() -> None:
-    source = "import os\ndef run():\n    from service.engine import Engine\n    import reprmerge_bench.serve\nfrom . import x\n"
+    source = ("import os\ndef run():\n    from service.engine import Engine\n    import reprmerge_bench.serve\n"
+              "from . import x\n")
     assert imported_packages(source, "reprmerge_core") == {"os", "service", "reprmerge_bench", "reprmerge_core"}
 
 
@@ -57,8 +58,8 @@ def test_package_never_imports_the_layers_above_it(package: str) -> None:
 def _fresh_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """`reprmerge ARGS` in a fresh interpreter, then the names of the heavy libraries it had imported."""
     code = ("import sys\nfrom reprmerge_cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"
-            "    code = e.code\nprint('HEAVY', sorted(m for m in ('torch', 'transformers', 'service') if m in sys.modules))\n"
-            "sys.exit(code)")
+            "    code = e.code\nheavy = ('torch', 'transformers', 'service')\n"
+            "print('HEAVY', sorted(m for m in heavy if m in sys.modules))\nsys.exit(code)")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
 

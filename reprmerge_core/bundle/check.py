@@ -80,7 +80,8 @@ def validate_content(
                 raise BundleError(STATISTICS_FILE, key, f"expected float64, got {stats[key].dtype}")
             _check_array(STATISTICS_FILE, key, stats[key], (dim, dim))
         if int(stats["n"][i]) != task.calibration_samples:
-            raise BundleError(STATISTICS_FILE, f"n[{i}]", f"{int(stats['n'][i])} samples, manifest says {task.calibration_samples}")
+            raise BundleError(STATISTICS_FILE, f"n[{i}]",
+                              f"{int(stats['n'][i])} samples, manifest says {task.calibration_samples}")
         k = len(task.labels)
         for key, shape in ((f"weight.{task.name}", (k, dim)), (f"bias.{task.name}", (k,))):
             if key not in heads:
@@ -101,7 +102,8 @@ def read_manifest(path: Path) -> Manifest:
     version = raw.get("format_version")
     if version not in SUPPORTED_VERSIONS:
         raise BundleError(
-            MANIFEST_FILE, "format_version", f"unsupported format version {version!r}; this reprmerge reads {list(SUPPORTED_VERSIONS)}"
+            MANIFEST_FILE, "format_version",
+            f"unsupported format version {version!r}; this reprmerge reads {list(SUPPORTED_VERSIONS)}",
         )
     try:
         return Manifest.model_validate(raw)
@@ -140,5 +142,6 @@ def check_bundle(path: str | Path, *, verify_hashes: bool = True) -> CheckedBund
     config = json.loads((path / BACKBONE_DIR / "config.json").read_text())
     hidden = config.get("hidden_size")
     if hidden is not None and hidden != dim:
-        raise BundleError(f"{BACKBONE_DIR}/config.json", "hidden_size", f"{hidden} differs from representation_dim {dim}")
+        raise BundleError(f"{BACKBONE_DIR}/config.json", "hidden_size",
+                          f"{hidden} differs from representation_dim {dim}")
     return CheckedBundle(path, manifest, stats, heads)
