@@ -45,12 +45,22 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        if self.started:  # warmed up and listening: the page works from now on
+            print(f"playground: {self.playground_url()}", flush=True)
+
+    def playground_url(self) -> str:
+        """The page's URL on the bound port (a wildcard host is shown as loopback, which reaches it too)."""
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/playground/"
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain is not None or self._loop is None or self.should_exit:
             self.force_exit = self.should_exit = True
             return
-        # Signal handlers run between bytecodes of the loop's thread: hand the work to the loop.
+        # Signal handlers run between bytecodes of the loop's thread: refuse at once (a request already
+        # in the loop's ready queue would otherwise still see "ready"), then hand the drain to the loop.
+        self._service.refuse_new_work()
         self._drain = asyncio.run_coroutine_threadsafe(self._drain_then_exit(), self._loop)  # type: ignore[assignment]
 
     async def _drain_then_exit(self) -> None:

@@ -148,7 +148,18 @@ def _wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
         time.sleep(0.01)
 
 
-def test_departed_clients_texts_never_reach_the_backbone(server: ServerProcess) -> None:
+@pytest.fixture(scope="module")
+def minilm_server(minilm_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The real MiniLM backbone: a queue must build up behind it (the 32-wide test model answers 60
+    full batches in well under a second)."""
+    srv = ServerProcess(minilm_bundle, tmp_path_factory.mktemp("logs") / "minilm.log", "--max-batch-size", "32",
+                        "--inference-workers", "2")
+    yield srv
+    srv.stop()
+
+
+def test_departed_clients_texts_never_reach_the_backbone(minilm_server: ServerProcess) -> None:
+    server = minilm_server
     busy = {"texts": [" ".join(["busy"] * 30)] * 32}
     departed = b'{"texts": [' + b", ".join([b'"gone"'] * 7) + b"]}"
     encoded_before = server.metric("reprmerge_batch_size_sum")
