@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from reprmerge_bench.server import CLI, LocalServer
+from reprmerge_bench.server import CLI, LocalServer, metric_values
 from reprmerge_core.preference import canonical_preference
 from tests.helpers import make_random_bundle
 
@@ -160,8 +160,7 @@ def test_sigterm_under_load_answers_every_accepted_request(bundle: Path, tmp_pat
             give_up = time.monotonic() + 60
             while True:  # wait until work is queued, then signal
                 assert time.monotonic() < give_up, "no queue formed within 60 s"
-                depth = float(next(line for line in (await c.get("/metrics")).text.splitlines()
-                                   if line.startswith("reprmerge_queue_depth ")).split()[1])
+                depth = metric_values((await c.get("/metrics")).text)["reprmerge_queue_depth"]
                 if depth >= 20:
                     break
                 await asyncio.sleep(0.01)
