@@ -17,6 +17,7 @@ WORKDIR /src
 RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" torch==2.13.0
 COPY pyproject.toml README.md requirements-nodeps.txt ./
 COPY reprmerge_core ./reprmerge_core
+COPY reprmerge_cli ./reprmerge_cli
 COPY service ./service
 RUN pip install --no-cache-dir . \
     && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt

@@ -2,7 +2,7 @@
 
 import sys
 
-from reprmerge_core.cli import main
+from reprmerge_cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", "serve", *sys.argv[1:]]))

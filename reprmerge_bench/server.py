@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-CLI = "import sys; from reprmerge_core.cli import main; sys.exit(main())"
+CLI = "import sys; from reprmerge_cli import main; sys.exit(main())"
 
 
 def metric_values(text: str) -> dict[str, float]:
@@ -56,7 +56,7 @@ class LocalServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.__exit__(None, None, None)
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log}\n{self._log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as r:
                     if r.status == 200:
@@ -66,7 +66,7 @@ class LocalServer:
             time.sleep(0.2)
         self.failed = True
         self.__exit__(None, None, None)
-        raise TimeoutError(f"server not ready within {self._ready_timeout:g} s; log: {self.log}")
+        raise TimeoutError(f"server not ready within {self._ready_timeout:g} s; log: {self.log}\n{self._log_tail()}")
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self.proc is None:
@@ -84,6 +84,10 @@ class LocalServer:
                 self.log.unlink(missing_ok=True)
         else:
             print(f"server exited with {self.proc.returncode}; its log is kept at {self.log}", flush=True)
+
+    def _log_tail(self, chars: int = 4000) -> str:
+        """The end of the server's log, so a failed start says why without opening the file."""
+        return self.log.read_text(errors="replace")[-chars:]
 
     def get(self, path: str) -> str:
         with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as r:

@@ -13,9 +13,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from reprmerge_core.choices import POOLINGS
+
 log = logging.getLogger(__name__)
 Pooling = Literal["mean", "cls", "pooler"]
-POOLINGS: tuple[str, ...] = ("mean", "cls", "pooler")
 
 
 def select_device(device: str | torch.device = "auto") -> torch.device:

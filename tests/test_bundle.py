@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from reprmerge_core.backbone import Backbone
 from reprmerge_core.bundle import BundleError, load_bundle
-from reprmerge_core.bundle.io import _sha256
-from reprmerge_core.cli import main as cli
+from reprmerge_core.bundle.check import sha256_file
+from reprmerge_cli import main as cli
 from tests.helpers import make_random_bundle
 
 
@@ -20,7 +20,7 @@ def rewrite(bundle: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
     """Replace a tensor file and fix its hash, as a buggy (not malicious) writer would."""
     save_file(tensors, str(bundle / name))
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["files"][name] = _sha256(bundle / name)
+    manifest["files"][name] = sha256_file(bundle / name)
     (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 

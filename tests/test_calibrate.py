@@ -12,7 +12,7 @@ from transformers import AutoModel, BertConfig, BertForSequenceClassification
 
 from reprmerge_core.backbone import Backbone
 from reprmerge_core.bundle import load_bundle
-from reprmerge_core.cli import main as cli
+from reprmerge_cli import main as cli
 from reprmerge_core.correction import CorrectionSolver
 from reprmerge_core.merging.diagnostics import task_vector_norm
 from tests.helpers import TOKENIZER_FILES, make_tiny_backbone

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from reprmerge_core.bundle import load_bundle
-from reprmerge_core.cli import main as cli
+from reprmerge_cli import main as cli
 from tests.helpers import make_tiny_backbone
 from tests.test_calibrate import checkpoints  # noqa: F401  (module-scoped fixture: user checkpoints + inputs)
 

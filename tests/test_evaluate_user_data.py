@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from reprmerge_core.bundle import load_bundle
-from reprmerge_core.cli import main as cli
+from reprmerge_cli import main as cli
 from reprmerge_core.data import SplitConfig, Task, TaskSplits
 from reprmerge_core.data.files import label_index, read_labelled
 from reprmerge_core.evaluation.metrics import simplex_grid

@@ -12,7 +12,7 @@ from peft.utils import merge_utils as peft
 from safetensors.torch import save_file
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
-from reprmerge_core.cli import main
+from reprmerge_cli import main
 from reprmerge_core.merging import REPORT_FILE, merge_sequential, text_batches
 from reprmerge_core.merging.diagnostics import task_vector_norm
 from tests.helpers import TOKENIZER_FILES

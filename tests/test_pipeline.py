@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from reprmerge_core.bundle import load_bundle
-from reprmerge_core.cli import main as cli
+from reprmerge_cli import main as cli
 from reprmerge_core.data import load_suite
 from reprmerge_core.evaluation import EvaluationInputs, evaluate_bundle
 from reprmerge_core.evaluation.report import write_report

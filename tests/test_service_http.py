@@ -23,45 +23,29 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
+from reprmerge_bench.server import CLI, LocalServer, metric_values
 from reprmerge_core.preference import canonical_preference
 from tests.helpers import make_random_bundle
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven tired wizards quietly brew strange potions".split()
-CLI = "import sys; from reprmerge_core.cli import main; sys.exit(main())"
 
 
-class ServerProcess:
-    """`reprmerge serve` on a free port; its log goes to a file (a full pipe would block the server)."""
+class ServerProcess(LocalServer):
+    """The benchmarks' `reprmerge serve` launcher on CPU, started on construction (module fixtures share one across
+    tests); its log goes to a file (a full pipe would block the server). `stop` kills it: tests that need the
+    drain send SIGTERM themselves."""
 
     def __init__(self, bundle: Path, log: Path, *flags: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CLI, "serve", str(bundle), "--port", str(self.port), "--device", "cpu", *flags],
-            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
-        )
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited early:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready:\n{log.read_text()}")
+        super().__init__(bundle, log, "--device", "cpu", *flags, ready_timeout=90)
+        self.port = int(self.url.rsplit(":", 1)[1])
+        self.__enter__()
 
     def metric(self, name: str) -> float:
-        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        """One series (name plus labels, as the server writes them); 0 before the server has written it."""
+        return self.metrics().get(name, 0.0)
 
     def stop(self) -> None:
+        assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
@@ -176,8 +160,7 @@ def test_sigterm_under_load_answers_every_accepted_request(bundle: Path, tmp_pat
             give_up = time.monotonic() + 60
             while True:  # wait until work is queued, then signal
                 assert time.monotonic() < give_up, "no queue formed within 60 s"
-                depth = float(next(line for line in (await c.get("/metrics")).text.splitlines()
-                                   if line.startswith("reprmerge_queue_depth ")).split()[1])
+                depth = metric_values((await c.get("/metrics")).text)["reprmerge_queue_depth"]
                 if depth >= 20:
                     break
                 await asyncio.sleep(0.01)

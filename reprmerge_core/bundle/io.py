@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from reprmerge_core import __version__
 from reprmerge_core.correction.heads import TaskHead
 from reprmerge_core.correction.statistics import TaskStatistics
-from reprmerge_core.merging.diagnostics import ExpertDiagnostics
+from reprmerge_core.bundle.check import BundleError, check_bundle, sha256_file, validate_content
+from reprmerge_core.diagnostics import ExpertDiagnostics
 from reprmerge_core.bundle.manifest import (
     BACKBONE_DIR,
     FORMAT,
@@ -37,7 +36,6 @@ from reprmerge_core.bundle.manifest import (
     HEADS_FILE,
     MANIFEST_FILE,
     STATISTICS_FILE,
-    SUPPORTED_VERSIONS,
     BackboneInfo,
     CorrectionInfo,
     Manifest,
@@ -47,15 +45,6 @@ from reprmerge_core.bundle.manifest import (
 
 # A checkpoint may carry these; anything pickled (.bin, .pt, .pkl) is refused.
 _BACKBONE_SUFFIXES = {".json", ".safetensors", ".txt", ".model"}
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be used; `file` and `field` say where the problem is."""
-
-    def __init__(self, file: str, field: str | None, message: str) -> None:
-        where = file if field is None else f"{file}: {field}"
-        super().__init__(f"{where}: {message}")
-        self.file, self.field, self.message = file, field, message
 
 
 @dataclass(frozen=True)
@@ -74,47 +63,6 @@ class Bundle:
     @property
     def task_names(self) -> list[str]:
         return self.manifest.task_names
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _check_tensor(file: str, key: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if tuple(t.shape) != shape:
-        raise BundleError(file, key, f"expected shape {shape}, got {tuple(t.shape)}")
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        raise BundleError(file, key, "contains NaN or infinite values")
-
-
-def _validate_content(
-    tasks: Sequence[TaskInfo], dim: int, stats: Mapping[str, torch.Tensor], heads: Mapping[str, torch.Tensor]
-) -> None:
-    """Shapes and values of the tensor files against the manifest (used on write and on load)."""
-    T = len(tasks)
-    for key in ("n", "e"):
-        if key not in stats:
-            raise BundleError(STATISTICS_FILE, key, "missing tensor")
-    _check_tensor(STATISTICS_FILE, "n", stats["n"], (T,))
-    _check_tensor(STATISTICS_FILE, "e", stats["e"], (T,))
-    for i, task in enumerate(tasks):
-        for key in (f"A.{task.name}", f"B.{task.name}"):
-            if key not in stats:
-                raise BundleError(STATISTICS_FILE, key, "missing tensor")
-            if stats[key].dtype != torch.float64:
-                raise BundleError(STATISTICS_FILE, key, f"expected float64, got {stats[key].dtype}")
-            _check_tensor(STATISTICS_FILE, key, stats[key], (dim, dim))
-        if int(stats["n"][i]) != task.calibration_samples:
-            raise BundleError(STATISTICS_FILE, f"n[{i}]", f"{int(stats['n'][i])} samples, manifest says {task.calibration_samples}")
-        k = len(task.labels)
-        for key, shape in ((f"weight.{task.name}", (k, dim)), (f"bias.{task.name}", (k,))):
-            if key not in heads:
-                raise BundleError(HEADS_FILE, key, "missing tensor")
-            _check_tensor(HEADS_FILE, key, heads[key], shape)
 
 
 def _copy_backbone(src: Path, dst: Path) -> None:
@@ -163,7 +111,8 @@ def write_bundle(
         stats_tensors[f"B.{task.name}"] = s.B.detach().cpu().to(torch.float64).contiguous()
         head_tensors[f"weight.{task.name}"] = h.weight.detach().cpu().float().contiguous()
         head_tensors[f"bias.{task.name}"] = h.bias.detach().cpu().float().contiguous()
-    _validate_content(tasks, dim, stats_tensors, head_tensors)
+    validate_content(tasks, dim, {k: v.numpy() for k, v in stats_tensors.items()},
+                     {k: v.numpy() for k, v in head_tensors.items()})
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -172,7 +121,7 @@ def write_bundle(
         save_file(head_tensors, str(tmp / HEADS_FILE))
         _copy_backbone(Path(backbone_dir), tmp / BACKBONE_DIR)
         files = {
-            p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+            p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
         }
         bundle_id = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
         manifest = Manifest(
@@ -212,63 +161,15 @@ def _replace(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
 
 
-def _read_manifest(path: Path) -> Manifest:
-    file = path / MANIFEST_FILE
-    if not file.is_file():
-        raise BundleError(MANIFEST_FILE, None, f"missing in {path}")
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(MANIFEST_FILE, None, f"not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise BundleError(MANIFEST_FILE, None, "must be a JSON object")
-    version = raw.get("format_version")
-    if version not in SUPPORTED_VERSIONS:
-        raise BundleError(
-            MANIFEST_FILE, "format_version", f"unsupported format version {version!r}; this reprmerge reads {list(SUPPORTED_VERSIONS)}"
-        )
-    try:
-        return Manifest.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(x) for x in err["loc"]) or None
-        raise BundleError(MANIFEST_FILE, field, err["msg"]) from exc
-
-
-def _load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path / name))
-    except (SafetensorError, OSError) as exc:
-        raise BundleError(name, None, f"unreadable safetensors file ({exc})") from exc
-
-
 def load_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:
-    """Load and validate a bundle; any problem raises `BundleError` naming the file and field."""
-    path = Path(path)
-    if not path.is_dir():
-        raise BundleError(str(path), None, "bundle directory does not exist")
-    manifest = _read_manifest(path)
-    for required in (STATISTICS_FILE, HEADS_FILE, f"{BACKBONE_DIR}/config.json"):
-        if required not in manifest.files:
-            raise BundleError(MANIFEST_FILE, f"files.{required}", "required file is not listed")
-    for name, digest in manifest.files.items():
-        file = path / name
-        if not file.is_file():
-            raise BundleError(name, None, "file listed in the manifest is missing")
-        if verify_hashes and _sha256(file) != digest:
-            raise BundleError(name, None, "sha256 mismatch: the file is damaged or was modified")
-    stats = _load_tensors(path, STATISTICS_FILE)
-    heads = _load_tensors(path, HEADS_FILE)
-    dim = manifest.representation_dim
-    _validate_content(manifest.tasks, dim, stats, heads)
-    config = json.loads((path / BACKBONE_DIR / "config.json").read_text())
-    hidden = config.get("hidden_size")
-    if hidden is not None and hidden != dim:
-        raise BundleError(f"{BACKBONE_DIR}/config.json", "hidden_size", f"{hidden} differs from representation_dim {dim}")
-    names = manifest.task_names
+    """Load and validate a bundle (`check_bundle`); any problem raises `BundleError` naming the file and field."""
+    checked = check_bundle(path, verify_hashes=verify_hashes)
+    stats = {k: torch.from_numpy(v) for k, v in checked.statistics.items()}
+    heads = {k: torch.from_numpy(v) for k, v in checked.heads.items()}
+    names = checked.manifest.task_names
     return Bundle(
-        path=path,
-        manifest=manifest,
+        path=checked.path,
+        manifest=checked.manifest,
         statistics=[
             TaskStatistics(stats[f"A.{t}"], stats[f"B.{t}"], int(stats["n"][i]), float(stats["e"][i]))
             for i, t in enumerate(names)

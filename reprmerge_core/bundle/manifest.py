@@ -6,8 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from reprmerge_core.correction.solver import Normalisation
-from reprmerge_core.merging.diagnostics import ExpertDiagnostics
+from reprmerge_core.choices import POOLINGS, Normalisation
+from reprmerge_core.diagnostics import ExpertDiagnostics
 
 FORMAT = "reprmerge-bundle"
 FORMAT_VERSION = 2  # 2: the prior is `correction.identity_weight` (chosen by cross-validation), not `use_prior`
@@ -75,7 +75,7 @@ class MergeInfo(_Strict):
 
 class BackboneInfo(_Strict):
     source: str = Field(min_length=1)
-    pooling: str = Field(pattern=r"^(mean|cls|pooler)$")
+    pooling: str = Field(pattern=f"^({'|'.join(POOLINGS)})$")
     max_length: int = Field(ge=1)
 
 

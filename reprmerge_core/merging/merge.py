@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from reprmerge_core.choices import MERGE_METHODS
 from reprmerge_core.merging.arithmetic import dare, task_arithmetic, ties
 from reprmerge_core.merging.diagnostics import ExpertDiagnostics
 from reprmerge_core.merging.params import (
@@ -63,7 +64,8 @@ class Method:
         return self.linear_rule is not None
 
 
-METHODS: dict[str, Method] = {
+# Implementations by name; the names themselves live in `reprmerge_core.choices` (light, for the CLI).
+_IMPLEMENTATIONS: dict[str, Method] = {
     "task_arithmetic": Method(TaskArithmeticParams, lambda d, p, _n: task_arithmetic(d, p.lam)),
     "ties": Method(TiesParams, lambda d, p, _n: ties(d, p.density, p.lam)),
     "dare": Method(
@@ -75,6 +77,7 @@ METHODS: dict[str, Method] = {
     "regmean": Method(RegMeanParams, _average_rule, lambda d, g, p: regmean(d, g, p.alpha, p.ridge)),
     "projection": Method(ProjectionParams, _average_rule, _projection_rule),
 }
+METHODS: dict[str, Method] = {name: _IMPLEMENTATIONS[name] for name in MERGE_METHODS}
 
 
 def resolve(method: str, params: Mapping[str, Any] | MergeParams | None = None) -> tuple[Method, MergeParams]:

@@ -36,7 +36,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from reprmerge_core.backbone import Backbone, Pooling, select_device
 from reprmerge_core.bundle import write_bundle
-from reprmerge_core.bundle.io import _sha256
+from reprmerge_core.bundle.check import sha256_file
 from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
 from reprmerge_core.calibration import choose_correction, collect_statistics, head_agreement, prior_identity_weight
 from reprmerge_core.correction import TaskHead, TaskStatistics
@@ -312,7 +312,7 @@ def _checkpoint_sha256(path: Path) -> str:
     """Content hash of a checkpoint's weights, config and tokenizer files."""
     h = hashlib.sha256()
     for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _CHECKPOINT_SUFFIXES):
-        h.update(f"{file.name}\0{_sha256(file)}\0".encode())
+        h.update(f"{file.name}\0{sha256_file(file)}\0".encode())
     return h.hexdigest()
 
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from reprmerge_core.backbone import POOLINGS
-from reprmerge_core.cli.args import beta_value, pair, prior_value, unique
-from reprmerge_core.merging import read_texts
-from reprmerge_core.pipeline.calibrate import ShardSpec, calibrate_bundle
+from reprmerge_cli import HELP
+from reprmerge_cli.args import beta_value, pair, prior_value, unique
+from reprmerge_core.choices import POOLINGS
+
+if TYPE_CHECKING:
+    from reprmerge_core.pipeline.calibrate import ShardSpec
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibrate", help="build a bundle from your own checkpoints")
+    p = sub.add_parser("calibrate", help=HELP["calibrate"])
     p.add_argument("--backbone", type=Path, required=True, help="the merged backbone checkpoint directory")
     p.add_argument("--base", type=Path, default=None,
                    help="the checkpoint the experts were fine-tuned from: adds each expert's distance from it "
@@ -44,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _shard(text: str) -> ShardSpec:
+    from reprmerge_core.pipeline.calibrate import ShardSpec
+
     try:
         return ShardSpec.parse(text)
     except ValueError as exc:
@@ -51,6 +56,9 @@ def _shard(text: str) -> ShardSpec:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reprmerge_core.merging import read_texts
+    from reprmerge_core.pipeline.calibrate import calibrate_bundle
+
     try:
         experts = unique(args.expert, "--expert")
         calibration = {name: read_texts(path) for name, path in unique(args.calibration, "--calibration").items()}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from reprmerge_cli import HELP
 from reprmerge_core.bundle import BundleError
 
 # flag -> settings field; every one is optional so the environment fills the rest.
@@ -41,7 +42,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a bundle over HTTP (/v1 and Open Inference Protocol /v2)")
+    p = sub.add_parser("serve", help=HELP["serve"])
     p.add_argument("bundle", type=Path, nargs="?", help="bundle directory (or REPRMERGE_BUNDLE)")
     for name, (kind, text) in _FLAGS.items():
         if kind is bool:

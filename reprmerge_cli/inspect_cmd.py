@@ -7,11 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from reprmerge_core.bundle import BundleError, load_bundle
+from reprmerge_cli import HELP
+from reprmerge_core.bundle import BundleError, check_bundle
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="summarise and validate a bundle")
+    p = sub.add_parser("inspect", help=HELP["inspect"])
     p.add_argument("bundle", type=Path, help="bundle directory")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=run)
@@ -19,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        bundle = load_bundle(args.bundle)
+        bundle = check_bundle(args.bundle)  # every check of load_bundle, without torch
     except BundleError as exc:
         print(f"INVALID bundle {args.bundle}\n  {exc}", file=sys.stderr)
         return 1

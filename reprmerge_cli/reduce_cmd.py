@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from reprmerge_core.pipeline.calibrate import reduce_shards
+from reprmerge_cli import HELP
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("reduce", help="add calibration shards (calibrate --shard I/N) into one bundle")
+    p = sub.add_parser("reduce", help=HELP["reduce"])
     p.add_argument("shards", type=Path, nargs="+", metavar="SHARD", help="every shard file 0..N-1 of one calibration")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--backbone", type=Path, default=None,
@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reprmerge_core.pipeline.calibrate import reduce_shards
+
     try:
         path = reduce_shards(args.shards, args.out, backbone=args.backbone, overwrite=args.overwrite)
     except (ValueError, FileExistsError, OSError) as exc:

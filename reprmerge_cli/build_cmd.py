@@ -8,18 +8,18 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from reprmerge_core.cli.args import beta_value, json_value, pair, prior_value, unique
+from reprmerge_cli import HELP
+from reprmerge_cli.args import beta_value, json_value, pair, prior_value, unique
+from reprmerge_core.choices import MERGE_METHODS
 from reprmerge_core.data import SUITES
-from reprmerge_core.merging import METHODS
-from reprmerge_core.pipeline import BuildConfig, build_bundle
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("build", help="build a bundle from a built-in suite of real tasks")
+    p = sub.add_parser("build", help=HELP["build"])
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--suite", choices=sorted(SUITES), help="a built-in suite")
     which.add_argument("--tasks", help="comma-separated task names instead of a suite")
-    p.add_argument("--merge", default="ties", choices=sorted(METHODS), help="merge method (default ties)")
+    p.add_argument("--merge", default="ties", choices=sorted(MERGE_METHODS), help="merge method (default ties)")
     p.add_argument("--set", type=pair, action="append", default=[], dest="params", metavar="KEY=VALUE",
                    help="a merge parameter (repeat), e.g. density=0.2")
     p.add_argument("--calibration-size", type=int, default=None, help="calibration inputs per task (default: the suite's)")
@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reprmerge_core.pipeline import BuildConfig, build_bundle
+
     try:
         config = BuildConfig(
             suite=args.suite or tuple(t.strip() for t in args.tasks.split(",") if t.strip()),

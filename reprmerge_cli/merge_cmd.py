@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import Tensor
+from reprmerge_cli import HELP
+from reprmerge_cli.args import json_value, pair, unique
+from reprmerge_core.choices import MERGE_METHODS
 
-from reprmerge_core.cli.args import json_value, pair, unique
-from reprmerge_core.merging import METHODS, REPORT_FILE, merge_checkpoints, read_texts
-from reprmerge_core.pipeline.calibrate import has_head, read_expert
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("merge", help="merge expert checkpoints into the base backbone")
+    p = sub.add_parser("merge", help=HELP["merge"])
     p.add_argument("--base", type=Path, required=True, help="base checkpoint directory")
     p.add_argument(
         "--expert",
@@ -25,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="an expert checkpoint (repeat); its head (head.safetensors or a classifier) is only checked for "
         "alignment with the other experts' heads",
     )
-    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument("--method", required=True, choices=sorted(MERGE_METHODS))
     p.add_argument(
         "--set",
         type=pair,
@@ -51,10 +53,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _heads(experts: dict[str, Path]) -> dict[str, Tensor]:
     """Head weights of the experts that have one (an encoder alone is merged without the head check)."""
+    from reprmerge_core.pipeline.calibrate import has_head, read_expert
+
     return {name: read_expert(name, path, "mean").head.weight for name, path in experts.items() if has_head(path)}
 
 
 def run(args: argparse.Namespace) -> int:
+    from reprmerge_core.merging import REPORT_FILE, merge_checkpoints, read_texts
+
     try:
         experts = unique(args.expert, "--expert")
         params = {key: json_value(value) for key, value in unique(args.params, "--set").items()}

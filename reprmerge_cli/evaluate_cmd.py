@@ -10,21 +10,19 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from reprmerge_core.backbone import select_device
-from reprmerge_core.bundle import Bundle, BundleError, load_bundle
-from reprmerge_core.cli.args import pair, unique
-from reprmerge_core.data import load_suite
-from reprmerge_core.data.files import read_labelled
-from reprmerge_core.evaluation import CheckpointExpert, EvaluationData, EvaluationInputs, evaluate_bundle
-from reprmerge_core.evaluation.report import write_report
-from reprmerge_core.pipeline.build import suite_from_extra
-from reprmerge_core.pipeline.calibrate import read_expert
-from reprmerge_core.training import train_experts
+from reprmerge_cli import HELP
+from reprmerge_cli.args import pair, unique
+from reprmerge_core.bundle import BundleError
+
+if TYPE_CHECKING:
+    from reprmerge_core.bundle import Bundle
+    from reprmerge_core.evaluation import EvaluationData, EvaluationInputs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a bundle on a built-in suite or on your own labelled data")
+    p = sub.add_parser("evaluate", help=HELP["evaluate"])
     p.add_argument("bundle", type=Path)
     p.add_argument("--out", type=Path, required=True, help="report directory")
     p.add_argument("--test", type=pair, action="append", default=[], metavar="TASK=FILE",
@@ -75,6 +73,11 @@ def _per_task(pairs: list[tuple[str, str]], option: str, names: list[str]) -> di
 
 def _user_data(args: argparse.Namespace, bundle: Bundle) -> EvaluationData:
     """The user's test files and expert checkpoints, checked against the bundle's tasks and labels."""
+    from reprmerge_core.backbone import select_device
+    from reprmerge_core.data.files import read_labelled
+    from reprmerge_core.evaluation import CheckpointExpert, EvaluationData
+    from reprmerge_core.pipeline.calibrate import read_expert
+
     m = bundle.manifest
     files = _per_task(args.test, "--test", m.task_names)
     tests = [read_labelled(files[t.name], t.name, t.labels, text_field=args.text_column, label_field=args.label_column)
@@ -93,6 +96,14 @@ def _user_data(args: argparse.Namespace, bundle: Bundle) -> EvaluationData:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reprmerge_core.backbone import select_device
+    from reprmerge_core.bundle import load_bundle
+    from reprmerge_core.data import load_suite
+    from reprmerge_core.evaluation import EvaluationInputs, evaluate_bundle
+    from reprmerge_core.evaluation.report import write_report
+    from reprmerge_core.pipeline.build import suite_from_extra
+    from reprmerge_core.training import train_experts
+
     try:
         bundle = load_bundle(args.bundle)
         edges = _edges(args.edge, bundle.task_names)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from reprmerge_cli import HELP
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks")
+    p = sub.add_parser("bench", help=HELP["bench"])
     kinds = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     s = kinds.add_parser("serve", help="engine and HTTP serving benchmark against the backbone-only ceiling")
     s.add_argument("--bundle", type=Path, help="bundle to serve (default: a synthetic one over the MiniLM backbone)")
