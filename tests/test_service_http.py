@@ -410,6 +410,8 @@ def test_shutdown_under_load_is_bounded_by_the_drain_timeout(
 ) -> None:
     """Far more queued work than 2 s can answer: the server finishes 2 s (+ a small constant) after SIGTERM."""
     monkeypatch.setenv("REPRMERGE_DRAIN_TIMEOUT", "2")
+    # Deadlines far away, so admission (estimated wait vs deadline) takes all of it even on a slow CPU.
+    monkeypatch.setenv("REPRMERGE_DEFAULT_TIMEOUT", "600")
     # The real MiniLM backbone: 100 batches of 32 texts are several seconds of work on any CPU.
     srv = ServerProcess(minilm_bundle, tmp_path / "bounded.log", "--max-batch-size", "32", "--queue-limit", "1000")
 
