@@ -40,9 +40,9 @@ RUN groupadd --gid 10001 app && useradd --uid 10001 --gid app --create-home --sh
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=bundle --chown=app:app /opt/reprmerge /opt/reprmerge
 COPY --chmod=0755 deploy/docker/entrypoint.sh /usr/local/bin/reprmerge-entrypoint
-# MALLOC_MMAP_THRESHOLD_ pins glibc's mmap threshold at 128 KiB: otherwise it grows after the first
-# frees, the d x d solve temporaries of each new preference land in the heap arenas, long-lived cached
-# heads pin them there and RSS grows about 0.6 MB per new preference (deploy/README.md, soak).
+# MALLOC_*_THRESHOLD_ fix glibc's thresholds as `reprmerge serve` does itself (service/server.py,
+# tune_malloc), from the first allocation on: a fixed mmap threshold keeps RSS flat under many new
+# preferences, and 32 MiB keeps each batch's activations in the arenas instead of page-faulting them in.
 # REPRMERGE_BUNDLE is left unset: the entrypoint then serves the embedded bundle. Mount your own
 # and set REPRMERGE_BUNDLE to its path to serve it instead.
 # TOKENIZERS_PARALLELISM is a tokenizer switch, not a secret:
@@ -55,7 +55,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     REPRMERGE_HOST=0.0.0.0 \
     REPRMERGE_PORT=8000 \
     PYTHONUNBUFFERED=1 \
-    MALLOC_MMAP_THRESHOLD_=131072
+    MALLOC_MMAP_THRESHOLD_=33554432 \
+    MALLOC_TRIM_THRESHOLD_=67108864
 USER 10001:10001
 WORKDIR /home/app
 EXPOSE 8000

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: serve test install bench clean loadtest
+.PHONY: serve test install bench clean loadtest browser screenshots
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,13 +38,26 @@ $(DEFAULT_BUNDLE)/manifest.json: | $(STAMP)
 serve: $(STAMP) $(DEFAULT_BUNDLE)/manifest.json
 	$(VENV)/bin/reprmerge serve $(DEFAULT_BUNDLE) --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+# The playground's browser tests drive a system Chromium (Playwright's own download is not reachable) and run
+# the page's copied curl command: both installed from Debian's packages when missing and apt-get can run as
+# root. Best effort: this step never fails the target; without them those tests skip and say how to get them.
+browser:
+	@{ command -v chromium || command -v chromium-browser; } >/dev/null 2>&1 && command -v curl >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium curl >/dev/null; } || \
+	  echo "no Chromium: the playground's browser tests will skip (as root: apt-get install -y chromium curl)"
+
+test: $(STAMP) browser
 	# One BLAS thread per process: the tests run a server and a client side by side on small tensors,
 	# where two spinning OpenMP threads per process slow tiny ops down a hundredfold.
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_solve.py
+
+# The README's playground screenshots (docs/playground/*.png), taken in headless Chromium on the default bundle.
+screenshots: $(STAMP) browser $(DEFAULT_BUNDLE)/manifest.json
+	OMP_NUM_THREADS=1 $(PY) benchmarks/playground_screenshots.py --bundle $(DEFAULT_BUNDLE) --out docs/playground
 
 # Open-loop load test of a local server on loopback (about 2.5 min): runs/loadtest/report.md, .json, PNGs.
 # More: make loadtest LOADTEST_ARGS="--rate 40 --seconds 30 --sweep 1,100,10000"

@@ -20,10 +20,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel
 
+from reprmerge_bench.merges import load_setup, spearman
 from reprmerge_core.backbone import Backbone, default_backbone_path
-from reprmerge_core.data import load_suite
 from reprmerge_core.merging import (
     METHODS,
     collect_grams,
@@ -31,11 +31,10 @@ from reprmerge_core.merging import (
     merge_sequential,
     merge_state_dicts,
     overall_rho,
-    text_batches,
 )
 from reprmerge_core.merging.calibration import linear_layers
 from reprmerge_core.merging.merge import changed_parameters
-from reprmerge_core.training import RECIPES, evaluate_head, train_experts
+from reprmerge_core.training import evaluate_head
 
 
 def configs(k: int) -> list[tuple[str, str, dict]]:
@@ -53,11 +52,6 @@ def configs(k: int) -> list[tuple[str, str, dict]]:
     ]
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    ranks = [np.argsort(np.argsort(x)).astype(float) for x in (a, b)]
-    return float(np.corrcoef(*ranks)[0, 1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="tiny")
@@ -67,17 +61,13 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     base_dir = default_backbone_path()
-    suite = load_suite(args.suite)
-    recipe = RECIPES[args.suite]
-    experts = train_experts(suite, recipe, progress=True)
+    setup = load_setup(args.suite, progress=True)
     print(f"experts ready in {time.perf_counter() - start:.0f}s (cached after the first run)")
-    tasks = [s.name for s in suite]
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    base_model = AutoModel.from_pretrained(base_dir)
-    base = {k: v.clone() for k, v in base_model.state_dict().items()}
-    models = {t: AutoModel.from_pretrained(e.path) for t, e in zip(tasks, experts)}
-    states = {t: m.state_dict() for t, m in models.items()}
-    batches = {s.name: text_batches(tokenizer, s.calibration[: args.calibration], 32, recipe.max_length) for s in suite}
+    suite, recipe, experts, tokenizer, base_model, base, models, states = (
+        setup.suite, setup.recipe, setup.experts, setup.tokenizer, setup.base_model, setup.base, setup.models,
+        setup.states)
+    tasks = setup.tasks
+    batches = setup.batches(args.calibration)
 
     start = time.perf_counter()
     changed = set(changed_parameters(base, states, ()))

@@ -46,6 +46,7 @@ from reprmerge_core.merging.arithmetic import task_arithmetic
 from reprmerge_core.preference import Preference, canonical_preference
 from service.client import Client, ClientError
 from service.engine import Engine, Head, HeadGroup, torch_executor
+from service.server import tune_malloc
 from service.settings import ServiceSettings
 
 WORDS = ("model merging keeps one backbone for many tasks while a small closed form correction restores each "
@@ -403,6 +404,7 @@ def run_benchmark(bundle: Path | None, *, batch_size: int, batches: int, http_se
                   server_log: Path | None = None, device: str = "cpu") -> dict[str, Any]:
     """Run every case, print the table, optionally write JSON; returns the results (`http_error` when the
     server could not be started)."""
+    tune_malloc()  # the engine with the server's allocator setting: the same work per text on both sides
     with tempfile.TemporaryDirectory(prefix="reprmerge-bench-") as tmp:
         bundle = bundle or synthetic_bundle(Path(tmp) / "bundle")
         engine = Engine.load(bundle, device=device, solve_dtype=solve_dtype, trace=True)  # as the server does

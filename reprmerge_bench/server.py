@@ -16,8 +16,6 @@ from pathlib import Path
 from types import TracebackType
 
 CLI = "import sys; from reprmerge_core.cli import main; sys.exit(main())"
-# The allocator setting of the image and manifests (see the Dockerfile), so local runs measure what is deployed.
-DEPLOYED_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def metric_values(text: str) -> dict[str, float]:
@@ -35,8 +33,7 @@ class LocalServer:
     temporary file (path printed) that is removed after a clean run and kept when the server failed, exited
     early or the caller set `failed`."""
 
-    def __init__(self, bundle: Path, log: Path | None, *flags: str, ready_timeout: float = 180,
-                 deployed_env: bool = True) -> None:
+    def __init__(self, bundle: Path, log: Path | None, *flags: str, ready_timeout: float = 180) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -47,7 +44,7 @@ class LocalServer:
         self._args = [sys.executable, "-c", CLI, "serve", str(bundle), "--host", "127.0.0.1", "--port", str(port),
                       *flags]
         self._ready_timeout = ready_timeout
-        self._env = {**os.environ, **(DEPLOYED_ENV if deployed_env else {}), "HF_HUB_OFFLINE": "1",
+        self._env = {**os.environ, "HF_HUB_OFFLINE": "1",
                      "TOKENIZERS_PARALLELISM": "false"}
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -11,9 +11,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response as StarletteResponse
+from starlette.types import Scope
 
 from reprmerge_core import __version__
 from service import oip
@@ -75,7 +78,31 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 router = APIRouter()
+PLAYGROUND = "/playground"
+# The page loads nothing from outside the service, and the browser is told to refuse it if it tried.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class PageFiles(StaticFiles):
+    """The playground's files (package data `service/playground/`), with PAGE_HEADERS on every answer."""
+
+    async def get_response(self, path: str, scope: Scope) -> StarletteResponse:
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_HEADERS)
+        return response
 TimeoutHeader = Header(None, alias=TIMEOUT_HEADER, description="seconds the client will wait; later answers become 504")
+
+
+@router.get("/", include_in_schema=False)
+async def root() -> RedirectResponse:
+    """The service's front door is the playground page."""
+    return RedirectResponse(f"{PLAYGROUND}/")
 
 
 @router.get("/livez", tags=["probes"], summary="process is alive (never touches the model)")
@@ -162,10 +189,12 @@ def create_app(settings: ServiceSettings, engine: Engine, metrics: Metrics | Non
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(oip.router)
+    app.mount(PLAYGROUND, PageFiles(packages=[("service", "playground")], html=True), name="playground")
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(RequestMiddleware, metrics=service.metrics, max_body_bytes=settings.max_body_bytes,
                        body_timeout=settings.body_timeout, api_key=api_key,
-                       templates=[r.path for r in (*router.routes, *oip.router.routes) if isinstance(r, APIRoute)])
+                       templates=[*(r.path for r in (*router.routes, *oip.router.routes) if isinstance(r, APIRoute)),
+                                  f"{PLAYGROUND}/{{path:path}}"])
     plain_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:

@@ -100,8 +100,8 @@ class Engine:
         if trace:
             backbone.trace()
         solver = CorrectionSolver(
-            m.correction.beta, m.correction.normalisation, use_prior=m.correction.use_prior, device=backbone.device,
-            dtype=getattr(torch, solve_dtype),
+            m.correction.beta, m.correction.normalisation, identity_weight=m.correction.identity_weight,
+            device=backbone.device, dtype=getattr(torch, solve_dtype),
         ).fit(bundle.statistics)
         return cls(bundle, backbone, HeadFolder(solver, bundle.heads))
 

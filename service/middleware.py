@@ -41,6 +41,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Probes and metrics stay reachable without the key (kubelet and Prometheus carry none).
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+# The playground page is static and holds no data: it loads without the key, then asks for it and
+# sends it on its /v1 calls, which stay protected.
+PAGE_PATHS, PAGE_PREFIX = frozenset({"/", "/playground"}), "/playground/"
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 # Statuses after which the connection is not reused: a 500 may leave it in any state (uvicorn closes
 # it), and a 503 comes while draining, when the server is about to close every connection. Saying
@@ -143,10 +146,11 @@ class RequestMiddleware:
             route = getattr(scope.get("route"), "path", None) or self._template(scope)
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_duration.labels(route).observe(elapsed)
-            access_log.info(json.dumps({
-                "request_id": request_id, "method": scope["method"], "route": route, "status": status,
-                "duration_ms": round(elapsed * 1e3, 3), **state["timings"],
-            }))
+            if access_log.isEnabledFor(logging.INFO):  # the line costs more than the check; off at --log-level warning
+                access_log.info(json.dumps({
+                    "request_id": request_id, "method": scope["method"], "route": route, "status": status,
+                    "duration_ms": round(elapsed * 1e3, 3), **state["timings"],
+                }))
 
     def _template(self, scope: Scope) -> str:
         """The route template of a request refused before routing (401, 413, ...), for the metrics."""
@@ -156,7 +160,7 @@ class RequestMiddleware:
         return next((template for regex, template in self.templates if regex.match(path)), "unmatched")
 
     def _refusal(self, path: str, headers: dict[str, str]) -> ServiceError | None:
-        if self.api_key is None or path in OPEN_PATHS:
+        if self.api_key is None or path in OPEN_PATHS or path in PAGE_PATHS or path.startswith(PAGE_PREFIX):
             return None
         scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):

@@ -82,9 +82,14 @@ class Service:
         self.state = State.READY
         log.info("ready: bundle %s on %s", self.engine.bundle_id, self.engine.device)
 
+    def refuse_new_work(self) -> None:
+        """From now on probes say 503 and requests are refused; synchronous, so a signal handler can
+        call it before any request that arrives after the signal is looked at."""
+        self.state = State.DRAINING
+
     async def drain(self) -> bool:
         """Refuse new work and answer everything admitted; False if `drain_timeout` ran out."""
-        self.state = State.DRAINING
+        self.refuse_new_work()
         end = time.monotonic() + self.settings.drain_timeout
         # Batches first (their heads and applies run on the heads thread), then admitted trade-offs.
         return await self.batcher.drain(self.settings.drain_timeout) and await self.heads.drain(end - time.monotonic())

@@ -31,7 +31,7 @@ def test_round_trip(tmp_path: Path, tiny_backbone_dir: Path) -> None:
     m = bundle.manifest
     assert m.task_names == ["alpha", "beta", "gamma"]
     assert [t.labels for t in m.tasks] == [["no", "yes"], ["a", "b", "c"], ["x", "y"]]
-    assert m.representation_dim == 32 and m.format_version == 1
+    assert m.representation_dim == 32 and m.format_version == 2
     assert m.correction.beta == 0.3 and m.correction.normalisation.value == "energy"
     assert set(m.files) >= {"statistics.safetensors", "heads.safetensors", "backbone/config.json", "backbone/model.safetensors"}
     # The same generator sequence rebuilds the same tensors: compare with what was written.

@@ -41,7 +41,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Pat
     return {"root": root, "linear": linear, "cls": cls_dir, "same": same, "backbone": tiny_backbone_dir}
 
 
-def test_calibrate_with_separate_linear_heads(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+def test_calibrate_with_separate_linear_heads(checkpoints: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     c = checkpoints
     out = tmp_path / "bundle"
     assert cli(["calibrate", "--backbone", str(c["backbone"]), "--expert", f"topic={c['linear']}",
@@ -50,6 +51,12 @@ def test_calibrate_with_separate_linear_heads(checkpoints: dict[str, Path], tmp_
     bundle = load_bundle(out)
     assert bundle.task_names == ["topic", "same"] and bundle.manifest.tasks[0].labels == ["0", "1", "2"]
     assert [t.calibration_samples for t in bundle.manifest.tasks] == [24, 24]
+    agreement = bundle.manifest.extra["head_agreement"]  # an expert equal to the backbone always agrees
+    assert agreement["per_task"]["same"] == 1.0 and 0 <= agreement["per_task"]["topic"] <= 1
+    assert agreement["mean"] == pytest.approx((1.0 + agreement["per_task"]["topic"]) / 2)
+    capsys.readouterr()
+    assert cli(["inspect", str(out)]) == 0
+    assert f"agreement   {agreement['mean']:.3f} of calibration inputs" in capsys.readouterr().out
     # statistics equal those of the features computed directly
     zm = Backbone.from_pretrained(c["backbone"], max_length=128, device="cpu").encode(TEXTS).double()
     ze = Backbone.from_pretrained(c["linear"], max_length=128, device="cpu").encode(TEXTS).double()
@@ -66,9 +73,13 @@ def test_calibrate_with_a_sequence_classification_expert(checkpoints: dict[str, 
     c = checkpoints
     out = tmp_path / "bundle"
     assert cli(["calibrate", "--backbone", str(c["cls"]), "--expert", f"sentiment={c['cls']}",
-                "--calibration", f"sentiment={c['root'] / 'b.txt'}", "--out", str(out), "--folds", "2"]) == 0
+                "--calibration", f"sentiment={c['root'] / 'b.txt'}", "--out", str(out), "--folds", "2",
+                "--prior", "identity"]) == 0
     bundle = load_bundle(out)
     assert bundle.manifest.backbone.pooling == "pooler"
+    correction = bundle.manifest.correction  # the prior asked for, with the CV curve recorded beside it
+    assert correction.identity_weight == 1.0 and not correction.prior_selection["chosen"]
+    assert correction.prior_selection["candidates"][-1] == 1.0
     assert bundle.manifest.tasks[0].labels == ["neg", "pos"]
     model = BertForSequenceClassification.from_pretrained(c["cls"]).eval()
     torch.testing.assert_close(bundle.heads[0].weight, model.classifier.weight.detach())

@@ -10,7 +10,7 @@ import torch
 
 from reprmerge_core.backbone import Backbone
 from reprmerge_core.calibration import collect_statistics, select_beta
-from reprmerge_core.correction import CorrectionSolver, TaskStatistics
+from reprmerge_core.correction import CorrectionSolver, TaskHead, TaskStatistics
 from tests.helpers import make_tiny_backbone
 
 TEXTS = [f"calibration sentence number {i} about {w}" for i, w in enumerate(["cats", "dogs", "news", "sport"] * 5)]
@@ -25,9 +25,13 @@ def models(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) ->
 
 def test_statistics_match_direct_features(models) -> None:
     merged, expert = models
-    result = collect_statistics(merged, [expert, merged], [TEXTS, TEXTS[:7]], folds=3, batch_size=6, progress=False)
     zm = merged.encode(TEXTS, batch_size=20).double().numpy()
     ze = expert.encode(TEXTS, batch_size=20).double().numpy()
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(3, merged.dim, generator=g) for _ in range(2)]  # centred on the merged features
+    heads = [TaskHead(w, -w @ torch.from_numpy(zm.mean(0)).float()) for w in weights]
+    result = collect_statistics(merged, [expert, merged], [TEXTS, TEXTS[:7]], folds=3, batch_size=6, progress=False,
+                                heads=heads)
     total = result.total
     # padding differs between batch sizes; mean pooling over the mask keeps features equal to ~1e-6
     np.testing.assert_allclose(total[0].A.numpy(), zm.T @ zm, rtol=1e-4, atol=1e-4)
@@ -37,6 +41,11 @@ def test_statistics_match_direct_features(models) -> None:
     fold0 = zm[0::3]
     np.testing.assert_allclose(result.folds[0][0].A.numpy(), fold0.T @ fold0, rtol=1e-4, atol=1e-4)
     assert result.samples == [20, 7] and result.forward_seconds > 0
+    # head agreement: how often head 0 picks the same class on merged and expert features (1 for the backbone itself)
+    H, b = heads[0].weight.double().numpy(), heads[0].bias.double().numpy()
+    agree = np.mean((zm @ H.T + b).argmax(1) == (ze @ H.T + b).argmax(1))
+    assert 0 < agree < 1 and result.agreement == [pytest.approx(agree), 1.0]
+    assert collect_statistics(merged, [expert], [TEXTS], progress=False).agreement is None
 
 
 def test_collect_refuses_mismatched_inputs(models) -> None:

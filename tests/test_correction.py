@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from reprmerge_core.correction import CorrectionSolver, HeadFolder, StatisticsAccumulator, TaskHead, TaskStatistics
+from reprmerge_core.correction import (
+    CorrectionSolver,
+    HeadFolder,
+    StatisticsAccumulator,
+    TaskHead,
+    TaskStatistics,
+    procrustes,
+)
 from reprmerge_core.correction.solver import quality_kept
 
 D, T = 12, 3
@@ -227,8 +234,14 @@ def test_energy_normalisation_makes_beta_scale_and_size_free() -> None:
 
 def test_identity_prior_option(setup) -> None:
     data, _, ref = setup
-    W = CorrectionSolver(beta=1e9, use_prior=False).fit(stats_of(data)).task_corrections()
+    W = CorrectionSolver(beta=1e9, identity_weight=1.0).fit(stats_of(data)).task_corrections()
     torch.testing.assert_close(W, torch.eye(D, dtype=torch.float64).expand(T, D, D), atol=1e-6, rtol=0)
+    # a blend: a huge beta returns the prior itself, alpha I + (1 - alpha) Procrustes
+    solver = CorrectionSolver(beta=1e9, identity_weight=0.3).fit(stats_of(data))
+    want = 0.3 * torch.eye(D, dtype=torch.float64) + 0.7 * procrustes(solver.B_)
+    torch.testing.assert_close(solver.task_corrections(), want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="identity_weight"):
+        CorrectionSolver(identity_weight=1.5)
 
 
 def test_float32_solve_close_to_float64(setup) -> None:

@@ -18,6 +18,7 @@ from yamllint import linter
 from yamllint.config import YamlLintConfig
 
 from service.metrics import Metrics
+from service.server import MALLOC_SETTINGS
 from service.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,8 +99,9 @@ def test_image_compose_and_deployment_share_the_allocator_setting() -> None:
     pod = next(d for _, d in _manifests() if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["reprmerge"]["environment"]
-    value = env["MALLOC_MMAP_THRESHOLD_"]
-    assert compose["MALLOC_MMAP_THRESHOLD_"] == value and f"MALLOC_MMAP_THRESHOLD_={value}" in (ROOT / "Dockerfile").read_text()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for name, value in MALLOC_SETTINGS.items():  # what `reprmerge serve` sets itself
+        assert env[name] == compose[name] == str(value) and f"{name}={value}" in dockerfile
 
 
 def test_shard_job_and_reduce_job_agree_on_the_shard_count() -> None:

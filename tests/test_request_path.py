@@ -4,7 +4,11 @@ estimated wait, one bad text failing only its own request, departed clients neve
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +25,7 @@ from service.batcher import Batcher
 from service.engine import Engine
 from service.heads import Heads
 from service.metrics import Metrics
+from service.server import freeze_startup_objects
 from service.settings import ServiceSettings
 from tests.helpers import make_random_bundle
 from tests.test_service_http import ServerProcess
@@ -143,7 +148,18 @@ def _wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
         time.sleep(0.01)
 
 
-def test_departed_clients_texts_never_reach_the_backbone(server: ServerProcess) -> None:
+@pytest.fixture(scope="module")
+def minilm_server(minilm_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The real MiniLM backbone: a queue must build up behind it (the 32-wide test model answers 60
+    full batches in well under a second)."""
+    srv = ServerProcess(minilm_bundle, tmp_path_factory.mktemp("logs") / "minilm.log", "--max-batch-size", "32",
+                        "--inference-workers", "2")
+    yield srv
+    srv.stop()
+
+
+def test_departed_clients_texts_never_reach_the_backbone(minilm_server: ServerProcess) -> None:
+    server = minilm_server
     busy = {"texts": [" ".join(["busy"] * 30)] * 32}
     departed = b'{"texts": [' + b", ".join([b'"gone"'] * 7) + b"]}"
     encoded_before = server.metric("reprmerge_batch_size_sum")
@@ -193,3 +209,49 @@ def test_admission_refuses_what_would_miss_its_deadline_with_an_honest_retry_aft
         assert srv.metric('reprmerge_rejections_total{reason="overloaded"}') == len(refused)
     finally:
         srv.stop()
+
+
+_FAULTS = """
+import ctypes, ctypes.util, resource, sys, torch
+from service.server import MALLOC_SETTINGS, M_MMAP_THRESHOLD, tune_malloc
+if sys.argv[1] == "tuned":
+    assert tune_malloc()
+else:  # the setting before: glibc's mmap threshold pinned at 128 KiB
+    ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_MMAP_THRESHOLD, 128 << 10)
+torch.set_num_threads(1)
+x, w = torch.randn(256, 384), torch.randn(384, 1536)
+def step():  # one layer's worth of activations: (256, 1536) float32 = 1.5 MiB, freed at once
+    return (x @ w).relu().sum()
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc and Linux fault counters")
+def test_the_servers_malloc_setting_reuses_activation_memory_instead_of_faulting_it_in() -> None:
+    """With glibc's mmap threshold pinned at 128 KiB every backbone pass mmapped its activations and
+    page-faulted them in afresh (+30% CPU per text); `tune_malloc` keeps them in the arenas."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def faults(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, env=env,
+                             cwd=Path(__file__).parents[1], check=True).stdout
+        return float(out)
+
+    tuned, pinned = faults("tuned"), faults("pinned")
+    assert pinned > 300, pinned  # the old setting: ~380 faults (1.5 MiB / 4 KiB) per step
+    assert tuned < 10, tuned
+
+
+def test_startup_objects_are_frozen_out_of_full_collections() -> None:
+    """A full collection walked every torch/transformers object: ~0.5 s with the GIL held, per collection."""
+    try:
+        frozen = freeze_startup_objects()
+        assert frozen == gc.get_freeze_count() > 10_000  # this test process has torch and transformers loaded
+        assert len(gc.get_objects()) < frozen / 10  # what a full collection still walks
+    finally:
+        gc.unfreeze()

@@ -517,3 +517,24 @@ def test_float32_solves_match_float64(engine: Engine) -> None:
     for ref, got in zip(engine.fold(prefs), fast.fold(prefs)):
         assert got.weight.dtype == ref.weight.dtype == torch.float32
         torch.testing.assert_close(z @ got.weight.T, z @ ref.weight.T, rtol=1e-3, atol=1e-3)
+
+
+def test_the_playground_page_is_public_and_self_contained_while_its_api_calls_need_the_key(client: TestClient) -> None:
+    bare = {"Authorization": ""}
+    root = client.get("/", headers=bare, follow_redirects=False)
+    assert root.status_code == 307 and root.headers["location"] == "/playground/"
+    assert client.get("/playground", headers=bare, follow_redirects=False).headers["location"] == "/playground/"
+    page = client.get("/playground/", headers=bare)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-security-policy"].startswith("default-src 'self'")
+    for asset, kind in (("app.js", "javascript"), ("style.css", "text/css"), ("icon.svg", "image/svg+xml")):
+        served = client.get(f"/playground/{asset}", headers=bare)
+        assert served.status_code == 200 and kind in served.headers["content-type"] and f'"{asset}"' in page.text
+        outside = served.text.replace("http://www.w3.org/2000/svg", "")  # an XML namespace name, never fetched
+        assert "http://" not in outside and "https://" not in outside and "//" + "cdn" not in outside
+    missing = client.get("/playground/nope.js", headers=bare)
+    assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
+    assert client.get("/playgroundx", headers=bare).status_code == 401  # only the page's own paths are public
+    assert client.get("/v1/info", headers=bare).status_code == 401
+    text = client.get("/metrics", headers=bare).text
+    assert 'code="200",route="/playground/{path:path}"' in text and 'code="307",route="/"' in text

@@ -173,7 +173,9 @@ def test_sigterm_under_load_answers_every_accepted_request(bundle: Path, tmp_pat
     async def scenario() -> tuple[list[httpx.Response | Exception], int, int]:
         load = asyncio.ensure_future(_fire(srv.url, _bodies(150, seed=2, texts=16)))
         async with httpx.AsyncClient(base_url=srv.url, timeout=10) as c:
+            give_up = time.monotonic() + 60
             while True:  # wait until work is queued, then signal
+                assert time.monotonic() < give_up, "no queue formed within 60 s"
                 depth = float(next(line for line in (await c.get("/metrics")).text.splitlines()
                                    if line.startswith("reprmerge_queue_depth ")).split()[1])
                 if depth >= 20:

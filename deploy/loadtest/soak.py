@@ -28,17 +28,13 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=20)
     p.add_argument("--distinct", type=int, default=10000, help="Zipf mix over this many preferences: cache churn")
     p.add_argument("--every", type=float, default=5, help="seconds between samples")
-    p.add_argument("--glibc-default-malloc", action="store_true",
-                   help="run the server without the image's MALLOC_MMAP_THRESHOLD_: checks that `reprmerge serve` pins "
-                        "glibc's mmap threshold itself (service/server.py)")
     args = p.parse_args()
     if not 0 < args.seconds <= 900:
         p.error("--seconds must be in (0, 900]")
     args.out.mkdir(parents=True, exist_ok=True)
     options = locust_options(["--rate", str(args.rate), "--mix", "zipf", "--distinct", str(args.distinct)])
     rows: list[dict[str, float]] = []
-    with LocalServer(args.bundle, args.out / "server.log", "--device", "cpu", "--log-level", "warning",
-                     deployed_env=not args.glibc_default_malloc) as server:
+    with LocalServer(args.bundle, args.out / "server.log", "--device", "cpu", "--log-level", "warning") as server:
         start = time.monotonic()
 
         def sample() -> None:
@@ -63,7 +59,6 @@ def main() -> None:
     errors = [int(r["errors"]) for r in rows]
     summary = {
         "seconds": elapsed, "rate": args.rate, "distinct": args.distinct, "sent": len(samples),
-        "glibc_default_malloc": args.glibc_default_malloc,
         "ok": sum(s.status == 200 for s in samples), "client_failures": sum(s.status != 200 for s in samples),
         "rss_mb": {"first": rss[0], "min": rss.min(), "max": rss.max(), "last": rss[-1],
                    "second_half_slope_mb_per_min": slope},

@@ -10,8 +10,8 @@ from reprmerge_core.correction.solver import Normalisation
 from reprmerge_core.merging.diagnostics import ExpertDiagnostics
 
 FORMAT = "reprmerge-bundle"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2  # 2: the prior is `correction.identity_weight` (chosen by cross-validation), not `use_prior`
+SUPPORTED_VERSIONS = (1, 2)
 
 STATISTICS_FILE = "statistics.safetensors"
 HEADS_FILE = "heads.safetensors"
@@ -37,10 +37,35 @@ class TaskInfo(_Strict):
 
 
 class CorrectionInfo(_Strict):
+    """How corrections are solved. `identity_weight` alpha sets the prior O_t = alpha I + (1 - alpha) Procrustes_t.
+
+    Format 1 manifests said `use_prior` (true: Procrustes, alpha 0; false: identity, alpha 1); they still load.
+    """
+
     beta: float = Field(gt=0, allow_inf_nan=False)
     normalisation: Normalisation
-    use_prior: bool = True
+    identity_weight: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
     beta_selection: dict[str, Any] | None = None
+    prior_selection: dict[str, Any] | None = None  # the cross-validated choice of alpha and its curve
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_1_prior(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "use_prior" in data:
+            data = dict(data)
+            use_prior = data.pop("use_prior")
+            if not isinstance(use_prior, bool):
+                raise ValueError("use_prior must be true or false")
+            if "identity_weight" in data:
+                raise ValueError("give identity_weight or the format 1 use_prior, not both")
+            data["identity_weight"] = 0.0 if use_prior else 1.0
+        return data
+
+    @property
+    def prior(self) -> str:
+        """The prior in words, for logs and reports."""
+        a = self.identity_weight
+        return "procrustes" if a == 0 else "identity" if a == 1 else f"{a:g} identity + {1 - a:g} procrustes"
 
 
 class MergeInfo(_Strict):

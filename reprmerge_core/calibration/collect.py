@@ -2,6 +2,11 @@
 
 Inputs are tokenised once and fed to both models. Sample i of a task goes to fold i mod k; statistics
 are kept per fold (they are sums, so the total is their sum) for label-free cross-validation of beta.
+
+Given the task heads, the same pass measures head agreement: the fraction of task t's calibration inputs on which
+head t picks the same class on the merged representation as on expert t's. It needs no labels and ranks merges
+like their accuracy under the task heads far better than the weight-space rho (docs/results/rho), so it is the
+merge diagnostic a bundle reports.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from functools import reduce
 from operator import add
 
@@ -16,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from reprmerge_core.backbone import Backbone, batched
+from reprmerge_core.correction.heads import TaskHead
 from reprmerge_core.correction.statistics import StatisticsAccumulator, TaskStatistics
 
 
@@ -28,11 +35,26 @@ class CalibrationStatistics:
     accumulate_seconds: float = 0.0
     samples: list[int] = field(default_factory=list)
     task_seconds: list[float] = field(default_factory=list)  # wall time per task: grows linearly with T
+    agreement: list[float] | None = None  # per task, with heads: fraction of inputs where merged and expert agree
 
     @property
     def total(self) -> list[TaskStatistics]:
         """Statistics of all folds together, one per task."""
         return [reduce(add, task_folds) for task_folds in self.folds]
+
+
+def _agreements(head: TaskHead, merged: torch.Tensor, expert: torch.Tensor) -> int:
+    """How many rows get the same class from `head` on merged as on expert features."""
+    zm, ze = merged.double(), expert.double()
+    weight, bias = head.weight.to(zm), head.bias.to(zm)
+    return int(((zm @ weight.T + bias).argmax(1) == (ze @ weight.T + bias).argmax(1)).sum())
+
+
+def head_agreement(tasks: Sequence[str], agreement: Sequence[float] | None) -> dict[str, Any] | None:
+    """The bundle's record of head agreement: per task and the mean over tasks (None when not measured)."""
+    if agreement is None:
+        return None
+    return {"per_task": dict(zip(tasks, agreement)), "mean": sum(agreement) / len(agreement)}
 
 
 def collect_statistics(
@@ -43,10 +65,17 @@ def collect_statistics(
     folds: int = 1,
     batch_size: int = 32,
     progress: bool = True,
+    heads: Sequence[TaskHead] | None = None,
 ) -> CalibrationStatistics:
-    """Statistics of merged vs expert t representations on task t's calibration inputs."""
+    """Statistics of merged vs expert t representations on task t's calibration inputs (and, with `heads`,
+    head agreement)."""
     if len(experts) != len(calibration):
         raise ValueError(f"got {len(experts)} experts and {len(calibration)} calibration sets")
+    if heads is not None and len(heads) != len(experts):
+        raise ValueError(f"got {len(heads)} heads for {len(experts)} experts")
+    for t, head in enumerate(heads or []):
+        if head.weight.shape[1] != merged.dim:
+            raise ValueError(f"head {t} reads size {head.weight.shape[1]}, merged backbone gives {merged.dim}")
     if folds < 1:
         raise ValueError(f"folds must be >= 1, got {folds}")
     for t, expert in enumerate(experts):
@@ -55,12 +84,13 @@ def collect_statistics(
     for t, texts in enumerate(calibration):
         if len(texts) < folds:
             raise ValueError(f"task {t} has {len(texts)} calibration inputs, fewer than {folds} folds")
-    result = CalibrationStatistics(folds=[], samples=[len(texts) for texts in calibration])
+    result = CalibrationStatistics(folds=[], samples=[len(texts) for texts in calibration],
+                                   agreement=None if heads is None else [])
     bar = tqdm(total=sum(result.samples), desc="statistics", unit="input", disable=not progress)
-    for expert, texts in zip(experts, calibration):
+    for t, (expert, texts) in enumerate(zip(experts, calibration)):
         task_start = time.perf_counter()
         accs = [StatisticsAccumulator(merged.dim, device=merged.device) for _ in range(folds)]
-        offset = 0
+        offset = agreed = 0
         for chunk in batched(texts, batch_size):
             start = time.perf_counter()
             tokens = merged.tokenize(chunk)
@@ -70,11 +100,15 @@ def collect_statistics(
             for f in fold_of.unique().tolist():
                 rows = fold_of == f
                 accs[f].update(zm[rows], ze[rows])
+            if heads is not None:
+                agreed += _agreements(heads[t], zm, ze)
             result.forward_seconds += mid - start
             result.accumulate_seconds += time.perf_counter() - mid
             offset += len(chunk)
             bar.update(len(chunk))
         result.folds.append([acc.result() for acc in accs])
+        if result.agreement is not None:
+            result.agreement.append(agreed / len(texts))
         result.task_seconds.append(time.perf_counter() - task_start)
     bar.close()
     return result

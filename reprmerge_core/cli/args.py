@@ -1,9 +1,11 @@
-"""Argument types shared by the subcommands: NAME=VALUE pairs, JSON-ish values, beta."""
+"""Argument types shared by the subcommands: NAME=VALUE pairs, JSON-ish values, beta, the prior."""
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from reprmerge_core.calibration import prior_identity_weight
 
 
 def pair(text: str) -> tuple[str, str]:
@@ -27,6 +29,17 @@ def unique(pairs: list[tuple[str, str]], option: str) -> dict[str, str]:
     if repeated:
         raise ValueError(f"{option} names must be unique; repeated: {', '.join(repeated)}")
     return dict(pairs)
+
+
+def prior_value(text: str) -> float | str:
+    """'auto', 'procrustes', 'identity' or an identity weight in [0, 1] (see `choose_correction`)."""
+    if text == "auto":
+        return text
+    try:
+        prior_identity_weight(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text if text in ("procrustes", "identity") else float(text)
 
 
 def beta_value(text: str) -> float | str:

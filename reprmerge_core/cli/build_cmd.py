@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from reprmerge_core.cli.args import beta_value, json_value, pair, unique
+from reprmerge_core.cli.args import beta_value, json_value, pair, prior_value, unique
 from reprmerge_core.data import SUITES
 from reprmerge_core.merging import METHODS
 from reprmerge_core.pipeline import BuildConfig, build_bundle
@@ -24,6 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a merge parameter (repeat), e.g. density=0.2")
     p.add_argument("--calibration-size", type=int, default=None, help="calibration inputs per task (default: the suite's)")
     p.add_argument("--beta", type=beta_value, default="auto", help="correction strength, or 'auto' (k-fold CV, default)")
+    p.add_argument("--prior", type=prior_value, default="auto",
+                   help="prior of the correction: 'auto' (chosen with beta by k-fold CV, default), 'procrustes', "
+                        "'identity' "
+                        "or an identity weight in [0, 1] (a blend)")
     p.add_argument("--folds", type=int, default=5, help="folds of the beta cross-validation")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--cache-dir", type=Path, default=None, help="expert cache (default ~/.cache/reprmerge or $REPRMERGE_CACHE)")
@@ -37,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         config = BuildConfig(
             suite=args.suite or tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
             merge=args.merge, merge_params={k: json_value(v) for k, v in unique(args.params, "--set").items()},
-            calibration_size=args.calibration_size, beta=args.beta, folds=args.folds, device=args.device,
+            calibration_size=args.calibration_size, beta=args.beta, prior=args.prior, folds=args.folds,
+            device=args.device,
             cache_dir=args.cache_dir,
         )
         path = build_bundle(config, args.out, overwrite=args.overwrite)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from reprmerge_core.backbone import POOLINGS
-from reprmerge_core.cli.args import beta_value, pair, unique
+from reprmerge_core.cli.args import beta_value, pair, prior_value, unique
 from reprmerge_core.merging import read_texts
 from reprmerge_core.pipeline.calibrate import ShardSpec, calibrate_bundle
 
@@ -32,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pooling", choices=POOLINGS, default="mean", help="representation for head.safetensors experts")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--beta", type=beta_value, default="auto")
+    p.add_argument("--prior", type=prior_value, default="auto",
+                   help="prior of the correction: 'auto' (chosen with beta by k-fold CV, default), 'procrustes', "
+                        "'identity' "
+                        "or an identity weight in [0, 1] (a blend)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--merge-method", default="unknown", help="recorded in the manifest")
     p.add_argument("--device", default="auto")
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         experts = unique(args.expert, "--expert")
         calibration = {name: read_texts(path) for name, path in unique(args.calibration, "--calibration").items()}
         path = calibrate_bundle(args.backbone, experts, calibration, args.out, shard=args.shard, pooling=args.pooling,
-                                max_length=args.max_length, beta=args.beta, folds=args.folds,
+                                max_length=args.max_length, beta=args.beta, prior=args.prior, folds=args.folds,
                                 merge_method=args.merge_method, device=args.device, overwrite=args.overwrite,
                                 base=args.base)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:

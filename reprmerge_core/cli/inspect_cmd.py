@@ -32,7 +32,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"created     {m.created_at}")
     print(f"backbone    {m.backbone.source}  (pooling {m.backbone.pooling}, max_length {m.backbone.max_length}, d={m.representation_dim})")
     print(f"merge       {m.merge.method} {json.dumps(m.merge.parameters, sort_keys=True)}")
-    print(f"correction  beta={c.beta:g} normalisation={c.normalisation.value} prior={'procrustes' if c.use_prior else 'identity'}")
+    agreement = m.extra.get("head_agreement")
+    if agreement:
+        print(f"agreement   {agreement['mean']:.3f} of calibration inputs get the expert's class from the merged "
+              "backbone (label-free; " + ", ".join(f"{t} {v:.3f}" for t, v in agreement["per_task"].items()) + ")")
+    print(f"correction  beta={c.beta:g} normalisation={c.normalisation.value} prior={c.prior}")
     print("tasks")
     width = max(len(t.name) for t in m.tasks)
     for t in m.tasks:

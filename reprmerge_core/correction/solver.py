@@ -1,7 +1,11 @@
-"""Closed-form ReACT solves: Procrustes prior, per-task corrections, preference solves, losses.
+"""Closed-form ReACT solves: priors, per-task corrections, preference solves, losses.
 
 Per task t (statistics already normalised, see `Normalisation`):
     C_t = A_t + beta I,  M_t = B_t + beta O_t,  W_t = M_t C_t^{-1}
+with the prior O_t = alpha I + (1 - alpha) P_t, P_t the Procrustes rotation of B_t (the paper's prior, alpha = 0)
+and alpha the `identity_weight` (alpha = 1: the identity, i.e. "leave the representation as it is"). The closed
+form holds for any fixed O_t; a blend of two orthogonal matrices is not orthogonal, but the ridge term
+beta ||W - O_t||^2 only needs O_t fixed, and ||O_t||^2 is kept exactly for the losses.
 and for a preference p >= 0 (linear scalarisation of the per-task losses):
     W_p = (sum_t p_t M_t) (sum_t p_t C_t)^{-1}
 sum_t p_t C_t is symmetric positive definite for beta > 0, so every solve is a Cholesky solve.
@@ -119,7 +123,7 @@ class CorrectionSolver:
         beta: float = 1.0,
         normalisation: Normalisation | str = Normalisation.ENERGY,
         *,
-        use_prior: bool = True,
+        identity_weight: float = 0.0,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
         max_float32_condition: float = FLOAT32_MAX_CONDITION,
@@ -128,12 +132,14 @@ class CorrectionSolver:
             raise ValueError(f"beta must be a finite positive number, got {beta!r}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+        if not 0.0 <= identity_weight <= 1.0:
+            raise ValueError(f"identity_weight must be in [0, 1], got {identity_weight!r}")
         if not max_float32_condition >= 1:
             raise ValueError(f"max_float32_condition must be >= 1, got {max_float32_condition!r}")
         self.max_float32_condition = float(max_float32_condition)
         self.beta = float(beta)
         self.normalisation = Normalisation(normalisation)
-        self.use_prior = use_prior
+        self.identity_weight = float(identity_weight)
         self.dtype = dtype
         self.device = torch.device(device)
         self._fitted = False
@@ -141,7 +147,7 @@ class CorrectionSolver:
 
     # -- fitting -----------------------------------------------------------------------------
     def fit(self, stats: Sequence[TaskStatistics]) -> CorrectionSolver:
-        """Normalise the statistics and precompute C_t, M_t and the Procrustes priors O_t."""
+        """Normalise the statistics and precompute C_t, M_t and the priors O_t (one SVD per task unless alpha = 1)."""
         if len(stats) == 0:
             raise ValueError("need statistics for at least one task")
         dims = {s.dim for s in stats}
@@ -152,10 +158,9 @@ class CorrectionSolver:
         A = torch.stack([s.A.to(self.device, torch.float64) for s in stats]) / scales.to(self.device)[:, None, None]
         B = torch.stack([s.B.to(self.device, torch.float64) for s in stats]) / scales.to(self.device)[:, None, None]
         e = torch.tensor([s.e for s in stats], dtype=torch.float64) / scales
-        if self.use_prior:
-            O = procrustes(B)
-        else:
-            O = torch.eye(d, dtype=torch.float64, device=self.device).expand(len(stats), d, d).clone()
+        eye = torch.eye(d, dtype=torch.float64, device=self.device)
+        a = self.identity_weight
+        O = eye.expand(len(stats), d, d).clone() if a == 1.0 else a * eye + (1.0 - a) * procrustes(B)
         return self._set_terms(scales, A, B, e.to(self.device), O)
 
     def _set_terms(self, scales: torch.Tensor, A: torch.Tensor, B: torch.Tensor, e: torch.Tensor,
@@ -183,7 +188,8 @@ class CorrectionSolver:
 
     def _refit(self, beta: float, dtype: torch.dtype) -> CorrectionSolver:
         self.require_fit()
-        other = CorrectionSolver(beta, self.normalisation, use_prior=self.use_prior, dtype=dtype, device=self.device,
+        other = CorrectionSolver(beta, self.normalisation, identity_weight=self.identity_weight, dtype=dtype,
+                                 device=self.device,
                                  max_float32_condition=self.max_float32_condition)
         return other._set_terms(self.scales_, self.A_, self.B_, self.e_, self.O_)
 

@@ -1,10 +1,16 @@
 """Evaluating a controllable merge: metrics, scoring of fused heads, the report and its plots."""
 
-from reprmerge_core.evaluation.evaluate import EvaluationInputs, evaluate_bundle, weighted_task_arithmetic
-from reprmerge_core.evaluation.metrics import hypervolume, simplex_grid, uniformity
+from reprmerge_core.evaluation.evaluate import (
+    CheckpointExpert,
+    EvaluationData,
+    EvaluationInputs,
+    evaluate_bundle,
+    weighted_task_arithmetic,
+)
+from reprmerge_core.evaluation.metrics import hypervolume, pareto_front, simplex_grid, uniformity
 from reprmerge_core.evaluation.scoring import Scores, TestSet, score
 
 __all__ = [
-    "EvaluationInputs", "Scores", "TestSet", "evaluate_bundle", "hypervolume", "score", "simplex_grid",
-    "uniformity", "weighted_task_arithmetic",
+    "CheckpointExpert", "EvaluationData", "EvaluationInputs", "Scores", "TestSet", "evaluate_bundle", "hypervolume",
+    "pareto_front", "score", "simplex_grid", "uniformity", "weighted_task_arithmetic",
 ]

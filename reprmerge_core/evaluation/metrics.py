@@ -28,6 +28,14 @@ def hypervolume(scores: np.ndarray, reference: float = 0.0) -> float:
     return float(moocore.hypervolume(scores, ref=np.full(scores.shape[1], reference), maximise=True))
 
 
+def pareto_front(scores: np.ndarray) -> np.ndarray:
+    """Which rows of per-task scores to maximise, shape (P, T), no other row dominates (ties all kept)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or len(scores) == 0:
+        raise ValueError(f"scores must be a non-empty (points, tasks) array, got shape {scores.shape}")
+    return np.asarray(moocore.is_nondominated(scores, maximise=True, keep_weakly=True), dtype=bool)
+
+
 def uniformity(preferences: np.ndarray, errors: np.ndarray) -> float:
     """Preference alignment of EPO (Mahapatra and Rajan 2020), averaged over preferences.
 

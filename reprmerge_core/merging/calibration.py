@@ -8,7 +8,6 @@ pooler's (B, n) [CLS] rows) count whole. Sums are float64, so Grams of shards ad
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from reprmerge_core.backbone import batched
+from reprmerge_core.data.files import JSON_SUFFIXES, iter_records
 
 Batch = Mapping[str, Tensor]
 DTYPE = torch.float64
@@ -139,16 +139,11 @@ def text_batches(
 def read_texts(path: str | Path) -> list[str]:
     """Calibration inputs: JSON lines with a "text" field (.jsonl/.json) or plain text, one input per line."""
     path = Path(path)
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix not in (".jsonl", ".json"):
-        return lines
+    if path.suffix not in JSON_SUFFIXES:
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     texts = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not a JSON line ({exc.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+    for number, record in iter_records(path):
+        if not isinstance(record.get("text"), str):
             raise ValueError(f'{path}:{number}: expected an object with a string "text" field')
         texts.append(record["text"])
     return texts

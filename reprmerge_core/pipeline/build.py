@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from reprmerge_core.backbone import Backbone, default_backbone_path, select_device
 from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
-from reprmerge_core.calibration import choose_correction, collect_statistics
+from reprmerge_core.calibration import choose_correction, collect_statistics, head_agreement, prior_identity_weight
 from reprmerge_core.correction.solver import Normalisation
 from reprmerge_core.data import SuiteConfig, load_suite, resolve_suite
 from reprmerge_core.merging import merge_checkpoints, resolve
@@ -37,6 +37,7 @@ class BuildConfig(BaseModel):
     merge_params: dict[str, Any] = Field(default_factory=dict)
     calibration_size: int | None = Field(None, ge=2)
     beta: float | str = "auto"
+    prior: float | str = "auto"  # see `choose_correction`
     normalisation: Normalisation = Normalisation.ENERGY
     folds: int = Field(5, ge=2)
     device: str = "auto"
@@ -50,6 +51,13 @@ class BuildConfig(BaseModel):
             raise ValueError("beta must be a positive number or 'auto'")
         if isinstance(v, float) and not (0 < v < float("inf")):
             raise ValueError("beta must be a finite positive number")
+        return v
+
+    @field_validator("prior")
+    @classmethod
+    def _prior(cls, v: float | str) -> float | str:
+        if v != "auto":
+            prior_identity_weight(v)
         return v
 
     def resolved_suite(self) -> SuiteConfig:
@@ -94,12 +102,13 @@ def build_bundle(config: BuildConfig, out: str | Path, *, overwrite: bool = Fals
         merged = Backbone.from_pretrained(work, pooling=recipe.pooling, max_length=recipe.max_length, device=device)
         expert_models = [e.backbone(device=device) for e in experts]
         stats = collect_statistics(merged, expert_models, [calibration[e.task] for e in experts],
-                                   folds=config.folds, batch_size=config.batch_size, progress=progress)
+                                   folds=config.folds, batch_size=config.batch_size, progress=progress,
+                                   heads=[e.head for e in experts])
         timings["statistics_forward"] = stats.forward_seconds
         timings["statistics_accumulate"] = stats.accumulate_seconds
 
         start = time.perf_counter()
-        correction = choose_correction(stats.folds, config.beta, config.normalisation)
+        correction = choose_correction(stats.folds, config.beta, config.normalisation, config.prior)
         timings["beta_selection"] = time.perf_counter() - start
 
         return write_bundle(
@@ -119,6 +128,7 @@ def build_bundle(config: BuildConfig, out: str | Path, *, overwrite: bool = Fals
                 "experts": {e.task: {"cache_key": e.info["cache_key"], "seed": e.info.get("seed"),
                                      "train_seconds": e.info.get("train_seconds")} for e in experts},
                 "merge_report": result.report.model_dump(mode="json"),
+                "head_agreement": head_agreement([e.task for e in experts], stats.agreement),
                 "timings": timings,
                 "statistics_per_task_seconds": stats.task_seconds,
                 "device": str(device),

@@ -38,7 +38,7 @@ from reprmerge_core.backbone import Backbone, Pooling, select_device
 from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.io import _sha256
 from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
-from reprmerge_core.calibration import choose_correction, collect_statistics
+from reprmerge_core.calibration import choose_correction, collect_statistics, head_agreement, prior_identity_weight
 from reprmerge_core.correction import TaskHead, TaskStatistics
 from reprmerge_core.correction.solver import Normalisation
 from reprmerge_core.merging.checkpoints import check_experts, compatibility_problems, distances_from_base
@@ -118,12 +118,13 @@ class CalibrationPlan:
     folds: int
     merge_method: str
     diagnostics: ExpertDiagnostics | None = None
+    prior: float | str = "auto"
 
 
 def _plan(
     backbone: Path, experts: Mapping[str, str | Path], calibration: Mapping[str, Sequence[str]], *, pooling: Pooling,
     max_length: int, beta: float | str, normalisation: Normalisation, folds: int, merge_method: str,
-    base: Path | None = None,
+    base: Path | None = None, prior: float | str = "auto",
 ) -> CalibrationPlan:
     """Every check that needs no forward pass (see the module docstring), and the experts' diagnostics.
 
@@ -131,6 +132,8 @@ def _plan(
     """
     if not experts:
         raise ValueError("at least one --expert is needed")
+    if prior != "auto":
+        prior_identity_weight(prior)
     if set(calibration) != set(experts):
         raise ValueError(f"calibration inputs are needed for exactly the experts {sorted(experts)}; "
                          f"got {sorted(calibration)}")
@@ -150,7 +153,7 @@ def _plan(
     diagnostics = check_experts({s.name: s.head.weight for s in sources},
                                 None if base is None else distances_from_base(base, paths))
     return CalibrationPlan(backbone, sources, poolings.pop(), max_length, beta, normalisation, folds, merge_method,
-                           diagnostics)
+                           diagnostics, prior)
 
 
 def _load_models(plan: CalibrationPlan, device: str) -> tuple[Backbone, list[Backbone]]:
@@ -168,7 +171,7 @@ def _write(plan: CalibrationPlan, fold_stats: Sequence[Sequence[TaskStatistics]]
     """Choose beta on the per-fold statistics and write the bundle (one path for one pass and for reduced shards)."""
     start = time.perf_counter()
     folds = [[x.to("cpu") for x in task] for task in fold_stats]
-    correction = choose_correction(folds, plan.beta, plan.normalisation)
+    correction = choose_correction(folds, plan.beta, plan.normalisation, plan.prior)
     totals = [reduce(add, task) for task in folds]
     return write_bundle(
         out,
@@ -196,6 +199,7 @@ def calibrate_bundle(
     pooling: Pooling = "mean",
     max_length: int = 128,
     beta: float | str = "auto",
+    prior: float | str = "auto",
     normalisation: Normalisation = Normalisation.ENERGY,
     folds: int = 5,
     merge_method: str = "unknown",
@@ -215,15 +219,17 @@ def calibrate_bundle(
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     plan = _plan(Path(backbone), experts, calibration, pooling=pooling, max_length=max_length, beta=beta,
                  normalisation=normalisation, folds=folds, merge_method=merge_method,
-                 base=None if base is None else Path(base))
+                 base=None if base is None else Path(base), prior=prior)
     merged, models = _load_models(plan, device)
     texts = [list(calibration[s.name]) for s in plan.sources]
     if shard is not None:
         return _calibrate_shard(plan, merged, models, texts, Path(out), shard, batch_size=batch_size, progress=progress)
-    stats = collect_statistics(merged, models, texts, folds=folds, batch_size=batch_size, progress=progress)
+    stats = collect_statistics(merged, models, texts, folds=folds, batch_size=batch_size, progress=progress,
+                               heads=[s.head for s in plan.sources])
     return _write(plan, stats.folds, out, overwrite=overwrite,
                   timings={"statistics_forward": stats.forward_seconds, "statistics_accumulate": stats.accumulate_seconds},
-                  extra={"statistics_per_task_seconds": stats.task_seconds})
+                  extra={"statistics_per_task_seconds": stats.task_seconds,
+                         "head_agreement": head_agreement([s.name for s in plan.sources], stats.agreement)})
 
 
 # -- shards ----------------------------------------------------------------------------------------
@@ -286,6 +292,7 @@ class ShardManifest(_Frozen):
     pooling: Literal["mean", "cls", "pooler"]
     max_length: int = Field(ge=1)
     beta: float | Literal["auto"]
+    prior: float | Literal["auto", "procrustes", "identity"] = "auto"  # absent in shards written before the prior CV
     normalisation: Normalisation
     merge_method: str
     tensors_sha256: str = ""
@@ -342,8 +349,9 @@ def _calibrate_shard(plan: CalibrationPlan, merged: Backbone, models: Sequence[B
                          inputs_sha256=hashlib.sha256(json.dumps(x).encode()).hexdigest(),
                          expert_sha256=_checkpoint_sha256(s.path)) for s, x in zip(plan.sources, texts)],
         backbone=str(plan.backbone), backbone_sha256=_checkpoint_sha256(plan.backbone), pooling=plan.pooling,
-        max_length=plan.max_length, beta=plan.beta, normalisation=plan.normalisation, merge_method=plan.merge_method,
-        statistics_forward_seconds=stats.forward_seconds, expert_diagnostics=plan.diagnostics,
+        max_length=plan.max_length, beta=plan.beta, prior=plan.prior, normalisation=plan.normalisation,
+        merge_method=plan.merge_method, statistics_forward_seconds=stats.forward_seconds,
+        expert_diagnostics=plan.diagnostics,
     )
     tensors = {"n": torch.tensor([[x.n for x in task] for task in fold_stats], dtype=torch.int64),
                "e": torch.tensor([[x.e for x in task] for task in fold_stats], dtype=torch.float64)}
@@ -433,7 +441,7 @@ def reduce_shards(paths: Sequence[str | Path], out: str | Path, *, backbone: str
     fold_stats = [[reduce(add, (s.folds[t][f] for s in shards)) for f in range(m.folds)] for t in range(len(m.tasks))]
     plan = CalibrationPlan(
         backbone=backbone_dir, pooling=m.pooling, max_length=m.max_length, beta=m.beta, normalisation=m.normalisation,
-        folds=m.folds, merge_method=m.merge_method, diagnostics=m.expert_diagnostics,
+        folds=m.folds, merge_method=m.merge_method, diagnostics=m.expert_diagnostics, prior=m.prior,
         sources=[ExpertSource(t.name, Path(t.expert), head, t.labels, m.pooling) for t, head in zip(m.tasks, shards[0].heads)],
     )
     return _write(plan, fold_stats, out, overwrite=overwrite, extra={"shards": m.count},
