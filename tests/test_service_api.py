@@ -287,16 +287,18 @@ def test_predict_matches_the_library_computation(client: TestClient, engine: Eng
 
 
 def reference_quality_kept(engine: Engine, prefs: list[list[float]]) -> np.ndarray:
-    """NumPy float64 from the bundle's raw statistics: energy normalisation, Procrustes prior, explicit W_p,
-    the literal loss tr(W A W^T) - 2 tr(W B^T) + e + beta ||W - O||^2, then the documented clipped ratio."""
-    beta, terms = engine.bundle.manifest.correction.beta, []
+    """NumPy float64 from the bundle's raw statistics: energy normalisation, the recorded prior (identity weight a:
+    a I + (1 - a) Procrustes), explicit W_p, the literal loss tr(W A W^T) - 2 tr(W B^T) + e + beta ||W - O||^2, then
+    the documented clipped ratio."""
+    correction = engine.bundle.manifest.correction
+    beta, a, terms = correction.beta, correction.identity_weight, []
     for st in engine.bundle.statistics:
         A, B = st.A.numpy(), st.B.numpy()
         d = A.shape[0]
         scale = np.trace(A) / d
         A, B, e = A / scale, B / scale, st.e / scale
         U, _, Vt = np.linalg.svd(B + 1e-6 * np.linalg.norm(B, "nuc") / d * np.eye(d))
-        terms.append((A, B, e, U @ Vt))
+        terms.append((A, B, e, a * np.eye(d) + (1 - a) * U @ Vt))
 
     def losses(W: np.ndarray) -> np.ndarray:
         return np.array([np.trace(W @ A @ W.T) - 2 * np.trace(W @ B.T) + e + beta * np.sum((W - O) ** 2)
