@@ -62,6 +62,9 @@ class Service:
         )
         self.state = State.STARTING
         self._best_loss: list[float] = []
+        # Requests holding this service (service.deps.get_service): a replaced bundle is retired only
+        # once none is left, so each request finishes on the bundle it started on.
+        self.users = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -81,9 +84,16 @@ class Service:
         await self.infer([warm] * self.settings.max_batch_size, [uniform], deadline, require_ready=False)
         losses = await self.heads.tradeoff(one_hots, deadline)
         self._best_loss = [row[t] for t, row in enumerate(losses)]
-        self.metrics.build_info.labels(__version__, self.engine.bundle_id, str(self.engine.device)).set(1)
         self.state = State.READY
         log.info("ready: bundle %s on %s", self.engine.bundle_id, self.engine.device)
+
+    def announce(self, previous: Service | None = None) -> None:
+        """Show this service's bundle in `build_info` (an info-style gauge), in place of `previous`'s."""
+        if previous is not None:
+            self.metrics.build_info.remove(__version__, previous.engine.bundle_id, str(previous.engine.device))
+        self.metrics.build_info.labels(__version__, self.engine.bundle_id, str(self.engine.device)).set(1)
+        self.metrics.cache_entries.set(len(self.heads.cache))
+        self.metrics.cache_bytes.set(self.heads.cache.cost)
 
     async def drain(self) -> bool:
         """Refuse new work and answer everything admitted; False if `drain_timeout` ran out."""
