@@ -91,6 +91,7 @@ async def readyz(service: Service = Depends(get_service)) -> dict[str, str]:
 
 @router.get("/metrics", tags=["probes"], summary="Prometheus metrics", response_class=Response)
 async def metrics(service: Service = Depends(get_service)) -> Response:
+    service.metrics.ready.set(service.ready)
     return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

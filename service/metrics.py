@@ -46,6 +46,8 @@ class Metrics:
             f"{PREFIX}_build_info", "Constant 1; labels say what is served (the current bundle only)",
             ["version", "bundle_id", "device"], registry=r
         )
+        self.ready = Gauge(f"{PREFIX}_ready", "1 while /readyz answers 200 (warmed up, not draining), set at each scrape",
+                           registry=r)
         self.reloads = Counter(f"{PREFIX}_bundle_reloads", "Bundle reloads by outcome: swapped, failed or busy",
                                ["outcome"], registry=r)
 
