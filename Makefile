@@ -57,3 +57,7 @@ clean:
 # Grafana panel query must return data and every alert rule load healthy (about 1 min).
 monitoring-check: $(STAMP) $(DEFAULT_BUNDLE)/manifest.json
 	OMP_NUM_THREADS=1 $(PY) deploy/monitoring/check_live.py --bundle $(DEFAULT_BUNDLE)
+
+# Build the image and run it for real (needs a Docker engine; not part of `make test`): deploy/docker/smoke.sh
+docker-smoke: $(STAMP) $(DEFAULT_BUNDLE)/manifest.json
+	PY=$(abspath $(PY)) deploy/docker/smoke.sh $(DEFAULT_BUNDLE)

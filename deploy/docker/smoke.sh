@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Build the image and run it for real (`make docker-smoke`; needs a running Docker engine, ~5-10 min):
+# build (offline base made with debootstrap if python:3.11-slim cannot be pulled; torch from a local
+# wheel folder if WHEELS is set or pip's find-links has one; pip's CA bundle as a build secret),
+# run with a read-only root filesystem, wait for the HEALTHCHECK, predict through the published port,
+# check the process is not root, serve a second bundle mounted via REPRMERGE_BUNDLE and reload into
+# the first one (POST /admin/reload), then stop the container under load and count that every
+# accepted request was answered. Prints build time, image size, time to healthy and the counts.
+#   deploy/docker/smoke.sh [BUNDLE]        (default .cache/bundles/tiny; `make serve` builds it)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+BUNDLE=$(realpath "${1:-$ROOT/.cache/bundles/tiny}")
+IMAGE=${IMAGE:-reprmerge:smoke}
+LOCAL_BASE=${LOCAL_BASE:-reprmerge-base:bookworm}
+PY=${PY:-$ROOT/.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
+KEY=smoke-key
+WORK=$(mktemp -d)
+CONTAINERS=()
+WHEEL_SERVER=
+cleanup() {
+    for c in "${CONTAINERS[@]}"; do docker rm -f "$c" >/dev/null 2>&1 || true; done
+    [ -n "$WHEEL_SERVER" ] && kill "$WHEEL_SERVER" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+say() { printf '== %s\n' "$*"; }
+docker info >/dev/null 2>&1 || { echo "no Docker engine reachable (start dockerd)" >&2; exit 2; }
+[ -f "$BUNDLE/manifest.json" ] || { echo "no bundle at $BUNDLE (run make serve once, or pass one)" >&2; exit 2; }
+
+# -- base image --------------------------------------------------------------------------------
+BASE=${PYTHON_IMAGE:-python:3.11-slim-bookworm}
+if ! docker image inspect "$BASE" >/dev/null 2>&1 && ! timeout 60 docker pull -q "$BASE" >/dev/null 2>&1; then
+    BASE=$LOCAL_BASE
+    if ! docker image inspect "$BASE" >/dev/null 2>&1; then
+        MIRROR=${MIRROR:-$(grep -rhoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
+                           | grep -v security | head -n1)}
+        say "no $BASE and no registry: debootstrap bookworm from $MIRROR"
+        ROOTFS=$WORK/rootfs
+        nice -n 10 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$ROOTFS" "$MIRROR" >/dev/null
+        ln -sf python3 "$ROOTFS/usr/bin/python"
+        rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/*
+        tar -C "$ROOTFS" -c . | docker import -c 'CMD ["python3"]' - "$BASE" >/dev/null
+    fi
+fi
+say "base image: $BASE"
+
+# -- build -------------------------------------------------------------------------------------
+BUILD_ARGS=(--build-arg "PYTHON_IMAGE=$BASE" --build-arg BUILD_BUNDLE=0)
+WHEELS=${WHEELS:-$(pip config get global.find-links 2>/dev/null || true)}
+if [ -n "$WHEELS" ] && ls "$WHEELS"/torch-*.whl >/dev/null 2>&1; then
+    PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    "$PY" -m http.server --bind 127.0.0.1 --directory "$WHEELS" "$PORT" >/dev/null 2>&1 &
+    WHEEL_SERVER=$!
+    BUILD_ARGS+=(--network host --build-arg "TORCH_PIP_ARGS=--no-index --find-links http://127.0.0.1:$PORT/")
+    say "torch from the local wheels in $WHEELS"
+fi
+CERT=${PIP_CERT:-$(pip config get global.cert 2>/dev/null || true)}
+[ -n "$CERT" ] && [ -f "$CERT" ] && BUILD_ARGS+=(--secret "id=pip_cert,src=$CERT")
+start=$(date +%s.%N)
+DOCKER_BUILDKIT=1 nice -n 10 docker build -q "${BUILD_ARGS[@]}" -t "$IMAGE" "$ROOT" >/dev/null
+BUILD_S=$(awk "BEGIN {print $(date +%s.%N) - $start}")
+SIZE_MB=$(( $(docker image inspect -f '{{.Size}}' "$IMAGE") / 1000000 ))
+say "built $IMAGE in ${BUILD_S%.*} s, ${SIZE_MB} MB"
+
+# -- run ---------------------------------------------------------------------------------------
+run() {  # NAME BUNDLE_IN_CONTAINER EXTRA_DOCKER_ARGS...: start read-only, wait healthy; prints seconds to healthy
+    local name=$1 served=$2; shift 2
+    CONTAINERS+=("$name")
+    local t0; t0=$(date +%s.%N)
+    docker run -d --name "$name" --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
+        -p 127.0.0.1::8000 -e REPRMERGE_BUNDLE="$served" -e REPRMERGE_API_KEY=$KEY "$@" "$IMAGE" >/dev/null
+    for _ in $(seq 1200); do
+        case $(docker inspect -f '{{.State.Health.Status}} {{.State.Status}}' "$name") in
+            "healthy running") awk "BEGIN {print $(date +%s.%N) - $t0}"; return 0 ;;
+            *exited*|*dead*) docker logs "$name" >&2; return 1 ;;
+        esac
+        sleep 0.5
+    done
+    docker logs "$name" >&2; return 1
+}
+url() { echo "http://$(docker port "$1" 8000 | head -n1)"; }
+predict() {  # URL -> bundle id of a prediction
+    curl -sf -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
+        -d '{"texts": ["what a wonderful film"]}' "$1/v1/predict" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["bundle_id"])'
+}
+bundle_id() { "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1] + "/manifest.json"))["bundle_id"])' "$1"; }
+
+HEALTHY_S=$(run smoke-a /bundles/a -v "$BUNDLE:/bundles/a:ro")
+A=$(url smoke-a)
+[ "$(predict "$A")" = "$(bundle_id "$BUNDLE")" ] || { echo "prediction did not name the mounted bundle" >&2; exit 1; }
+USER_ID=$(docker exec smoke-a id -u)
+[ "$USER_ID" != 0 ] || { echo "the server runs as root" >&2; exit 1; }
+[ "$(docker inspect -f '{{.HostConfig.ReadonlyRootfs}}' smoke-a)" = true ]
+if docker exec smoke-a sh -c 'echo x > /home/app/probe' 2>/dev/null; then echo "root filesystem is writable" >&2; exit 1; fi
+say "healthy after ${HEALTHY_S%.*} s; predicted through $A; uid $USER_ID, read-only root filesystem"
+
+# A second bundle (the first with another beta: other corrections, another id), served via REPRMERGE_BUNDLE.
+SECOND=$WORK/second
+"$PY" - "$BUNDLE" "$SECOND" <<'EOF'
+import sys
+from reprmerge_core.bundle import load_bundle, write_bundle
+b = load_bundle(sys.argv[1]); m = b.manifest
+write_bundle(sys.argv[2], tasks=m.tasks, statistics=b.statistics, heads=b.heads, backbone_dir=b.backbone_path,
+             correction=m.correction.model_copy(update={"beta": m.correction.beta * 2 + 0.1}), merge=m.merge, backbone=m.backbone)
+EOF
+chmod -R a+rX "$SECOND"
+HEALTHY_B_S=$(run smoke-b /bundles/b -v "$SECOND:/bundles/b:ro" -v "$BUNDLE:/bundles/a:ro")
+B=$(url smoke-b)
+[ "$(predict "$B")" = "$(bundle_id "$SECOND")" ] || { echo "the second bundle is not served" >&2; exit 1; }
+RELOAD=$(curl -sf -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' -d '{"bundle": "/bundles/a"}' "$B/admin/reload")
+[ "$(predict "$B")" = "$(bundle_id "$BUNDLE")" ] || { echo "reload did not swap: $RELOAD" >&2; exit 1; }
+say "second bundle $(bundle_id "$SECOND") served (healthy after ${HEALTHY_B_S%.*} s); reloaded in place: $RELOAD"
+docker rm -f smoke-b >/dev/null
+
+# -- stop under load ---------------------------------------------------------------------------
+"$PY" - "$A" smoke-a "$KEY" <<'EOF'
+import asyncio, subprocess, sys, time
+import httpx
+url, name, key = sys.argv[1:]
+counts = {"answered": 0, "refused_503": 0, "not_connected": 0, "lost": 0}
+other = {}
+
+async def client(c: httpx.AsyncClient, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            r = await c.post("/v1/predict", json={"texts": ["a request during shutdown"] * 4})
+        except httpx.ConnectError:  # the listener is gone: never accepted
+            counts["not_connected"] += 1
+            await asyncio.sleep(0.05)
+            continue
+        except httpx.HTTPError as exc:  # sent, never answered
+            counts["lost"] += 1
+            other[type(exc).__name__] = other.get(type(exc).__name__, 0) + 1
+            continue
+        key_ = "answered" if r.status_code == 200 else "refused_503" if r.status_code == 503 else str(r.status_code)
+        counts[key_] = counts.get(key_, 0) + 1
+
+async def main() -> None:
+    stop = asyncio.Event()
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as c:
+        clients = [asyncio.create_task(client(c, stop)) for _ in range(16)]
+        await asyncio.sleep(3)
+        t0 = time.monotonic()
+        stopper = asyncio.create_task(asyncio.to_thread(subprocess.run, ["docker", "stop", "-t", "40", name], capture_output=True))
+        await stopper
+        stopped = time.monotonic() - t0
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*clients)
+    code = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", name], capture_output=True, text=True).stdout.strip()
+    print(f"== stop under load: docker stop took {stopped:.1f} s, exit code {code}; requests: {counts} {other or ''}")
+    assert counts["lost"] == 0 and counts["answered"] > 0 and code == "0", "an accepted request was not answered"
+
+asyncio.run(main())
+EOF
+echo "SMOKE OK: build ${BUILD_S%.*} s, image ${SIZE_MB} MB, healthy after ${HEALTHY_S%.*} s"
