@@ -3,7 +3,7 @@
 #   docker build -t reprmerge:cuda --build-arg TORCH_VARIANT=cu126 .
 #   docker build --build-arg BUILD_BUNDLE=0 -t reprmerge:slim .    # bundle built at first start instead
 # Offline or behind a TLS-inspecting proxy (deploy/docker/smoke.sh does this): a local base image with
-# python3 (PYTHON_IMAGE), torch from a local wheel folder (TORCH_PIP_ARGS="--no-index --find-links URL")
+# python3 (PYTHON_IMAGE), torch from a local wheel folder (TORCH_PIP_ARGS="--find-links URL")
 # and the proxy's CA bundle as a build secret (`--secret id=pip_cert,src=/etc/ssl/certs/ca-certificates.crt`).
 # No `# syntax=` line: BuildKit would pull a frontend image; the built-in frontend is enough (RUN --mount).
 # The CUDA wheels carry their own CUDA libraries, so both variants share one slim runtime base; the

@@ -15,25 +15,29 @@ LOCAL_BASE=${LOCAL_BASE:-reprmerge-base:bookworm}
 PY=${PY:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
+# A client whose `docker build` uses BuildKit: without the buildx plugin, recent clients refuse; the
+# engine's own older client (Debian's /usr/bin/docker) still drives BuildKit itself.
+DOCKER=${DOCKER:-docker}
+if ! "$DOCKER" buildx version >/dev/null 2>&1 && [ -x /usr/bin/docker ]; then DOCKER=/usr/bin/docker; fi
 KEY=smoke-key
 WORK=$(mktemp -d)
 CONTAINERS=()
 WHEEL_SERVER=
 cleanup() {
-    for c in "${CONTAINERS[@]}"; do docker rm -f "$c" >/dev/null 2>&1 || true; done
+    for c in "${CONTAINERS[@]}"; do "$DOCKER" rm -f "$c" >/dev/null 2>&1 || true; done
     [ -n "$WHEEL_SERVER" ] && kill "$WHEEL_SERVER" 2>/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 say() { printf '== %s\n' "$*"; }
-docker info >/dev/null 2>&1 || { echo "no Docker engine reachable (start dockerd)" >&2; exit 2; }
+"$DOCKER" info >/dev/null 2>&1 || { echo "no Docker engine reachable (start dockerd)" >&2; exit 2; }
 [ -f "$BUNDLE/manifest.json" ] || { echo "no bundle at $BUNDLE (run make serve once, or pass one)" >&2; exit 2; }
 
 # -- base image --------------------------------------------------------------------------------
 BASE=${PYTHON_IMAGE:-python:3.11-slim-bookworm}
-if ! docker image inspect "$BASE" >/dev/null 2>&1 && ! timeout 60 docker pull -q "$BASE" >/dev/null 2>&1; then
+if ! "$DOCKER" image inspect "$BASE" >/dev/null 2>&1 && ! timeout 60 "$DOCKER" pull -q "$BASE" >/dev/null 2>&1; then
     BASE=$LOCAL_BASE
-    if ! docker image inspect "$BASE" >/dev/null 2>&1; then
+    if ! "$DOCKER" image inspect "$BASE" >/dev/null 2>&1; then
         MIRROR=${MIRROR:-$(grep -rhoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
                            | grep -v security | head -n1)}
         say "no $BASE and no registry: debootstrap bookworm from $MIRROR"
@@ -41,7 +45,7 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1 && ! timeout 60 docker pull -q
         nice -n 10 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$ROOTFS" "$MIRROR" >/dev/null
         ln -sf python3 "$ROOTFS/usr/bin/python"
         rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/*
-        tar -C "$ROOTFS" -c . | docker import -c 'CMD ["python3"]' - "$BASE" >/dev/null
+        tar -C "$ROOTFS" -c . | "$DOCKER" import -c 'CMD ["python3"]' - "$BASE" >/dev/null
     fi
 fi
 say "base image: $BASE"
@@ -53,15 +57,16 @@ if [ -n "$WHEELS" ] && ls "$WHEELS"/torch-*.whl >/dev/null 2>&1; then
     PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     "$PY" -m http.server --bind 127.0.0.1 --directory "$WHEELS" "$PORT" >/dev/null 2>&1 &
     WHEEL_SERVER=$!
-    BUILD_ARGS+=(--network host --build-arg "TORCH_PIP_ARGS=--no-index --find-links http://127.0.0.1:$PORT/")
+    # torch from the folder (2.13.0+cpu ranks above the index's CUDA 2.13.0), its dependencies from the index
+    BUILD_ARGS+=(--network host --build-arg "TORCH_PIP_ARGS=--find-links http://127.0.0.1:$PORT/")
     say "torch from the local wheels in $WHEELS"
 fi
 CERT=${PIP_CERT:-$(pip config get global.cert 2>/dev/null || true)}
 [ -n "$CERT" ] && [ -f "$CERT" ] && BUILD_ARGS+=(--secret "id=pip_cert,src=$CERT")
 start=$(date +%s.%N)
-DOCKER_BUILDKIT=1 nice -n 10 docker build -q "${BUILD_ARGS[@]}" -t "$IMAGE" "$ROOT" >/dev/null
+DOCKER_BUILDKIT=1 nice -n 10 "$DOCKER" build -q "${BUILD_ARGS[@]}" -t "$IMAGE" "$ROOT" >/dev/null
 BUILD_S=$(awk "BEGIN {print $(date +%s.%N) - $start}")
-SIZE_MB=$(( $(docker image inspect -f '{{.Size}}' "$IMAGE") / 1000000 ))
+SIZE_MB=$(( $("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE") / 1000000 ))
 say "built $IMAGE in ${BUILD_S%.*} s, ${SIZE_MB} MB"
 
 # -- run ---------------------------------------------------------------------------------------
@@ -69,18 +74,18 @@ run() {  # NAME BUNDLE_IN_CONTAINER EXTRA_DOCKER_ARGS...: start read-only, wait 
     local name=$1 served=$2; shift 2
     CONTAINERS+=("$name")
     local t0; t0=$(date +%s.%N)
-    docker run -d --name "$name" --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
+    "$DOCKER" run -d --name "$name" --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
         -p 127.0.0.1::8000 -e REPRMERGE_BUNDLE="$served" -e REPRMERGE_API_KEY=$KEY "$@" "$IMAGE" >/dev/null
     for _ in $(seq 1200); do
-        case $(docker inspect -f '{{.State.Health.Status}} {{.State.Status}}' "$name") in
+        case $("$DOCKER" inspect -f '{{.State.Health.Status}} {{.State.Status}}' "$name") in
             "healthy running") awk "BEGIN {print $(date +%s.%N) - $t0}"; return 0 ;;
-            *exited*|*dead*) docker logs "$name" >&2; return 1 ;;
+            *exited*|*dead*) "$DOCKER" logs "$name" >&2; return 1 ;;
         esac
         sleep 0.5
     done
-    docker logs "$name" >&2; return 1
+    "$DOCKER" logs "$name" >&2; return 1
 }
-url() { echo "http://$(docker port "$1" 8000 | head -n1)"; }
+url() { echo "http://$("$DOCKER" port "$1" 8000 | head -n1)"; }
 predict() {  # URL -> bundle id of a prediction
     curl -sf -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
         -d '{"texts": ["what a wonderful film"]}' "$1/v1/predict" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["bundle_id"])'
@@ -90,10 +95,10 @@ bundle_id() { "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1] + "/m
 HEALTHY_S=$(run smoke-a /bundles/a -v "$BUNDLE:/bundles/a:ro")
 A=$(url smoke-a)
 [ "$(predict "$A")" = "$(bundle_id "$BUNDLE")" ] || { echo "prediction did not name the mounted bundle" >&2; exit 1; }
-USER_ID=$(docker exec smoke-a id -u)
+USER_ID=$("$DOCKER" exec smoke-a id -u)
 [ "$USER_ID" != 0 ] || { echo "the server runs as root" >&2; exit 1; }
-[ "$(docker inspect -f '{{.HostConfig.ReadonlyRootfs}}' smoke-a)" = true ]
-if docker exec smoke-a sh -c 'echo x > /home/app/probe' 2>/dev/null; then echo "root filesystem is writable" >&2; exit 1; fi
+[ "$("$DOCKER" inspect -f '{{.HostConfig.ReadonlyRootfs}}' smoke-a)" = true ]
+if "$DOCKER" exec smoke-a sh -c 'echo x > /home/app/probe' 2>/dev/null; then echo "root filesystem is writable" >&2; exit 1; fi
 say "healthy after ${HEALTHY_S%.*} s; predicted through $A; uid $USER_ID, read-only root filesystem"
 
 # A second bundle (the first with another beta: other corrections, another id), served via REPRMERGE_BUNDLE.
@@ -112,13 +117,13 @@ B=$(url smoke-b)
 RELOAD=$(curl -sf -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' -d '{"bundle": "/bundles/a"}' "$B/admin/reload")
 [ "$(predict "$B")" = "$(bundle_id "$BUNDLE")" ] || { echo "reload did not swap: $RELOAD" >&2; exit 1; }
 say "second bundle $(bundle_id "$SECOND") served (healthy after ${HEALTHY_B_S%.*} s); reloaded in place: $RELOAD"
-docker rm -f smoke-b >/dev/null
+"$DOCKER" rm -f smoke-b >/dev/null
 
 # -- stop under load ---------------------------------------------------------------------------
-"$PY" - "$A" smoke-a "$KEY" <<'EOF'
+"$PY" - "$A" smoke-a "$KEY" "$DOCKER" <<'EOF'
 import asyncio, subprocess, sys, time
 import httpx
-url, name, key = sys.argv[1:]
+url, name, key, docker = sys.argv[1:]
 counts = {"answered": 0, "refused_503": 0, "not_connected": 0, "lost": 0}
 other = {}
 
@@ -144,13 +149,13 @@ async def main() -> None:
         clients = [asyncio.create_task(client(c, stop)) for _ in range(16)]
         await asyncio.sleep(3)
         t0 = time.monotonic()
-        stopper = asyncio.create_task(asyncio.to_thread(subprocess.run, ["docker", "stop", "-t", "40", name], capture_output=True))
+        stopper = asyncio.create_task(asyncio.to_thread(subprocess.run, [docker, "stop", "-t", "40", name], capture_output=True))
         await stopper
         stopped = time.monotonic() - t0
         await asyncio.sleep(0.5)
         stop.set()
         await asyncio.gather(*clients)
-    code = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", name], capture_output=True, text=True).stdout.strip()
+    code = subprocess.run([docker, "inspect", "-f", "{{.State.ExitCode}}", name], capture_output=True, text=True).stdout.strip()
     print(f"== stop under load: docker stop took {stopped:.1f} s, exit code {code}; requests: {counts} {other or ''}")
     assert counts["lost"] == 0 and counts["answered"] > 0 and code == "0", "an accepted request was not answered"
 
