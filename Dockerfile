@@ -61,6 +61,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false \
     HF_HOME=/tmp/hf \
+    MPLCONFIGDIR=/tmp/matplotlib \
     REPRMERGE_CACHE=/home/app/.cache/reprmerge \
     REPRMERGE_HOST=0.0.0.0 \
     REPRMERGE_PORT=8000 \

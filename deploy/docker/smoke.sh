@@ -72,7 +72,6 @@ say "built $IMAGE in ${BUILD_S%.*} s, ${SIZE_MB} MB"
 # -- run ---------------------------------------------------------------------------------------
 run() {  # NAME BUNDLE_IN_CONTAINER EXTRA_DOCKER_ARGS...: start read-only, wait healthy; prints seconds to healthy
     local name=$1 served=$2; shift 2
-    CONTAINERS+=("$name")
     local t0; t0=$(date +%s.%N)
     "$DOCKER" run -d --name "$name" --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
         -p 127.0.0.1::8000 -e REPRMERGE_BUNDLE="$served" -e REPRMERGE_API_KEY=$KEY "$@" "$IMAGE" >/dev/null
@@ -92,6 +91,12 @@ predict() {  # URL -> bundle id of a prediction
 }
 bundle_id() { "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1] + "/manifest.json"))["bundle_id"])' "$1"; }
 
+# The server runs as uid 10001: mount a world-readable copy of the bundle.
+chmod 755 "$WORK"
+cp -r "$BUNDLE" "$WORK/first" && chmod -R a+rX "$WORK/first"
+BUNDLE=$WORK/first
+CONTAINERS+=(smoke-a smoke-b)  # here: `run` goes in a subshell
+"$DOCKER" rm -f "${CONTAINERS[@]}" >/dev/null 2>&1 || true
 HEALTHY_S=$(run smoke-a /bundles/a -v "$BUNDLE:/bundles/a:ro")
 A=$(url smoke-a)
 [ "$(predict "$A")" = "$(bundle_id "$BUNDLE")" ] || { echo "prediction did not name the mounted bundle" >&2; exit 1; }
