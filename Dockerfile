@@ -1,25 +1,35 @@
-# syntax=docker/dockerfile:1
 # reprmerge serving image: CPU by default, CUDA with `--build-arg TORCH_VARIANT=cu126`.
 #   docker build -t reprmerge .                                   # CPU, default bundle built in the image
 #   docker build -t reprmerge:cuda --build-arg TORCH_VARIANT=cu126 .
 #   docker build --build-arg BUILD_BUNDLE=0 -t reprmerge:slim .    # bundle built at first start instead
+# Offline or behind a TLS-inspecting proxy (deploy/docker/smoke.sh does this): a local base image with
+# python3 (PYTHON_IMAGE), torch from a local wheel folder (TORCH_PIP_ARGS="--find-links URL")
+# and the proxy's CA bundle as a build secret (`--secret id=pip_cert,src=/etc/ssl/certs/ca-certificates.crt`).
+# No `# syntax=` line: BuildKit would pull a frontend image; the built-in frontend is enough (RUN --mount).
 # The CUDA wheels carry their own CUDA libraries, so both variants share one slim runtime base; the
 # GPU driver comes from the host (NVIDIA container toolkit / device plugin).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder
 ARG TORCH_VARIANT=cpu
+ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/${TORCH_VARIANT}"
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
-RUN python -m venv /opt/venv
+RUN python3 -m venv /opt/venv
 WORKDIR /src
 # torch first, from the PyTorch index of the variant, at the project's pin (a plain `pip install`
-# would pull the multi-GB CUDA build onto CPU images).
-RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" torch==2.13.0
+# would pull the multi-GB CUDA build onto CPU images). The optional secret `pip_cert` is a CA bundle.
+# torch is pinned; hadolint reads the unexpanded ${TORCH_PIP_ARGS} as an unpinned package:
+# hadolint ignore=DL3013
+RUN --mount=type=secret,id=pip_cert \
+    if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && pip install --no-cache-dir ${TORCH_PIP_ARGS} torch==2.13.0
 COPY pyproject.toml README.md requirements-nodeps.txt ./
 COPY reprmerge_core ./reprmerge_core
 COPY reprmerge_cli ./reprmerge_cli
 COPY service ./service
-RUN pip install --no-cache-dir . \
+RUN --mount=type=secret,id=pip_cert \
+    if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && pip install --no-cache-dir . \
     && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt
 
 FROM builder AS bundle
@@ -52,6 +62,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false \
     HF_HOME=/tmp/hf \
+    MPLCONFIGDIR=/tmp/matplotlib \
     REPRMERGE_CACHE=/home/app/.cache/reprmerge \
     REPRMERGE_HOST=0.0.0.0 \
     REPRMERGE_PORT=8000 \

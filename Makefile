@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: serve test install bench clean loadtest browser screenshots
+.PHONY: serve test install bench clean loadtest browser screenshots monitoring-check docker-smoke
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -70,3 +70,12 @@ loadtest: $(STAMP) $(DEFAULT_BUNDLE)/manifest.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# Debian's Prometheus (apt-get install prometheus) against a live local server: short load run, then every
+# Grafana panel query must return data and every alert rule load healthy (about 1 min).
+monitoring-check: $(STAMP) $(DEFAULT_BUNDLE)/manifest.json
+	OMP_NUM_THREADS=1 $(PY) deploy/monitoring/check_live.py --bundle $(DEFAULT_BUNDLE)
+
+# Build the image and run it for real (needs a Docker engine; not part of `make test`): deploy/docker/smoke.sh
+docker-smoke: $(STAMP) $(DEFAULT_BUNDLE)/manifest.json
+	PY=$(abspath $(PY)) deploy/docker/smoke.sh $(DEFAULT_BUNDLE)

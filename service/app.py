@@ -19,7 +19,7 @@ from starlette.responses import Response as StarletteResponse
 from starlette.types import Scope
 
 from reprmerge_core import __version__
-from service import oip
+from service import oip, reload
 from service.deps import disconnected, get_service, problems, set_timings
 from service.engine import Engine
 from service.errors import InvalidInput, MalformedRequest, ServiceError, field_of, from_status
@@ -118,6 +118,7 @@ async def readyz(service: Service = Depends(get_service)) -> dict[str, str]:
 
 @router.get("/metrics", tags=["probes"], summary="Prometheus metrics", response_class=Response)
 async def metrics(service: Service = Depends(get_service)) -> Response:
+    service.metrics.ready.set(service.ready)
     return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -177,24 +178,29 @@ def create_app(settings: ServiceSettings, engine: Engine, metrics: Metrics | Non
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        service.announce()
         try:
             yield
         finally:
-            if service.ready:  # after a signal the server has drained already, within drain_timeout
-                await service.drain()
-            await service.close()
+            await app.state.reloader.close()
+            current: Service = app.state.service  # a reload may have replaced `service`
+            if current.ready:  # after a signal the server has drained already, within drain_timeout
+                await current.drain()
+            await current.close()
 
     app = FastAPI(title="reprmerge", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.service = service
+    app.state.reloader = reload.Reloader(app.state, settings, service.metrics)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(oip.router)
+    app.include_router(reload.router)
     app.mount(PLAYGROUND, PageFiles(packages=[("service", "playground")], html=True), name="playground")
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(RequestMiddleware, metrics=service.metrics, max_body_bytes=settings.max_body_bytes,
                        body_timeout=settings.body_timeout, api_key=api_key,
-                       templates=[*(r.path for r in (*router.routes, *oip.router.routes) if isinstance(r, APIRoute)),
-                                  f"{PLAYGROUND}/{{path:path}}"])
+                       templates=[*(r.path for r in (*router.routes, *oip.router.routes, *reload.router.routes)
+                                    if isinstance(r, APIRoute)), f"{PLAYGROUND}/{{path:path}}"])
     plain_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request, Response
@@ -11,12 +12,19 @@ from service.runtime import Service
 from service.schemas import Problem
 
 
-async def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> AsyncIterator[Service]:
     """The app's Service, injected with Depends so tests and routes never reach for globals.
 
-    `async` on purpose: FastAPI runs a plain `def` dependency on its thread pool, a thread hop per request.
+    The request keeps the one it got, and is counted as its user until it is answered, even if a
+    reload (service.reload) swaps in another bundle meanwhile. `async` on purpose: FastAPI runs a
+    plain `def` dependency on its thread pool, a thread hop per request.
     """
-    return request.app.state.service
+    service: Service = request.app.state.service
+    service.users += 1
+    try:
+        yield service
+    finally:
+        service.users -= 1
 
 
 async def disconnected(request: Request) -> None:

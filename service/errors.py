@@ -66,12 +66,20 @@ class Unauthorized(ServiceError):
     status, title, slug = 401, "Missing or wrong API key", "unauthorized"
 
 
+class Forbidden(ServiceError):
+    status, title, slug = 403, "Not allowed here", "forbidden"
+
+
 class NotFound(ServiceError):
     status, title, slug = 404, "Not found", "not-found"
 
 
 class RequestTimeout(ServiceError):
     status, title, slug = 408, "Request not received in time", "request-timeout"
+
+
+class Conflict(ServiceError):
+    status, title, slug = 409, "Conflicts with work under way", "conflict"
 
 
 class PayloadTooLarge(ServiceError):

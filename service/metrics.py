@@ -43,8 +43,13 @@ class Metrics:
         )
         self.rejections = Counter(f"{PREFIX}_rejections", "Requests refused before the model, by reason", ["reason"], registry=r)
         self.build_info = Gauge(
-            f"{PREFIX}_build_info", "Constant 1; labels say what is served", ["version", "bundle_id", "device"], registry=r
+            f"{PREFIX}_build_info", "Constant 1; labels say what is served (the current bundle only)",
+            ["version", "bundle_id", "device"], registry=r
         )
+        self.ready = Gauge(f"{PREFIX}_ready", "1 while /readyz answers 200 (warmed up, not draining), set at each scrape",
+                           registry=r)
+        self.reloads = Counter(f"{PREFIX}_bundle_reloads", "Bundle reloads by outcome: swapped, failed or busy",
+                               ["outcome"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

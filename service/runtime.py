@@ -61,6 +61,9 @@ class Service:
             max_batch_tokens=settings.max_batch_tokens, workers=workers, max_wait=settings.max_batch_wait, queue_limit=settings.queue_limit,
         )
         self.state = State.STARTING
+        # Requests holding this service (service.deps.get_service): a replaced bundle is retired only
+        # once none is left, so each request finishes on the bundle it started on.
+        self.users = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -78,7 +81,6 @@ class Service:
         # throughput that admission control estimates waits with.
         warm = " ".join(["warm-up"] * self.engine.backbone.max_length)
         await self.infer([warm] * self.settings.max_batch_size, [uniform], deadline, require_ready=False)
-        self.metrics.build_info.labels(__version__, self.engine.bundle_id, str(self.engine.device)).set(1)
         self.state = State.READY
         log.info("ready: bundle %s on %s", self.engine.bundle_id, self.engine.device)
 
@@ -86,6 +88,14 @@ class Service:
         """From now on probes say 503 and requests are refused; synchronous, so a signal handler can
         call it before any request that arrives after the signal is looked at."""
         self.state = State.DRAINING
+
+    def announce(self, previous: Service | None = None) -> None:
+        """Show this service's bundle in `build_info` (an info-style gauge), in place of `previous`'s."""
+        if previous is not None:
+            self.metrics.build_info.remove(__version__, previous.engine.bundle_id, str(previous.engine.device))
+        self.metrics.build_info.labels(__version__, self.engine.bundle_id, str(self.engine.device)).set(1)
+        self.metrics.cache_entries.set(len(self.heads.cache))
+        self.metrics.cache_bytes.set(self.heads.cache.cost)
 
     async def drain(self) -> bool:
         """Refuse new work and answer everything admitted; False if `drain_timeout` ran out."""

@@ -126,6 +126,17 @@ class InfoResponse(BaseModel):
     versions: dict[str, str]
 
 
+class ReloadRequest(_Body):
+    bundle: str | None = Field(None, min_length=1, description="bundle directory to serve next; default: the configured one")
+
+
+class ReloadResponse(BaseModel):
+    bundle_id: str = Field(description="the bundle now served")
+    previous_bundle_id: str
+    bundle: str = Field(description="the directory it was loaded from")
+    load_seconds: float = Field(description="time to load, validate and warm the bundle while the previous one served")
+
+
 class Problem(BaseModel):
     """RFC 9457 problem details, plus the request id and, for 422, the offending field."""
 

@@ -17,6 +17,7 @@ import gc
 import logging
 import os
 import resource
+import signal
 import socket
 import time
 from types import FrameType
@@ -25,25 +26,28 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from fastapi import FastAPI
+
 from service.app import create_app
 from service.engine import Engine
-from service.runtime import Service
+from service.reload import reload_on_signal
 from service.settings import ServiceSettings
 
 log = logging.getLogger("reprmerge.service")
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose first exit signal drains the service before shutting down."""
+    """uvicorn.Server whose first exit signal drains the service before shutting down; SIGHUP reloads the bundle."""
 
-    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
-        self._service = service
+        self._app = app
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Future[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop.add_signal_handler(signal.SIGHUP, reload_on_signal, self._app.state.reloader)
         await super().startup(sockets)
         if self.started:  # warmed up and listening: the page works from now on
             print(f"playground: {self.playground_url()}", flush=True)
@@ -60,18 +64,20 @@ class DrainingServer(uvicorn.Server):
             return
         # Signal handlers run between bytecodes of the loop's thread: refuse at once (a request already
         # in the loop's ready queue would otherwise still see "ready"), then hand the drain to the loop.
-        self._service.refuse_new_work()
+        self._app.state.service.refuse_new_work()
         self._drain = asyncio.run_coroutine_threadsafe(self._drain_then_exit(), self._loop)  # type: ignore[assignment]
 
     async def _drain_then_exit(self) -> None:
-        settings, start = self._service.settings, time.monotonic()
+        self._app.state.reloader.refuse()  # a bundle swapped in now would escape the drain
+        service = self._app.state.service
+        settings, start = service.settings, time.monotonic()
         budget = max(settings.drain_timeout - SHUTDOWN_RESERVE_S, 0.0)
         grace = min(settings.drain_grace, budget)
         log.info("draining: refusing new requests, answering admitted ones; listener open for at least %g s", grace)
 
         async def drain() -> bool:
             try:
-                return await asyncio.wait_for(self._service.drain(), budget)
+                return await asyncio.wait_for(service.drain(), budget)
             except asyncio.TimeoutError:
                 return False
 
@@ -216,4 +222,4 @@ def serve(settings: ServiceSettings, engine: Engine) -> None:
                             timeout_graceful_shutdown=settings.drain_timeout, timeout_keep_alive=settings.keep_alive,
                             http=guarded_protocol(settings.header_timeout, settings.max_connections))
     log.info("%d startup objects frozen: full garbage collections skip them", freeze_startup_objects())
-    DrainingServer(config, app.state.service).run()
+    DrainingServer(config, app).run()

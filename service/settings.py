@@ -87,6 +87,9 @@ class ServiceSettings(BaseSettings):
 
     # Request limits.
     api_key: SecretStr | None = Field(None, description="bearer key required on every route but probes and /metrics")
+    admin_without_auth: bool = Field(
+        False, description="allow the /admin routes (bundle reload) when no API key is set: only where nobody "
+                           "untrusted can reach the port; otherwise they answer 403 without a key")
     max_body_bytes: int = Field(2 << 20, ge=1024)
     max_inputs: int = Field(32, ge=1, description="most texts per request")
     max_text_chars: int = Field(10_000, ge=1, description="longest text accepted, in characters")

@@ -24,7 +24,7 @@ from service.settings import ServiceSettings
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 K8S_VERSION = "1.33.0"  # the oldest we support: `sleep` preStop hooks and backoffLimitPerIndex are GA there
-KUSTOMIZATIONS = ["base", "overlays/gpu", "calibration"]
+KUSTOMIZATIONS = ["base", "overlays/gpu", "overlays/bundle-volume", "calibration"]
 BIN = Path(sys.executable).parent
 
 
@@ -132,8 +132,10 @@ def test_yaml_files_lint_clean() -> None:
 
 def test_dashboard_and_scrape_config_use_only_exported_metrics() -> None:
     dashboard = (ROOT / "deploy" / "monitoring" / "grafana" / "dashboards" / "reprmerge.json").read_text()
-    used = set(re.findall(r"\breprmerge_[a-z_]+\b", dashboard))
-    assert used and used <= _metric_names(), used - _metric_names()
+    alerts = (ROOT / "deploy" / "monitoring" / "alerts.yml").read_text()
+    for text in (dashboard, alerts):
+        used = set(re.findall(r"\breprmerge_[a-z_]+\b", text))
+        assert len(used) >= 5 and used <= _metric_names(), used - _metric_names()
     for panel in ("Throughput", "latency percentiles", "Queue depth", "Batch size", "hit rate", "Distinct", "Rejections"):
         assert panel in dashboard
 
