@@ -57,6 +57,7 @@ def check(engine: Engine) -> dict[str, object]:
     prefs = {"equal": canonical_preference([1.0] * len(engine.tasks), engine.tasks)}
     prefs |= {f"one-hot {t}": canonical_preference({t: 1.0}, engine.tasks) for t in EXAMPLES}
     heads = dict(zip(prefs, engine.fold(list(prefs.values()))))
+    kept = dict(zip(prefs, engine.quality_kept(engine.tradeoff(list(prefs.values())))))
     texts = [text for examples in EXAMPLES.values() for text, _ in examples]
     z = engine.encode(texts)
     rows = []
@@ -68,7 +69,7 @@ def check(engine: Engine) -> dict[str, object]:
                 scores = probs[i, engine.slices[task]]
                 label = engine.labels[task][int(scores.argmax())]
                 rows.append({"preference": name, "task": task, "text": text, "expected": want, "label": label,
-                             "probability": float(scores.max()), "quality_kept": head.kept[engine.tasks.index(task)],
+                             "probability": float(scores.max()), "quality_kept": kept[name][engine.tasks.index(task)],
                              "right": label == want})
                 i += 1
     own = [r for r in rows if r["preference"] == f"one-hot {r['task']}"]

@@ -138,8 +138,10 @@ async def predict(
     deadline = service.deadline(timeout)
     prefs, tasks = service.preferences(body), service.tasks(body.tasks)
     service.check_texts(body.texts)
+    # asked for: solved (or refused) before the backbone runs, from the trade-off cache
+    kept = await service.quality_kept(prefs, deadline) if body.quality_kept else None
     result = await service.infer(body.texts, prefs, deadline, partial(disconnected, request))
-    answer = Response(await service.predict_answer(prefs, tasks, result), media_type="application/json")
+    answer = Response(await service.predict_answer(prefs, tasks, result, kept), media_type="application/json")
     set_timings(request, answer, result)
     return answer
 

@@ -53,10 +53,9 @@ class Job:
 
 @dataclass(frozen=True)
 class JobResult:
-    """probabilities[j] is (len(texts), K) under prefs[j] and kept[j] its tasks' quality kept; times in seconds."""
+    """probabilities[j] is (len(texts), K) under prefs[j]; times in seconds."""
 
     probabilities: list[torch.Tensor]
-    kept: list[tuple[float, ...]]
     queue_time: float
     inference_time: float
 
@@ -308,8 +307,7 @@ class Batcher:
             queue_time = start - job.enqueued
             self._metrics.queue_duration.observe(queue_time)
             if not job.future.done():
-                job.future.set_result(JobResult([probs[g][a:b] for g, a, b in places],
-                                                [groups[g].head.kept for g, _, _ in places], queue_time, elapsed))
+                job.future.set_result(JobResult([probs[g][a:b] for g, a, b in places], queue_time, elapsed))
             self._answered(job)
 
     @staticmethod

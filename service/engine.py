@@ -50,15 +50,10 @@ class UntokenizableText(ValueError):
 
 @dataclass(frozen=True)
 class Head:
-    """The fused heads H_t W_p of one preference, all tasks stacked: logits = z @ weight.T + bias.
-
-    `kept` is each task's `quality_kept` under the preference (bundle task order), solved with the head
-    so that answers report it at no cost per request.
-    """
+    """The fused heads H_t W_p of one preference, all tasks stacked: logits = z @ weight.T + bias."""
 
     fingerprint: str
     weight: torch.Tensor  # (K, d) on the engine's device, owning its storage
-    kept: tuple[float, ...]
 
     @property
     def nbytes(self) -> int:
@@ -117,18 +112,15 @@ class Engine:
         return torch.tensor([p.weights for p in prefs], dtype=torch.float64)
 
     def fold(self, prefs: Sequence[Preference]) -> list[Head]:
-        """Fused heads of several preferences in one batched solve, with each task's quality kept (forms W_p once
-        per preference for the closed-form losses)."""
-        weights = self._pref_tensor(prefs)
-        fused = self.folder.fold(weights)
-        kept = self.folder.solver.quality_kept(weights).tolist()
+        """Fused heads of several preferences in one batched solve (never forms W_p: `quality_kept` needs the
+        closed-form losses, which do, ~10x the fold's cost, so they come from `tradeoff` on request)."""
+        fused = self.folder.fold(self._pref_tensor(prefs))
         # clone: a view of fused.weight would keep the whole (P, K, d) fold output alive per cached head.
-        return [Head(p.fingerprint, fused.weight[i].clone(), _rounded(kept[i])) for i, p in enumerate(prefs)]
+        return [Head(p.fingerprint, fused.weight[i].clone()) for i, p in enumerate(prefs)]
 
     def fold_chunk(self, budget_bytes: int) -> int:
         """Most preferences one `fold` may take for its temporaries to stay within `budget_bytes` (at least 1)."""
-        solver = self.folder.solver
-        return max(1, budget_bytes // max(self.folder.fold_bytes_per_preference, solver.tradeoff_bytes_per_preference))
+        return max(1, budget_bytes // self.folder.fold_bytes_per_preference)
 
     def tradeoff(self, prefs: Sequence[Preference]) -> list[tuple[float, ...]]:
         """Closed-form per-task losses of each preference's correction, from the statistics (one row per preference)."""

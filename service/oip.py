@@ -2,11 +2,11 @@
 
 Input: one BYTES tensor `text` (shape [n] or [n, 1]), as JSON data or with Triton's binary tensor
 extension (the default of tritonclient). Request `parameters`: `preference` (a JSON string, or an
-object/list where the client allows it), optional `tasks` (comma-separated) and Triton's `timeout`
-(microseconds; it can shorten the request's deadline, never extend it). Outputs per task:
+object/list where the client allows it), optional `tasks` (comma-separated), `quality_kept` (boolean)
+and Triton's `timeout` (microseconds; it can shorten the request's deadline, never extend it). Outputs per task:
 `<task>_probabilities` FP32 [n, K_t] and `<task>_label` BYTES [n]. Response `parameters` echo the
-preference and carry `quality_kept`, JSON text {task: value in [0, 1]} as in /v1/predict (OIP
-parameters are scalars). Responses are always JSON.
+preference and, when asked, carry `quality_kept`, JSON text {task: value in [0, 1]} as in /v1/predict
+(OIP parameters are scalars). Responses are always JSON.
 The model has one version, "1"; every model route also answers under `/versions/1`, and other
 versions are 404. `/config` is a Triton-style model configuration (perf_analyzer reads it).
 """
@@ -70,7 +70,8 @@ class InferResponse(BaseModel):
     model_version: str
     id: str | None = None
     parameters: dict[str, Any] = Field(description="`bundle_id`, `preference_fingerprint`, `preference` (JSON text) and "
-                                       "`quality_kept` (JSON text, per task answered: " + QUALITY_KEPT + ")")
+                                       "`quality_kept` (JSON text, when the request sets the boolean parameter `quality_kept`; per task "
+                                       "answered: " + QUALITY_KEPT + ")")
     outputs: list[TensorOut]
 
 
@@ -188,6 +189,7 @@ async def infer(
     pref = _preference(params.get("preference"), service)
     tasks = service.tasks(_task_list(params.get("tasks")), field="parameters.tasks")
     wanted = _wanted_outputs(req, tasks)
+    kept = (await service.quality_kept([pref], deadline))[0] if _flag(params.get("quality_kept"), "quality_kept") else None
     result = await service.infer(texts, [pref], deadline, partial(disconnected, request), field="inputs[0].data")
     set_timings(request, response, result)
     probs = result.probabilities[0]
@@ -198,11 +200,13 @@ async def infer(
         outputs.append(TensorOut(name=f"{task}_probabilities", shape=list(p.shape), datatype="FP32", data=p.flatten().tolist()))
         outputs.append(TensorOut(name=f"{task}_label", shape=[len(texts)], datatype="BYTES",
                                  data=[labels[i] for i in p.argmax(dim=1).tolist()]))
+    parameters = {"bundle_id": service.engine.bundle_id, "preference_fingerprint": pref.fingerprint,
+                  "preference": json.dumps(pref.as_dict())}
+    if kept is not None:
+        parameters["quality_kept"] = json.dumps({t: kept[service.engine.tasks.index(t)] for t in tasks})
     return InferResponse(
         model_name=name, model_version=VERSION, id=req.id, outputs=[o for o in outputs if wanted is None or o.name in wanted],
-        parameters={"bundle_id": service.engine.bundle_id, "preference_fingerprint": pref.fingerprint,
-                    "preference": json.dumps(pref.as_dict()),
-                    "quality_kept": json.dumps({t: result.kept[0][service.engine.tasks.index(t)] for t in tasks})},
+        parameters=parameters,
     )
 
 
@@ -310,6 +314,13 @@ def _preference(value: Any, service: Service) -> Preference:
         except ValueError as exc:  # an integer past Python's 4,300-digit limit
             raise InvalidInput(f"must be JSON text of a mapping or list: {exc}", field=field) from None
     return service.preference(value, field)
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A boolean request parameter (absent: false)."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise InvalidInput("must be true or false", field=f"parameters.{name}")
 
 
 def _task_list(value: Any) -> list[str] | None:

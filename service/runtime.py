@@ -185,19 +185,27 @@ class Service:
                                field=f"{field}[{exc.index}]") from exc
         return await self.batcher.submit(ids, prefs, deadline, gone)
 
-    async def predict_answer(self, prefs: Sequence[Preference], tasks: Sequence[str], result: JobResult) -> bytes:
+    async def quality_kept(self, prefs: Sequence[Preference], deadline: float) -> list[tuple[float, ...]]:
+        """Each preference's `quality_kept` per task (bundle order), from the trade-off cache: a new preference
+        costs one closed-form trade-off on the heads thread, with its admission (429) and deadline."""
+        return self.engine.quality_kept(await self.heads.tradeoff(prefs, deadline))
+
+    async def predict_answer(self, prefs: Sequence[Preference], tasks: Sequence[str], result: JobResult,
+                             kept: Sequence[tuple[float, ...]] | None = None) -> bytes:
         """`predict_body`, rendered on the codec threads unless it is small (`inline_codec_chars` counts
         each task prediction as ~100 characters): the event loop keeps accepting requests."""
         if 100 * len(tasks) * sum(len(p) for p in result.probabilities) <= self.settings.inline_codec_chars:
-            return self.predict_body(prefs, tasks, result)
-        return await asyncio.get_running_loop().run_in_executor(self._codec, self.predict_body, prefs, tasks, result)
+            return self.predict_body(prefs, tasks, result, kept)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._codec, self.predict_body, prefs, tasks, result, kept)
 
-    def predict_body(self, prefs: Sequence[Preference], tasks: Sequence[str], result: JobResult) -> bytes:
+    def predict_body(self, prefs: Sequence[Preference], tasks: Sequence[str], result: JobResult,
+                     kept: Sequence[tuple[float, ...]] | None = None) -> bytes:
         """The /v1/predict answer (a `PredictResponse`) as JSON bytes, from plain dicts: per-row models
-        would cost more than the backbone at small batches."""
+        would cost more than the backbone at small batches. `quality_kept` only where `kept` is given."""
         labels, slices, index = self.engine.labels, self.engine.slices, {t: i for i, t in enumerate(self.engine.tasks)}
         results = []
-        for pref, probs, kept in zip(prefs, result.probabilities, result.kept):
+        for j, (pref, probs) in enumerate(zip(prefs, result.probabilities)):
             predictions = []
             for row in probs.tolist():
                 answer = {}
@@ -206,8 +214,10 @@ class Service:
                     best = max(range(len(scores)), key=scores.__getitem__)
                     answer[t] = {"label": labels[t][best], "probabilities": dict(zip(labels[t], scores))}
                 predictions.append(answer)
-            results.append({"preference": pref.as_dict(), "fingerprint": pref.fingerprint,
-                            "quality_kept": {t: kept[index[t]] for t in tasks}, "predictions": predictions})
+            result_j: dict[str, object] = {"preference": pref.as_dict(), "fingerprint": pref.fingerprint}
+            if kept is not None:
+                result_j["quality_kept"] = {t: kept[j][index[t]] for t in tasks}
+            results.append({**result_j, "predictions": predictions})
         return orjson.dumps({"bundle_id": self.engine.bundle_id, "results": results})
 
     async def tradeoff(self, prefs: Sequence[Preference], deadline: float) -> TradeoffResponse:

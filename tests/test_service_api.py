@@ -320,7 +320,7 @@ def test_quality_kept_in_every_answer_matches_an_independent_float64_computation
     want = reference_quality_kept(engine, prefs)
     assert np.diag(want[:1]).tolist() == [1.0] and want[1, 0] < 0.5  # one-hot keeps all; weight 0 loses most
     for i, p in enumerate(prefs):  # one preference per request: the client allows 3 at most
-        got = client.post("/v1/predict", json={"texts": ["a day"], "preference": p}).json()["results"][0]["quality_kept"]
+        got = client.post("/v1/predict", json={"texts": ["a day"], "preference": p, "quality_kept": True}).json()["results"][0]["quality_kept"]
         assert list(got) == list(TASKS)
         np.testing.assert_allclose(list(got.values()), want[i], rtol=0, atol=5.1e-5)  # reported to 4 decimals
         row = client.post("/v1/tradeoff", json={"preference": p}).json()["results"][0]["tasks"]
@@ -329,12 +329,20 @@ def test_quality_kept_in_every_answer_matches_an_independent_float64_computation
             assert row[t]["best"] <= row[t]["loss"] + 1e-9 and row[t]["best"] < row[t]["uncorrected"]
         v2 = client.post("/v2/models/reprmerge/infer", json={
             "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a day"]}],
-            "parameters": {"preference": json.dumps(p), "tasks": "gamma,alpha"}}).json()
+            "parameters": {"preference": json.dumps(p), "tasks": "gamma,alpha", "quality_kept": True}}).json()
         assert json.loads(v2["parameters"]["quality_kept"]) == pytest.approx({"gamma": want[i, 2], "alpha": want[i, 0]},
                                                                             rel=0, abs=5.1e-5)
     # only the tasks asked for, and the marker is documented in the schema
-    subset = client.post("/v1/predict", json={"texts": ["a"], "preference": {"beta": 1}, "tasks": ["beta"]}).json()
+    subset = client.post("/v1/predict", json={"texts": ["a"], "preference": {"beta": 1}, "tasks": ["beta"],
+                                              "quality_kept": True}).json()
     assert subset["results"][0]["quality_kept"] == {"beta": 1.0}
+    # not asked: not computed (a new preference would pay a trade-off ~10x its fold), not answered
+    plain = client.post("/v1/predict", json={"texts": ["a"], "preference": [3, 1, 7]}).json()
+    assert "quality_kept" not in plain["results"][0]
+    assert canonical_preference([3, 1, 7], TASKS).fingerprint not in client.app.state.service.heads.tradeoffs
+    v2 = client.post("/v2/models/reprmerge/infer", json={
+        "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}], "parameters": {"quality_kept": "yes"}})
+    assert v2.status_code == 422 and v2.json()["field"] == "parameters.quality_kept"
     schema = client.get("/openapi.json").json()["components"]["schemas"]
     assert "uncorrected" in schema["PreferenceResult"]["properties"]["quality_kept"]["description"]
     assert schema["TaskLoss"]["properties"]["quality_kept"]["maximum"] == 1
@@ -418,7 +426,7 @@ class CountingFold:
     async def __call__(self, prefs: Sequence[Preference], deadline: float) -> list[Head]:
         self.calls.append(len(prefs))
         await asyncio.sleep(0)
-        return [Head(p.fingerprint, torch.zeros(2, self.dim), ()) for p in prefs]
+        return [Head(p.fingerprint, torch.zeros(2, self.dim)) for p in prefs]
 
 
 def test_head_cache_single_flight_batches_misses_and_evicts_by_bytes() -> None:
@@ -455,7 +463,7 @@ def test_head_cache_failed_or_short_solve_reaches_every_waiter_and_caches_nothin
         await asyncio.sleep(0)
         if how == "raise":
             raise RuntimeError("solver down")
-        return [Head(prefs[0].fingerprint, torch.zeros(2, 8), ())]
+        return [Head(prefs[0].fingerprint, torch.zeros(2, 8))]
 
     cache = SolveCache(broken, 1 << 20, lambda h: h.nbytes, chunk=16)
     prefs = _prefs(2)

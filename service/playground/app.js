@@ -534,7 +534,7 @@ function renderSnippets() {
     `        ${JSON.stringify(body.texts)},`,
     `        ${JSON.stringify(body.preference)},`,
     "    )",
-    "print(answer.model_dump_json(indent=2))",
+    "print(answer.model_dump_json(indent=2, exclude_none=True))",
   ].join("\n");
 }
 
