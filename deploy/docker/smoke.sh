@@ -6,10 +6,10 @@
 # check the process is not root, serve a second bundle mounted via REPRMERGE_BUNDLE and reload into
 # the first one (POST /admin/reload), then stop the container under load and count that every
 # accepted request was answered. Prints build time, image size, time to healthy and the counts.
-#   deploy/docker/smoke.sh [BUNDLE]        (default .cache/bundles/tiny; `make serve` builds it)
+#   deploy/docker/smoke.sh [BUNDLE]        (default .cache/bundles/starter; `make serve` builds it)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-BUNDLE=$(realpath "${1:-$ROOT/.cache/bundles/tiny}")
+BUNDLE=$(realpath "${1:-$ROOT/.cache/bundles/starter}")
 IMAGE=${IMAGE:-reprmerge:smoke}
 LOCAL_BASE=${LOCAL_BASE:-reprmerge-base:bookworm}
 PY=${PY:-$ROOT/.venv/bin/python}
