@@ -45,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="NAME=FILE",
         help='unlabeled inputs of an expert\'s task: text (one per line) or JSON lines with "text"',
     )
-    p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output checkpoint directory (never the base or an expert; written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.set_defaults(func=run)
@@ -60,9 +62,11 @@ def _heads(experts: dict[str, Path]) -> dict[str, Tensor]:
 
 def run(args: argparse.Namespace) -> int:
     from reprmerge_core.merging import REPORT_FILE, merge_checkpoints, read_texts
+    from reprmerge_core.merging.checkpoints import check_merge_output
 
     try:
         experts = unique(args.expert, "--expert")
+        check_merge_output(args.out, args.base, experts, overwrite=args.overwrite)  # before reading anything
         params = {key: json_value(value) for key, value in unique(args.params, "--set").items()}
         files = unique(args.calibration, "--calibration")
         texts = {name: read_texts(path) for name, path in files.items()} or None
@@ -78,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             progress=True,
             heads=heads,
+            overwrite=args.overwrite,
         )
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"merge failed: {exc}", file=sys.stderr)

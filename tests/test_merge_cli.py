@@ -230,3 +230,34 @@ def test_merge_warns_on_heads_from_one_seed_and_on_an_expert_far_from_the_base(
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     check = json.loads((tmp_path / "good" / REPORT_FILE).read_text())["expert_diagnostics"]
     assert check["warnings"] == [] and len(check["head_pairs"]) == 3 and max(check["norm_ratios"].values()) < 1.5
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_merge_never_damages_what_the_user_owns(
+    tiny_backbone_dir: Path, experts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--out` used to overwrite silently: pointed at an expert it destroyed that expert's weights."""
+    before = {name: _tree(path) for name, path in experts.items()}
+    spam = experts["spam"]
+    for out, flags, message in [
+        (spam, ["--overwrite"], "overlaps the expert 'spam'"),  # an input, even when overwriting is allowed
+        (spam / "merged", ["--overwrite"], "overlaps the expert 'spam'"),  # inside an input
+        (spam.parent, ["--overwrite"], "overlaps"),  # holds the inputs: replacing it would delete them
+        (tiny_backbone_dir, ["--overwrite"], "overlaps the base"),
+    ]:
+        assert main(merge_args(tiny_backbone_dir, experts, out, "ties", *flags)) == 2
+        assert message in capsys.readouterr().err
+    assert {name: _tree(path) for name, path in experts.items()} == before
+
+    existing = tmp_path / "merged"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    assert main(merge_args(tiny_backbone_dir, experts, existing, "ties")) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and (existing / "keep.txt").read_text() == "mine"
+
+    assert main(merge_args(tiny_backbone_dir, experts, existing, "ties", "--overwrite")) == 0  # replaced whole
+    assert not (existing / "keep.txt").exists() and (existing / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind

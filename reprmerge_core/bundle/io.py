@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from reprmerge_core import __version__
+from reprmerge_core.artifacts import replace_dir
 from reprmerge_core.correction.heads import TaskHead
 from reprmerge_core.correction.statistics import TaskStatistics
 from reprmerge_core.bundle.check import BundleError, check_bundle, sha256_file, validate_content
@@ -97,7 +98,7 @@ def write_bundle(
     """
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
     if not (len(tasks) == len(statistics) == len(heads)):
         raise ValueError(f"got {len(tasks)} tasks, {len(statistics)} statistics and {len(heads)} heads")
     dim = statistics[0].dim
@@ -143,22 +144,11 @@ def write_bundle(
             f.write(manifest.model_dump_json(indent=2))
             f.flush()
             os.fsync(f.fileno())
-        _replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move a finished bundle into place; an old one is moved aside first and removed last."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out)
 
 
 def load_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:

@@ -13,6 +13,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from reprmerge_core.artifacts import atomic_dir, check_output
 from reprmerge_core.merging.calibration import collect_grams, linear_layers, text_batches
 from reprmerge_core.merging.diagnostics import ExpertDiagnostics, diagnose_experts, task_vector_norm
 from reprmerge_core.merging.merge import (
@@ -105,6 +106,13 @@ def distances_from_base(base_dir: Path, expert_dirs: Mapping[str, Path]) -> dict
     return {task: task_vector_norm(base, _load_encoder(path).state_dict()) for task, path in expert_dirs.items()}
 
 
+def check_merge_output(out_dir: str | Path, base_dir: str | Path, expert_dirs: Mapping[str, str | Path], *,
+                       overwrite: bool) -> None:
+    """Refuse an output that exists (unless `overwrite`) or overlaps the base or an expert (always)."""
+    check_output(out_dir, {"base": base_dir, **{f"expert {task!r}": path for task, path in expert_dirs.items()}},
+                 overwrite=overwrite)
+
+
 def merge_checkpoints(
     base_dir: str | Path,
     expert_dirs: Mapping[str, str | Path],
@@ -117,16 +125,21 @@ def merge_checkpoints(
     max_length: int = 128,
     progress: bool = False,
     heads: Mapping[str, Tensor] | None = None,
+    overwrite: bool = False,
 ) -> MergeResult:
     """Merge expert encoders (AutoModel; a classification head in an expert directory is ignored) into
     the base. `calibration_texts[task]` are unlabeled inputs of each expert's task: required by data-aware
     methods, and with any method they add per-layer rho to the report. With `out_dir`, writes the merged
-    checkpoint (safetensors + the base's tokenizer) and merge_report.json. Incompatible checkpoints and
+    checkpoint (safetensors + the base's tokenizer) and merge_report.json, atomically; an existing `out_dir`
+    is replaced only with `overwrite`, and one that is, holds or sits inside the base or an expert is refused
+    (both before any loading). Incompatible checkpoints and
     bad parameters are refused before any weights are merged. Before merging, the experts' distances
     from the base and the alignment of their `heads` (task -> head weight (classes, d), where known) are
     checked and recorded in the report's `expert_diagnostics`; findings are logged as warnings."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    if out_dir is not None:
+        check_merge_output(out_dir, base_dir, expert_dirs, overwrite=overwrite)
     spec, checked = resolve(method, params)
     sequential = isinstance(checked, DataAwareParams) and checked.sequential
     if not expert_dirs:
@@ -182,10 +195,10 @@ def merge_checkpoints(
 
     if out_dir is not None:
         start = time.perf_counter()
-        out = Path(out_dir)
         base_model.load_state_dict(result.state_dict)
-        base_model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        result.report.timings["save"] = time.perf_counter() - start
-        (out / REPORT_FILE).write_text(result.report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        with atomic_dir(out_dir) as out:
+            base_model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            result.report.timings["save"] = time.perf_counter() - start
+            (out / REPORT_FILE).write_text(result.report.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return result

@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from reprmerge_core.artifacts import check_output
 from reprmerge_core.backbone import Backbone, Pooling, select_device
 from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.check import sha256_file
@@ -215,8 +216,9 @@ def calibrate_bundle(
     `base` (the checkpoint the experts were fine-tuned from) adds each expert's distance from it to the
     diagnostics recorded in the bundle.
     """
-    if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+    inputs = {"backbone": backbone, **{f"expert {name!r}": path for name, path in experts.items()},
+              **({} if base is None else {"base": base})}
+    check_output(out, inputs, overwrite=overwrite)
     plan = _plan(Path(backbone), experts, calibration, pooling=pooling, max_length=max_length, beta=beta,
                  normalisation=normalisation, folds=folds, merge_method=merge_method,
                  base=None if base is None else Path(base), prior=prior)
