@@ -86,8 +86,7 @@ def engine_ratios(bundle: Path, batch_size: int, rounds: int) -> None:
         prefs = fast._fresh(len(texts))
         weights = torch.tensor([p.weights for p in prefs], dtype=torch.float64)
         fused = fast.engine.folder.fold(weights, workers)
-        kept = fast.engine.folder.solver.quality_kept(weights).tolist()  # as Engine.fold: answers carry it
-        heads = {p.fingerprint: Head(p.fingerprint, fused.weight[i].clone(), tuple(kept[i])) for i, p in enumerate(prefs)}
+        heads = {p.fingerprint: Head(p.fingerprint, fused.weight[i].clone()) for i, p in enumerate(prefs)}
         fast._apply(fast.engine.encode(texts), prefs, heads)
 
     steps["(c) float32, fold first on 2 workers"] = fold_first

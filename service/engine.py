@@ -129,8 +129,7 @@ class Engine:
     def quality_kept(self, losses: Sequence[Sequence[float]]) -> list[tuple[float, ...]]:
         """`quality_kept` of `tradeoff` rows: cheap (no solve), on any thread."""
         table = torch.tensor(losses, dtype=torch.float64).reshape(len(losses), len(self.tasks))
-        best, uncorrected = (torch.tensor(x, dtype=torch.float64) for x in (self.best_loss, self.uncorrected_loss))
-        return [_rounded(row) for row in quality_kept(table, best, uncorrected).tolist()]
+        return [_rounded(row) for row in quality_kept(table, *self.folder.solver.reference_losses()).tolist()]
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, unpadded; raises `ValueError` naming the first text the tokenizer refuses."""

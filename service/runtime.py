@@ -50,7 +50,7 @@ class Service:
 
     def __init__(self, settings: ServiceSettings, engine: Engine, metrics: Metrics) -> None:
         self.settings, self.engine, self.metrics = settings, engine, metrics
-        # One thread each: batches run one at a time, and a head solve never waits behind a batch.
+        # Backbone passes on `workers` inference threads; folds, head applies and trade-offs on the heads thread.
         workers = settings.inference_worker_count
         self.inference = torch_executor("inference", settings.inference_thread_count, workers)
         self.heads = Heads(engine, settings, metrics)
