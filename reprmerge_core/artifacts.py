@@ -1,17 +1,64 @@
-"""Writing outputs a user owns: never into an input, never over an existing output unasked, never half-written.
+"""Artifacts on disk: written never into an input, never over an existing output unasked, never half-written;
+hashed one way; checkpoints read only from files that cannot run code.
 
-Every command that writes a directory goes through here (one home), so a mistyped `--out` can neither
-destroy an expert nor leave a partial checkpoint behind.
+Every writer of a directory or file (bundles, merged checkpoints, the expert cache, calibration shards) and
+every content hash of a file or checkpoint goes through here (one home), so a mistyped `--out` can neither
+destroy an expert nor leave a partial checkpoint behind, and two hashes of the same checkpoint always agree.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+
+# The files of a transformers checkpoint worth keeping (weights, config, tokenizer); anything pickled
+# (.bin, .pt, .pkl) is refused, since unpickling runs code.
+CHECKPOINT_SUFFIXES = frozenset({".json", ".safetensors", ".txt", ".model"})
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of one file's bytes, read in 1 MiB chunks (weights files are hundreds of MB)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_files(checkpoint: str | Path, suffixes: Iterable[str] = CHECKPOINT_SUFFIXES) -> list[Path]:
+    """The checkpoint directory's files with one of `suffixes`, in name order (by default nothing pickled)."""
+    keep = frozenset(suffixes)
+    return sorted(p for p in Path(checkpoint).iterdir() if p.is_file() and p.suffix in keep)
+
+
+@functools.lru_cache(maxsize=16)
+def _files_sha256(files: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for name, _, _ in files:
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_sha256(checkpoint: str | Path, suffixes: Iterable[str] = CHECKPOINT_SUFFIXES) -> str:
+    """Hex sha256 over the bytes of the checkpoint's files with one of `suffixes`, in name order.
+
+    Memoised per (path, size, mtime) of every file: a build hashes the same 100+ MB base several times.
+    `suffixes=(".safetensors",)` hashes the weights alone (the expert cache's key: a new tokenizer file
+    must not retrain experts). FileNotFoundError when no such file exists: an empty hash would match anything.
+    """
+    files = checkpoint_files(checkpoint, suffixes)
+    if not files:
+        raise FileNotFoundError(f"{checkpoint} holds no {'/'.join(sorted(suffixes))} files to hash")
+    return _files_sha256(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
 
 
 def check_output(out: str | Path, inputs: Mapping[str, str | Path], *, overwrite: bool) -> Path:
@@ -41,15 +88,41 @@ def replace_dir(tmp: Path, out: Path) -> None:
 
 
 @contextmanager
-def atomic_dir(out: str | Path) -> Iterator[Path]:
+def atomic_dir(out: str | Path, *, keep_existing: bool = False) -> Iterator[Path]:
     """A temporary sibling of `out` to write into; renamed to `out` when the block ends cleanly, removed
-    when it raises (a crash leaves at most a hidden `.NAME.tmp-*` folder, never a partial `out`)."""
+    when it raises (a crash leaves at most a hidden `.NAME.tmp-*` folder, never a partial `out`).
+
+    `keep_existing`: when another process published `out` first (a content-addressed cache entry written
+    twice), its copy wins and ours is discarded; otherwise an existing `out` is replaced.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not keep_existing:
+            replace_dir(tmp, out)
+        else:
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if not out.is_dir():
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a rename; ours after an error or a lost race
+
+
+@contextmanager
+def atomic_file(out: str | Path) -> Iterator[Path]:
+    """A temporary sibling path of the file `out` to write to; moved over `out` when the block ends cleanly,
+    removed when it raises, so a reader sees the old file or the whole new one, never part of it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)

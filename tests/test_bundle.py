@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from reprmerge_core.backbone import Backbone
 from reprmerge_core.bundle import BundleError, load_bundle
-from reprmerge_core.bundle.check import sha256_file
+from reprmerge_core.artifacts import sha256_file
 from reprmerge_cli import main as cli
 from tests.helpers import make_random_bundle
 

@@ -6,7 +6,6 @@ so it answers in well under a second. Tensors are read with safetensors' numpy l
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
+from reprmerge_core.artifacts import sha256_file
 from reprmerge_core.bundle.manifest import (
     BACKBONE_DIR,
     HEADS_FILE,
@@ -45,14 +45,6 @@ class CheckedBundle:
     manifest: Manifest
     statistics: dict[str, np.ndarray]
     heads: dict[str, np.ndarray]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_array(file: str, key: str, a: np.ndarray, shape: tuple[int, ...]) -> None:

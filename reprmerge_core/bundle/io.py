@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,10 +24,10 @@ import torch
 from safetensors.torch import save_file
 
 from reprmerge_core import __version__
-from reprmerge_core.artifacts import replace_dir
+from reprmerge_core.artifacts import atomic_dir, checkpoint_files, sha256_file
 from reprmerge_core.correction.heads import TaskHead
 from reprmerge_core.correction.statistics import TaskStatistics
-from reprmerge_core.bundle.check import BundleError, check_bundle, sha256_file, validate_content
+from reprmerge_core.bundle.check import BundleError, check_bundle, validate_content
 from reprmerge_core.diagnostics import ExpertDiagnostics
 from reprmerge_core.bundle.manifest import (
     BACKBONE_DIR,
@@ -43,10 +42,6 @@ from reprmerge_core.bundle.manifest import (
     MergeInfo,
     TaskInfo,
 )
-
-# A checkpoint may carry these; anything pickled (.bin, .pt, .pkl) is refused.
-_BACKBONE_SUFFIXES = {".json", ".safetensors", ".txt", ".model"}
-
 
 @dataclass(frozen=True)
 class Bundle:
@@ -70,9 +65,8 @@ def _copy_backbone(src: Path, dst: Path) -> None:
     if not (src / "config.json").is_file():
         raise BundleError(BACKBONE_DIR, None, f"{src} is not a transformers checkpoint (no config.json)")
     dst.mkdir(parents=True)
-    for item in sorted(src.iterdir()):
-        if item.is_file() and item.suffix in _BACKBONE_SUFFIXES and item.name != "README.md":
-            shutil.copy2(item, dst / item.name)
+    for item in checkpoint_files(src):  # anything pickled (.bin, .pt, .pkl) is left behind
+        shutil.copy2(item, dst / item.name)
     if not any(p.suffix == ".safetensors" for p in dst.iterdir()):
         raise BundleError(BACKBONE_DIR, None, f"{src} has no safetensors weights (pickled weights are refused)")
 
@@ -115,9 +109,7 @@ def write_bundle(
     validate_content(tasks, dim, {k: v.numpy() for k, v in stats_tensors.items()},
                      {k: v.numpy() for k, v in head_tensors.items()})
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file(stats_tensors, str(tmp / STATISTICS_FILE))
         save_file(head_tensors, str(tmp / HEADS_FILE))
         _copy_backbone(Path(backbone_dir), tmp / BACKBONE_DIR)
@@ -144,10 +136,6 @@ def write_bundle(
             f.write(manifest.model_dump_json(indent=2))
             f.flush()
             os.fsync(f.fileno())
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

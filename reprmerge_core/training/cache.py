@@ -3,17 +3,14 @@
 An entry's key hashes everything that determines the expert: the base checkpoint's weights, the
 task and its training examples, the split and the recipe, and the library versions. Entries are
 written into a temporary sibling directory and renamed into place, so a reader never sees half
-of one and an interrupted build leaves nothing that looks complete.
+of one and an interrupted build leaves nothing that looks complete (`artifacts.atomic_dir`).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ import torch
 import transformers
 
 import reprmerge_core
+from reprmerge_core.artifacts import atomic_dir, checkpoint_sha256
 
 CACHE_ENV = "REPRMERGE_CACHE"
 
@@ -34,22 +32,9 @@ def cache_root(override: str | Path | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "reprmerge" / "experts"
 
 
-@functools.lru_cache(maxsize=8)
-def _weights_digest(files: tuple[tuple[str, int, int], ...]) -> str:
-    h = hashlib.sha256()
-    for name, _, _ in files:
-        with open(name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def weights_digest(checkpoint: Path) -> str:
-    """sha256 over the checkpoint's safetensors files (memoised per path, size and mtime)."""
-    files = sorted(checkpoint.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{checkpoint} holds no *.safetensors weights")
-    return _weights_digest(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    """sha256 over the checkpoint's safetensors files: the weights alone, so a tokenizer file cannot retrain experts."""
+    return checkpoint_sha256(checkpoint, suffixes=(".safetensors",))
 
 
 def library_versions() -> dict[str, str]:
@@ -74,15 +59,6 @@ def build_once(entry: Path, write: Callable[[Path], None]) -> bool:
     """
     if entry.is_dir():
         return False
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
-    try:
+    with atomic_dir(entry, keep_existing=True) as tmp:
         write(tmp)
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not entry.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return True
