@@ -8,6 +8,7 @@ to `DECIMALS` places so that float noise from clients never creates a distinct c
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import sys
@@ -55,6 +56,18 @@ def _weight(value: object, field: str) -> float:
     if w < 0:
         raise PreferenceError(field, f"weight must be non-negative, got {value!r}")
     return w
+
+
+def grid_points(tasks: int, steps: int) -> list[tuple[int, ...]]:
+    """Every preference on the grid of step 1/steps, as integer weights summing to `steps`, C(steps+T-1, T-1) of them.
+
+    Pure Python (no numpy) so a load generator can draw from it; `evaluation.metrics.simplex_grid` divides by steps.
+    """
+    if tasks < 1 or steps < 1:
+        raise ValueError(f"need tasks >= 1 and steps >= 1, got {tasks}, {steps}")
+    # stars and bars: the T - 1 bar positions among steps + T - 1 slots fix the T counts between them
+    return [tuple(b - a - 1 for a, b in zip((-1, *bars), (*bars, steps + tasks - 1), strict=True))
+            for bars in itertools.combinations(range(steps + tasks - 1), tasks - 1)]
 
 
 def snap(weights: Sequence[float], grid: int) -> tuple[float, ...]:

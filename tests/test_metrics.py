@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from reprmerge_core.evaluation.metrics import hypervolume, simplex_grid, uniformity
+from reprmerge_core.evaluation.metrics import hypervolume, macro_f1, simplex_grid, uniformity
 
 
 def test_simplex_grid_counts_and_sums() -> None:
@@ -19,6 +20,18 @@ def test_simplex_grid_counts_and_sums() -> None:
         np.testing.assert_allclose(grid * steps, np.round(grid * steps))
     np.testing.assert_allclose(simplex_grid(2, 2), [[0, 1], [0.5, 0.5], [1, 0]])
 
+
+
+def test_macro_f1_matches_a_hand_computed_case() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    predictions = torch.tensor([0, 0, 1, 1, 2, 2])
+    # class 0: TP 2 FP 0 FN 1 -> 4/5; class 1: TP 1 FP 1 FN 1 -> 1/2; class 2: TP 1 FP 1 FN 0 -> 2/3
+    assert macro_f1(predictions, labels) == pytest.approx((4 / 5 + 1 / 2 + 2 / 3) / 3)
+    # A class only ever predicted still counts (F1 0), as in scikit-learn's macro average.
+    assert macro_f1(torch.tensor([0, 3]), torch.tensor([0, 0])) == pytest.approx((2 / 3 + 0) / 2)
+    assert macro_f1(np.array([0, 3]), np.array([0, 0])) == pytest.approx((2 / 3 + 0) / 2)  # numpy arrays too
+    with pytest.raises(ValueError, match="zero examples"):
+        macro_f1(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
 
 def test_hypervolume_equals_union_of_boxes_in_2d() -> None:
     pts = np.array([[0.9, 0.2], [0.5, 0.6], [0.2, 0.8], [0.4, 0.4]])  # the last one is dominated

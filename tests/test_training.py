@@ -25,7 +25,6 @@ from reprmerge_core.training import (
     cache_root,
     evaluate_head,
     load_expert,
-    macro_f1,
     train_expert,
     train_experts,
 )
@@ -49,17 +48,6 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def expert(splits: TaskSplits, cache: Path) -> Expert:
     return train_expert(splits, RECIPE, cache_dir=cache, progress=False)
-
-
-def test_macro_f1_matches_a_hand_computed_case() -> None:
-    labels = torch.tensor([0, 0, 0, 1, 1, 2])
-    predictions = torch.tensor([0, 0, 1, 1, 2, 2])
-    # class 0: TP 2 FP 0 FN 1 -> 4/5; class 1: TP 1 FP 1 FN 1 -> 1/2; class 2: TP 1 FP 1 FN 0 -> 2/3
-    assert macro_f1(predictions, labels) == pytest.approx((4 / 5 + 1 / 2 + 2 / 3) / 3)
-    # A class only ever predicted still counts (F1 0), as in scikit-learn's macro average.
-    assert macro_f1(torch.tensor([0, 3]), torch.tensor([0, 0])) == pytest.approx((2 / 3 + 0) / 2)
-    with pytest.raises(ValueError, match="zero examples"):
-        macro_f1(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
 
 
 def test_make_serve_and_the_image_build_the_default_suite_with_its_recipe() -> None:

@@ -17,6 +17,8 @@ import math
 import random
 from collections.abc import Callable
 
+from reprmerge_core.preference import grid_points
+
 MIXES = ("onehot", "zipf", "dirichlet")
 Mix = Callable[[], list[float]]
 
@@ -30,9 +32,7 @@ def simplex_grid(tasks: int, distinct: int, seed: int) -> list[list[float]]:
     m = 1
     while math.comb(m + tasks - 1, tasks - 1) < distinct:
         m += 1
-    # compositions of m into `tasks` parts, via bars between stars
-    points = [[float(b - a - 1) for a, b in zip((-1, *bars), (*bars, m + tasks - 1))]
-              for bars in itertools.combinations(range(m + tasks - 1), tasks - 1)]
+    points = [[float(w) for w in point] for point in grid_points(tasks, m)]
     random.Random(seed).shuffle(points)
     return points[:distinct]
 

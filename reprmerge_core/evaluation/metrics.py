@@ -1,23 +1,39 @@
-"""Metrics of a controllable merge (method.md §3): simplex grids, hypervolume and preference alignment."""
+"""Metrics of a controllable merge (method.md §3): macro-F1, simplex grids, hypervolume and preference alignment."""
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import moocore
 import numpy as np
+from numpy.typing import ArrayLike
+
+from reprmerge_core.preference import grid_points
+
+
+def macro_f1(predictions: ArrayLike, labels: ArrayLike) -> float:
+    """Unweighted mean of per-class F1 = 2TP / (2TP + FP + FN) over classes seen in labels or predictions.
+
+    Same convention as scikit-learn's default `f1_score(average="macro")` (not installed here), so a
+    class the head never predicts counts as F1 0 rather than vanishing from the average. Takes numpy
+    arrays or CPU tensors of class indices.
+    """
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    if predictions.shape != labels.shape or predictions.ndim != 1:
+        raise ValueError(f"predictions {predictions.shape} and labels {labels.shape} must be equal 1-D")
+    if labels.size == 0:
+        raise ValueError("macro-F1 of zero examples is undefined")
+    scores = []
+    for c in np.unique(np.concatenate([predictions, labels])):
+        tp = int(((predictions == c) & (labels == c)).sum())
+        wrong = int((predictions == c).sum()) + int((labels == c).sum()) - 2 * tp  # FP + FN
+        scores.append(2 * tp / (2 * tp + wrong))
+    return sum(scores) / len(scores)
 
 
 def simplex_grid(num_tasks: int, steps: int) -> np.ndarray:
     """Every preference with weights in multiples of 1/steps summing to 1, shape (C(steps+T-1, T-1), T)."""
-    if num_tasks < 1 or steps < 1:
-        raise ValueError(f"need num_tasks >= 1 and steps >= 1, got {num_tasks}, {steps}")
-    points = [
-        np.diff(np.array((-1, *bars, steps + num_tasks - 1))) - 1  # stars and bars
-        for bars in itertools.combinations(range(steps + num_tasks - 1), num_tasks - 1)
-    ]
-    return np.array(points, dtype=np.float64).reshape(-1, num_tasks) / steps
+    return np.array(grid_points(num_tasks, steps), dtype=np.float64).reshape(-1, num_tasks) / steps
 
 
 def hypervolume(scores: np.ndarray, reference: float = 0.0) -> float:

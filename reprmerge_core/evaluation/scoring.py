@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from reprmerge_core.correction.heads import FusedHeads
-from reprmerge_core.training.evaluate import macro_f1
+from reprmerge_core.evaluation.metrics import macro_f1
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Fine-tuning task experts from the backbone (data.md recipe), cached by a hash of their inputs."""
 
 from reprmerge_core.training.cache import CACHE_ENV, cache_root
-from reprmerge_core.training.evaluate import HeadEvaluation, evaluate_head, macro_f1
+from reprmerge_core.training.evaluate import HeadEvaluation, evaluate_head
 from reprmerge_core.training.expert import Expert, load_expert, train_expert, train_experts
 from reprmerge_core.training.recipe import RECIPES, TrainRecipe
 
@@ -14,7 +14,6 @@ __all__ = [
     "cache_root",
     "evaluate_head",
     "load_expert",
-    "macro_f1",
     "train_expert",
     "train_experts",
 ]

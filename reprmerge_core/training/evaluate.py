@@ -9,6 +9,7 @@ import torch
 
 from reprmerge_core.backbone import Backbone
 from reprmerge_core.correction import TaskHead
+from reprmerge_core.evaluation.metrics import macro_f1
 
 
 @dataclass(frozen=True)
@@ -16,24 +17,6 @@ class HeadEvaluation:
     accuracy: float
     macro_f1: float
     examples: int
-
-
-def macro_f1(predictions: torch.Tensor, labels: torch.Tensor) -> float:
-    """Unweighted mean of per-class F1 = 2TP / (2TP + FP + FN) over classes seen in labels or predictions.
-
-    Same convention as scikit-learn's default `f1_score(average="macro")` (not installed here), so a
-    class the head never predicts counts as F1 0 rather than vanishing from the average.
-    """
-    if predictions.shape != labels.shape or predictions.ndim != 1:
-        raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} must be equal 1-D")
-    if labels.numel() == 0:
-        raise ValueError("macro-F1 of zero examples is undefined")
-    scores = []
-    for c in torch.unique(torch.cat([predictions, labels])):
-        tp = int(((predictions == c) & (labels == c)).sum())
-        wrong = int((predictions == c).sum()) + int((labels == c).sum()) - 2 * tp  # FP + FN
-        scores.append(2 * tp / (2 * tp + wrong))
-    return sum(scores) / len(scores)
 
 
 def evaluate_head(
