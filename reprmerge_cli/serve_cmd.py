@@ -1,4 +1,8 @@
-"""`reprmerge serve BUNDLE`: the preference-serving HTTP service (flags override REPRMERGE_* variables)."""
+"""`reprmerge serve BUNDLE`: the preference-serving HTTP service (flags override REPRMERGE_* variables).
+
+The flags are generated from `service.settings.ServiceSettings` (one home): every setting has one, with the
+setting's type, choices, description and default, so a new setting cannot be forgotten here.
+"""
 
 from __future__ import annotations
 
@@ -6,63 +10,61 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from reprmerge_cli import HELP
 from reprmerge_core.bundle import BundleError
+from service.settings import ENV_PREFIX, ServiceSettings  # pydantic only: FastAPI and uvicorn wait for `run`
 
-# flag -> settings field; every one is optional so the environment fills the rest.
-_FLAGS: dict[str, tuple[type, str]] = {
-    "host": (str, "interface to bind"),
-    "port": (int, "port to bind (0: any free port)"),
-    "device": (str, "auto, cpu or cuda"),
-    "max_batch_size": (int, "most texts in one backbone pass"),
-    "max_batch_tokens": (int, "most padded tokens (texts x longest) in one backbone pass"),
-    "max_batch_wait": (float, "seconds a batch may wait to fill while the model is busy"),
-    "queue_limit": (int, "most queued requests before 429"),
-    "trace_backbone": (bool, "run the backbone as a TorchScript trace, checked against eager (default on)"),
-    "inline_codec_chars": (int, "requests up to this many characters are tokenised on the event loop (no thread hop)"),
-    "tokenizer_threads": (int, "threads tokenising requests and rendering responses"),
-    "head_cache_bytes": (int, "head cache budget in bytes"),
-    "preference_grid": (int, "snap preferences to multiples of 1/grid"),
-    "solve_dtype": (str, "float32 (default: faster, float64 where ill-conditioned) or float64 (reference)"),
-    "api_key": (str, "require `Authorization: Bearer KEY` (prefer REPRMERGE_API_KEY: flags show in ps)"),
-    "max_body_bytes": (int, "largest request body"),
-    "max_inputs": (int, "most texts per request"),
-    "max_text_chars": (int, "longest text in characters"),
-    "default_timeout": (float, "deadline in seconds when a request has no X-Request-Timeout"),
-    "model_name": (str, "model name on the /v2 routes"),
-    "inference_workers": (int, "backbone passes at once, each on its own thread (default: 2 on a multi-core CPU)"),
-    "inference_threads": (int, "intra-op threads of each backbone pass (default: the CPUs shared among the workers)"),
-    "heads_threads": (int, "intra-op threads of head solves and trade-offs (default 1)"),
-    "heads_queue_limit": (int, "most work items waiting for the heads thread before trade-offs get 429"),
-    "fold_chunk_bytes": (int, "bound on the temporaries of one head solve or trade-off, in bytes"),
-}
+_POSITIONAL = "bundle"
+
+
+def _argument(name: str, field: FieldInfo) -> dict[str, Any]:
+    """argparse keywords for the settings field `name`: its type (or choices), its description, its default."""
+    annotation = field.annotation
+    if get_origin(annotation) in (Union, UnionType):  # `X | None`: the flag takes an X
+        (annotation,) = [a for a in get_args(annotation) if a is not type(None)]
+    default = "unset" if field.default is None else field.default
+    text = f"{field.description or name.replace('_', ' ')} (default: {default}; env {ENV_PREFIX}{name.upper()})"
+    kwargs: dict[str, Any] = {"dest": name, "help": text.replace("%", "%%")}
+    if annotation is bool:
+        return {**kwargs, "action": argparse.BooleanOptionalAction}
+    if get_origin(annotation) is Literal:
+        choices = list(get_args(annotation))
+        return {**kwargs, "type": type(choices[0]), "choices": choices}
+    if annotation in (str, int, float):
+        return {**kwargs, "type": annotation}
+    return {**kwargs, "type": str}  # Path, SecretStr: pydantic converts the text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help=HELP["serve"])
-    p.add_argument("bundle", type=Path, nargs="?", help="bundle directory (or REPRMERGE_BUNDLE)")
-    for name, (kind, text) in _FLAGS.items():
-        if kind is bool:
-            p.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
+    p = sub.add_parser("serve", help=HELP["serve"],
+                       description=f"Every option is a service setting; flags override {ENV_PREFIX}* variables.")
+    p.add_argument(_POSITIONAL, type=Path, nargs="?", help=f"bundle directory (or {ENV_PREFIX}BUNDLE)")
+    for name, field in ServiceSettings.model_fields.items():
+        if name != _POSITIONAL:
+            p.add_argument(f"--{name.replace('_', '-')}", **_argument(name, field))
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
+
+
+def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line; the environment and the defaults fill the rest."""
+    return {name: getattr(args, name) for name in ServiceSettings.model_fields if getattr(args, name) is not None}
 
 
 def run(args: argparse.Namespace) -> int:
     # Imported here: the other commands should not pay for FastAPI and uvicorn.
     from service.engine import Engine
     from service.server import serve
-    from service.settings import ServiceSettings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
-    overrides = {name: getattr(args, name) for name in ("bundle", *_FLAGS) if getattr(args, name) is not None}
     try:
-        settings = ServiceSettings(**overrides)
+        settings = ServiceSettings(**settings_overrides(args))
     except ValidationError as exc:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return 2

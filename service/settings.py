@@ -26,9 +26,9 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     bundle: Path = Field(description="bundle directory to serve")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    host: str = Field("127.0.0.1", description="interface to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the backbone runs (auto: cuda if present)")
     model_name: str = Field("reprmerge", pattern=r"^[A-Za-z0-9_.\-]+$", description="model name on the /v2 routes")
 
     # Batching and admission control.
@@ -86,11 +86,13 @@ class ServiceSettings(BaseSettings):
         description="fault injection for tests only: the head solve of the preference with this fingerprint raises")
 
     # Request limits.
-    api_key: SecretStr | None = Field(None, description="bearer key required on every route but probes and /metrics")
+    api_key: SecretStr | None = Field(
+        None, description="bearer key required on every route but probes and /metrics (prefer REPRMERGE_API_KEY to "
+                          "the flag: command lines show in ps)")
     admin_without_auth: bool = Field(
         False, description="allow the /admin routes (bundle reload) when no API key is set: only where nobody "
                            "untrusted can reach the port; otherwise they answer 403 without a key")
-    max_body_bytes: int = Field(2 << 20, ge=1024)
+    max_body_bytes: int = Field(2 << 20, ge=1024, description="largest request body in bytes; more is refused with 413")
     max_inputs: int = Field(32, ge=1, description="most texts per request")
     max_text_chars: int = Field(10_000, ge=1, description="longest text accepted, in characters")
     max_preferences: int = Field(16, ge=1, description="most preferences answered in one request")
