@@ -23,6 +23,7 @@ import torch
 
 from reprmerge_core.backbone import Backbone
 from reprmerge_core.bundle import load_bundle
+from reprmerge_core.bundle.manifest import CorrectionInfo
 from reprmerge_core.calibration import choose_correction, collect_statistics
 from reprmerge_core.data import load_suite
 from reprmerge_core.evaluation import EvaluationInputs, evaluate_bundle
@@ -53,7 +54,7 @@ def main() -> None:
     print(f"statistics recollected in {time.perf_counter() - started:.0f}s (max relative difference of B from the "
           f"bundle's: {drift:.1e})", flush=True)
     start = time.perf_counter()
-    correction = choose_correction(stats.folds, "auto", m.correction.normalisation)
+    correction = CorrectionInfo.from_choice(choose_correction(stats.folds, "auto", m.correction.normalisation))
     select_seconds = time.perf_counter() - start
     chosen = dataclasses.replace(bundle, manifest=m.model_copy(update={"correction": correction}))
     report = evaluate_bundle(chosen, EvaluationInputs(splits, experts, torch.device("cpu")), baseline=False,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from reprmerge_core.bundle import BundleError, load_bundle, write_bundle
-from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
+from reprmerge_core.bundle.manifest import BackboneInfo, CorrectionInfo, MergeInfo, TaskInfo
 from reprmerge_core.calibration import choose_correction, cross_validate, select_beta
 from reprmerge_core.correction import TaskHead, TaskStatistics
 from reprmerge_core.correction.solver import PROCRUSTES_TIE_BREAK
@@ -86,7 +86,7 @@ def test_cv_losses_of_blended_priors_equal_a_computation_on_the_data() -> None:
 
 def _bundle(out: Path, backbone_dir: Path, raw: list[tuple[np.ndarray, np.ndarray]], prior: float | str) -> Path:
     stats = fold_stats(raw)
-    info = choose_correction(stats, "auto", prior=prior)
+    info = CorrectionInfo.from_choice(choose_correction(stats, "auto", prior=prior))
     g = torch.Generator().manual_seed(0)
     heads = [TaskHead(torch.randn(2, D, generator=g), torch.randn(2, generator=g)) for _ in raw]
     totals = [TaskStatistics.from_features(torch.from_numpy(zm), torch.from_numpy(ze)) for zm, ze in raw]
@@ -116,7 +116,14 @@ def test_a_fixed_prior_is_kept_and_bad_priors_are_refused(tmp_path: Path, tiny_b
     raw = [features("identity", n=48, seed=s) for s in range(2)]
     c = load_bundle(_bundle(tmp_path / "b", tiny_backbone_dir, raw, "procrustes")).manifest.correction
     assert c.identity_weight == 0.0 and not c.prior_selection["chosen"] and c.prior == "procrustes"
-    assert choose_correction(fold_stats(raw), 0.3, prior=0.25).identity_weight == 0.25
+    choice = choose_correction(fold_stats(raw), 0.3, prior=0.25)
+    assert choice.identity_weight == 0.25 and choice.beta == 0.3 and not (choice.beta_chosen or choice.prior_chosen)
+    # the manifest stores a conversion of the selection's own result: same settings, same curves
+    info = CorrectionInfo.model_validate_json(CorrectionInfo.from_choice(choice).model_dump_json())
+    assert (info.beta, info.identity_weight, info.normalisation) == (0.3, 0.25, choice.normalisation)
+    assert info.beta_selection is not None and info.prior_selection is not None
+    assert info.beta_selection["score"] == choice.selection.score and not info.beta_selection["chosen"]
+    assert info.prior_selection["candidates"] == choice.selection.identity_weights
     for bad in ("rotation", 1.5):
         with pytest.raises(ValueError, match="prior"):
             choose_correction(fold_stats(raw), "auto", prior=bad)

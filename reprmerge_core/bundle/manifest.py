@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from reprmerge_core.choices import POOLINGS, Normalisation
 from reprmerge_core.diagnostics import ExpertDiagnostics
+
+if TYPE_CHECKING:  # the schema imports without torch; the selection (torch) only hands it values
+    from reprmerge_core.calibration.beta import CorrectionChoice
 
 FORMAT = "reprmerge-bundle"
 FORMAT_VERSION = 2  # 2: the prior is `correction.identity_weight` (chosen by cross-validation), not `use_prior`
@@ -60,6 +63,19 @@ class CorrectionInfo(_Strict):
                 raise ValueError("give identity_weight or the format 1 use_prior, not both")
             data["identity_weight"] = 0.0 if use_prior else 1.0
         return data
+
+    @classmethod
+    def from_choice(cls, choice: CorrectionChoice) -> CorrectionInfo:
+        """What a bundle records of the cross-validated choice: the settings, and the curves behind them."""
+        sel = choice.selection
+        return cls(
+            beta=choice.beta, normalisation=choice.normalisation, identity_weight=choice.identity_weight,
+            beta_selection={"chosen": choice.beta_chosen, "beta": sel.beta, "candidates": sel.candidates,
+                            "one_hot": sel.one_hot, "equal": sel.equal, "score": sel.score, "folds": sel.folds,
+                            "identity_weight": sel.identity_weight},
+            prior_selection={"chosen": choice.prior_chosen, "identity_weight": sel.identity_weight,
+                             "candidates": sel.identity_weights, "score": sel.prior_score, "beta": sel.prior_beta},
+        )
 
     @property
     def prior(self) -> str:

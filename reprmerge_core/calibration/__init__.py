@@ -4,6 +4,7 @@ from reprmerge_core.calibration.beta import (
     DEFAULT_BETAS,
     DEFAULT_IDENTITY_WEIGHTS,
     BetaSelection,
+    CorrectionChoice,
     choose_correction,
     cross_validate,
     prior_identity_weight,
@@ -11,5 +12,6 @@ from reprmerge_core.calibration.beta import (
 )
 from reprmerge_core.calibration.collect import CalibrationStatistics, collect_statistics, head_agreement
 
-__all__ = ["DEFAULT_BETAS", "DEFAULT_IDENTITY_WEIGHTS", "BetaSelection", "choose_correction", "CalibrationStatistics",
-           "collect_statistics", "cross_validate", "head_agreement", "prior_identity_weight", "select_beta"]
+__all__ = ["DEFAULT_BETAS", "DEFAULT_IDENTITY_WEIGHTS", "BetaSelection", "CalibrationStatistics", "CorrectionChoice",
+           "choose_correction", "collect_statistics", "cross_validate", "head_agreement", "prior_identity_weight",
+           "select_beta"]

@@ -24,13 +24,12 @@ replace a Cholesky solve and a Gram product per (fold, preference, beta).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import reduce
 from operator import add
 
 import torch
 
-from reprmerge_core.bundle.manifest import CorrectionInfo
 from reprmerge_core.choices import prior_identity_weight
 from reprmerge_core.correction.solver import CorrectionSolver, Normalisation
 from reprmerge_core.correction.statistics import TaskStatistics
@@ -55,8 +54,21 @@ class BetaSelection:
     prior_score: list[float] | None = None  # per candidate alpha, its score at its own best beta
     prior_beta: list[float] | None = None  # per candidate alpha, that best beta
 
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+
+@dataclass(frozen=True)
+class CorrectionChoice:
+    """The correction settings a bundle is built with, and the cross-validation behind them.
+
+    Model selection's own result: the bundle manifest stores a conversion of it (`CorrectionInfo.from_choice`),
+    so the file format and the selection can change apart.
+    """
+
+    beta: float
+    identity_weight: float  # the prior's alpha
+    normalisation: Normalisation
+    selection: BetaSelection
+    beta_chosen: bool  # False: beta was fixed by the caller (the curves are still measured)
+    prior_chosen: bool  # False: the prior was fixed by the caller
 
 
 PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))  # (a, b) with a <= b: R^T R is symmetric in (a, b)
@@ -159,7 +171,7 @@ def select_beta(
 
 def choose_correction(fold_stats: Sequence[Sequence[TaskStatistics]], beta: float | str,
                       normalisation: Normalisation | str = Normalisation.ENERGY,
-                      prior: float | str = "auto") -> CorrectionInfo:
+                      prior: float | str = "auto") -> CorrectionChoice:
     """The bundle's correction settings: "auto" takes the cross-validated beta / prior; the curves are kept either way.
 
     `prior` is "auto", "procrustes" (alpha 0), "identity" (alpha 1) or an identity weight alpha in [0, 1].
@@ -168,14 +180,6 @@ def choose_correction(fold_stats: Sequence[Sequence[TaskStatistics]], beta: floa
     selection = select_beta([[s.to("cpu") for s in task] for task in fold_stats], normalisation=normalisation,
                             identity_weights=DEFAULT_IDENTITY_WEIGHTS,
                             beta=None if beta == "auto" else float(beta), identity_weight=fixed_prior)
-    info = selection.as_dict()
-    prior_curve = {key: info.pop(key) for key in ("identity_weights", "prior_score", "prior_beta")}
-    return CorrectionInfo(
-        beta=selection.beta, normalisation=Normalisation(normalisation), identity_weight=selection.identity_weight,
-        beta_selection={"chosen": beta == "auto", **info},
-        prior_selection={"chosen": prior == "auto", "identity_weight": selection.identity_weight,
-                         "candidates": prior_curve["identity_weights"], "score": prior_curve["prior_score"],
-                         "beta": prior_curve["prior_beta"]},
-    )
-
-
+    return CorrectionChoice(beta=selection.beta, identity_weight=selection.identity_weight,
+                            normalisation=Normalisation(normalisation), selection=selection,
+                            beta_chosen=beta == "auto", prior_chosen=prior == "auto")

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from reprmerge_core.backbone import Backbone, default_backbone_path, select_device
 from reprmerge_core.bundle import write_bundle
-from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
+from reprmerge_core.bundle.manifest import BackboneInfo, CorrectionInfo, MergeInfo, TaskInfo
 from reprmerge_core.calibration import choose_correction, collect_statistics, head_agreement, prior_identity_weight
 from reprmerge_core.correction.solver import Normalisation
 from reprmerge_core.data import SuiteConfig, load_suite, resolve_suite
@@ -108,7 +108,8 @@ def build_bundle(config: BuildConfig, out: str | Path, *, overwrite: bool = Fals
         timings["statistics_accumulate"] = stats.accumulate_seconds
 
         start = time.perf_counter()
-        correction = choose_correction(stats.folds, config.beta, config.normalisation, config.prior)
+        choice = choose_correction(stats.folds, config.beta, config.normalisation, config.prior)
+        correction = CorrectionInfo.from_choice(choice)
         timings["beta_selection"] = time.perf_counter() - start
 
         return write_bundle(

@@ -38,7 +38,7 @@ from reprmerge_core.artifacts import check_output
 from reprmerge_core.backbone import Backbone, Pooling, select_device
 from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.check import sha256_file
-from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
+from reprmerge_core.bundle.manifest import BackboneInfo, CorrectionInfo, MergeInfo, TaskInfo
 from reprmerge_core.calibration import choose_correction, collect_statistics, head_agreement, prior_identity_weight
 from reprmerge_core.correction import TaskHead, TaskStatistics
 from reprmerge_core.correction.solver import Normalisation
@@ -172,7 +172,7 @@ def _write(plan: CalibrationPlan, fold_stats: Sequence[Sequence[TaskStatistics]]
     """Choose beta on the per-fold statistics and write the bundle (one path for one pass and for reduced shards)."""
     start = time.perf_counter()
     folds = [[x.to("cpu") for x in task] for task in fold_stats]
-    correction = choose_correction(folds, plan.beta, plan.normalisation, plan.prior)
+    correction = CorrectionInfo.from_choice(choose_correction(folds, plan.beta, plan.normalisation, plan.prior))
     totals = [reduce(add, task) for task in folds]
     return write_bundle(
         out,
