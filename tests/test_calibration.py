@@ -70,27 +70,34 @@ def synthetic_folds(n: int, d: int = 24, folds: int = 4, tasks: int = 2, seed: i
     return out, raw
 
 
-def test_held_out_score_equals_data_computation() -> None:
+def test_held_out_scores_and_choice_equal_a_data_computation() -> None:
     fold_stats, raw = synthetic_folds(n=60, folds=3)
-    sel = select_beta(fold_stats, candidates=[0.1, 1.0])
-    # independent: per fold, solve on the other folds, measure relative held-out squared error on the data
+    sel = select_beta(fold_stats, candidates=[0.01, 0.1, 1.0, 10.0])
+    # independent: per fold, solve on the other folds, measure relative held-out squared error on the data,
+    # of each one-hot correction on its task and of the equal-preference correction on every task
+    score = []
     for i, beta in enumerate(sel.candidates):
-        num, den = np.zeros(2), np.zeros(2)
+        num, den = np.zeros((2, 2)), np.zeros(2)
         for f in range(3):
             train = [sum((s for j, s in enumerate(task) if j != f), start=TaskStatistics.zeros(24)) for task in fold_stats]
-            W = CorrectionSolver(beta).fit(train).task_corrections().numpy()
+            solver = CorrectionSolver(beta).fit(train)
+            W, W_equal = solver.task_corrections().numpy(), solver.solve(torch.ones(1, 2).double())[0].numpy()
             for t, (zm, ze) in enumerate(raw):
                 zm_h, ze_h = zm[f::3], ze[f::3]
-                num[t] += np.sum((zm_h @ W[t].T - ze_h) ** 2)
+                num[0, t] += np.sum((zm_h @ W[t].T - ze_h) ** 2)
+                num[1, t] += np.sum((zm_h @ W_equal.T - ze_h) ** 2)
                 den[t] += np.sum(ze_h**2)
-        assert sel.one_hot[i] == pytest.approx(float(np.mean(num / den)), rel=1e-9)
+        one_hot, equal = np.mean(num / den, axis=1)
+        assert sel.one_hot[i] == pytest.approx(float(one_hot), rel=1e-9)
+        assert sel.equal[i] == pytest.approx(float(equal), rel=1e-9)
+        score.append((one_hot + equal) / 2)
+    assert sel.beta == sel.candidates[int(np.argmin(score))]  # an interior minimum: 1.0 of 0.01..10
 
 
 def test_fewer_samples_than_dimensions_choose_a_stronger_prior() -> None:
     few = select_beta(synthetic_folds(n=20, d=24)[0])
     many = select_beta(synthetic_folds(n=2000, d=24)[0])
     assert few.beta > many.beta
-    assert few.score[few.candidates.index(few.beta)] == min(few.score)
     assert len(many.one_hot) == len(many.candidates) == len(many.equal)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import pytest
@@ -92,11 +93,22 @@ def test_suite_splits_have_documented_sizes_and_are_disjoint(suite: str) -> None
         assert s.config == config.split
 
 
-def test_text6_is_the_pilot_suite() -> None:
-    assert SUITES["text6"].tasks == ("sms_spam", "trec6", "bbc_news", "movie_sentiment", "tweet_sentiment",
-                                     "subjectivity")
-    assert SUITES["text6"].split == SplitConfig(test_size=500, calibration_size=500, train_size=2000, seed=0)
-    assert SUITES["tiny"].split == SplitConfig(test_size=200, calibration_size=500, train_size=256, seed=0)
+def test_text6_and_tiny_follow_data_md() -> None:
+    """data.md's pilot, as an independent reference: six tasks, "per task the deduplicated data shuffled with seed 0:
+    first 500 test, next 500 calibration (inputs only), next <= 2,000 train"; its tiny variant: 200 test, 256 train."""
+    pilot = load_suite("text6")
+    assert [s.name for s in pilot] == ["sms_spam", "trec6", "bbc_news", "movie_sentiment", "tweet_sentiment",
+                                       "subjectivity"]
+    for s in pilot:
+        texts = load_task(s.name).texts
+        order = list(range(len(texts)))
+        random.Random(0).shuffle(order)
+        assert list(s.test.texts) == [texts[i] for i in order[:500]]
+        assert list(s.calibration) == [texts[i] for i in order[500:1000]]
+        assert list(s.train.texts) == [texts[i] for i in order[1000:3000]]
+    tiny = load_suite("tiny")
+    assert [s.name for s in tiny] == ["sms_spam", "trec6", "movie_sentiment"]
+    assert all(len(s.test) == 200 and len(s.train) == 256 for s in tiny)
 
 
 def test_splits_are_deterministic_and_seeded() -> None:

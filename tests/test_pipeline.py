@@ -38,7 +38,9 @@ def test_bundle_records_what_built_it(tiny_bundle: Path) -> None:
     assert [t.calibration_samples for t in m.tasks] == [500, 500, 500]
     assert m.merge.method == "ties" and m.merge.parameters["density"] == 0.2
     sel = m.correction.beta_selection
-    assert sel["chosen"] and m.correction.beta == sel["beta"] and min(sel["score"]) == sel["score"][sel["candidates"].index(sel["beta"])]
+    # which beta the curves choose is checked against a data computation in test_calibration; here: it was recorded
+    assert sel["chosen"] and m.correction.beta == sel["beta"] in sel["candidates"]
+    assert len(sel["score"]) == len(sel["one_hot"]) == len(sel["equal"]) == len(sel["candidates"]) > 1
     timings = m.extra["timings"]
     assert timings["statistics_accumulate"] < 0.1 * timings["statistics_forward"]
     assert len(m.extra["statistics_per_task_seconds"]) == 3
@@ -62,10 +64,11 @@ def test_react_one_hot_beats_the_merged_backbone(tiny_bundle: Path, cache: Path,
     assert json.loads((out / "report.json").read_text())["bundle_id"] == bundle.manifest.bundle_id
 
 
-def test_rebuild_reproduces_the_statistics(tiny_bundle: Path, cache: Path, tmp_path: Path) -> None:
-    again = build_bundle(BuildConfig(suite="tiny", merge="ties", device="cpu", cache_dir=cache), tmp_path / "again",
-                         progress=False)
-    first, second = load_bundle(tiny_bundle), load_bundle(again)
+def test_rebuild_reproduces_the_statistics(cache: Path, tmp_path: Path) -> None:
+    """Two builds (merge, statistics, beta) agree; 50 calibration inputs per task prove determinism as well as 500."""
+    config = BuildConfig(suite="tiny", merge="ties", device="cpu", cache_dir=cache, calibration_size=50)
+    first, second = (load_bundle(build_bundle(config, tmp_path / name, progress=False)) for name in ("a", "b"))
+    assert [t.calibration_samples for t in first.manifest.tasks] == [50, 50, 50]
     for a, b in zip(first.statistics, second.statistics):
         scale = a.A.abs().max()
         assert (a.A - b.A).abs().max() <= 1e-6 * scale and (a.B - b.B).abs().max() <= 1e-6 * scale
