@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: serve test install bench clean loadtest browser screenshots monitoring-check docker-smoke
+.PHONY: serve test lint install bench clean loadtest browser screenshots monitoring-check docker-smoke
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,13 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium curl >/dev/null; } || \
 	  echo "no Chromium: the playground's browser tests will skip (as root: apt-get install -y chromium curl)"
 
-test: $(STAMP) browser
+# Lint and types (pinned in the `test` extra, configured in pyproject.toml): zero findings, before any test runs.
+# Never `ruff format` the tree: the code is formatted by hand.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: $(STAMP) browser lint
 	# One BLAS thread per process: the tests run a server and a client side by side on small tensors,
 	# where two spinning OpenMP threads per process slow tiny ops down a hundredfold.
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
@@ -69,7 +75,7 @@ loadtest: $(STAMP) $(DEFAULT_BUNDLE)/manifest.json
 	OMP_NUM_THREADS=1 $(PY) deploy/loadtest/run.py --bundle $(DEFAULT_BUNDLE) --out $(LOADTEST_OUT) $(LOADTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
 
 # Debian's Prometheus (apt-get install prometheus) against a live local server: short load run, then every
 # Grafana panel query must return data and every alert rule load healthy (about 1 min).

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse, RedirectResponse
@@ -20,12 +20,12 @@ from starlette.types import Scope
 
 from reprmerge_core import __version__
 from service import oip, reload
-from service.deps import disconnected, get_service, problems, set_timings
+from service.deps import ServiceDep, TimeoutHeader, disconnected, problems, set_timings
 from service.engine import Engine
 from service.errors import InvalidInput, MalformedRequest, ServiceError, field_of, from_status
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware, problem_response
-from service.runtime import TIMEOUT_HEADER, Service
+from service.runtime import Service
 from service.schemas import InfoResponse, PredictRequest, PredictResponse, TradeoffRequest, TradeoffResponse
 from service.settings import ServiceSettings
 
@@ -96,7 +96,6 @@ class PageFiles(StaticFiles):
         response = await super().get_response(path, scope)
         response.headers.update(PAGE_HEADERS)
         return response
-TimeoutHeader = Header(None, alias=TIMEOUT_HEADER, description="seconds the client will wait; later answers become 504")
 
 
 @router.get("/", include_in_schema=False)
@@ -111,20 +110,20 @@ async def livez() -> dict[str, str]:
 
 
 @router.get("/readyz", tags=["probes"], summary="200 once warmed up and not draining", responses=problems(503))
-async def readyz(service: Service = Depends(get_service)) -> dict[str, str]:
+async def readyz(service: ServiceDep) -> dict[str, str]:
     service.require_ready()
     return {"status": "ready"}
 
 
 @router.get("/metrics", tags=["probes"], summary="Prometheus metrics", response_class=Response)
-async def metrics(service: Service = Depends(get_service)) -> Response:
+async def metrics(service: ServiceDep) -> Response:
     service.metrics.ready.set(service.ready)
     return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/info", response_model=InfoResponse, tags=["v1"], summary="tasks, labels, limits, versions",
             responses=problems(401))
-async def info(service: Service = Depends(get_service)) -> InfoResponse:
+async def info(service: ServiceDep) -> InfoResponse:
     return service.info()
 
 
@@ -132,8 +131,7 @@ async def info(service: Service = Depends(get_service)) -> InfoResponse:
              summary="labels and class probabilities per input, task and preference",
              responses=problems(400, 401, 413, 422, 429, 503, 504))
 async def predict(
-    body: PredictRequest, request: Request, timeout: str | None = TimeoutHeader,
-    service: Service = Depends(get_service),
+    body: PredictRequest, request: Request, service: ServiceDep, timeout: TimeoutHeader = None,
 ) -> Response:
     deadline = service.deadline(timeout)
     prefs, tasks = service.preferences(body), service.tasks(body.tasks)
@@ -149,8 +147,7 @@ async def predict(
 @router.post("/v1/tradeoff", response_model=TradeoffResponse, tags=["v1"],
              summary="closed-form per-task loss of a preference, from the statistics alone",
              responses=problems(400, 401, 413, 422, 429, 503, 504))
-async def tradeoff(body: TradeoffRequest, timeout: str | None = TimeoutHeader,
-                   service: Service = Depends(get_service)) -> TradeoffResponse:
+async def tradeoff(body: TradeoffRequest, service: ServiceDep, timeout: TimeoutHeader = None) -> TradeoffResponse:
     deadline = service.deadline(timeout)
     return await service.tradeoff(service.preferences(body), deadline)
 

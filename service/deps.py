@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request, Response
+from fastapi import Depends, Header, Request, Response
 
 from service.batcher import JobResult
-from service.runtime import Service
+from service.runtime import TIMEOUT_HEADER, Service
 from service.schemas import Problem
 
 
@@ -25,6 +25,13 @@ async def get_service(request: Request) -> AsyncIterator[Service]:
         yield service
     finally:
         service.users -= 1
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+"""A route parameter of this type receives the app's Service (FastAPI's `Annotated` form of Depends)."""
+TimeoutHeader = Annotated[str | None, Header(alias=TIMEOUT_HEADER,
+                                             description="seconds the client will wait; later answers become 504")]
+"""The request's X-Request-Timeout, if any (the service's default_timeout applies otherwise)."""
 
 
 async def disconnected(request: Request) -> None:

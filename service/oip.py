@@ -20,14 +20,14 @@ import time
 from functools import partial
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reprmerge_core import __version__
 from reprmerge_core.preference import Preference
-from service.deps import disconnected, get_service, problems, set_timings
+from service.deps import ServiceDep, TimeoutHeader, disconnected, problems, set_timings
 from service.errors import InvalidInput, MalformedRequest, NotFound, field_of, printable
-from service.runtime import TIMEOUT_HEADER, Service
+from service.runtime import Service
 from service.schemas import QUALITY_KEPT, Text, unicode_text
 
 INPUT = "text"
@@ -96,7 +96,7 @@ async def live() -> dict[str, bool]:
 
 
 @router.get("/health/ready", summary="server is ready", responses=problems(503))
-async def ready(service: Service = Depends(get_service)) -> dict[str, bool]:
+async def ready(service: ServiceDep) -> dict[str, bool]:
     service.require_ready()
     return {"ready": True}
 
@@ -104,7 +104,7 @@ async def ready(service: Service = Depends(get_service)) -> dict[str, bool]:
 @router.get("/models/{name}", summary="model metadata", responses=problems(404))
 @router.get("/models/{name}/versions/{version}", include_in_schema=False)
 async def model_metadata(
-    name: str, version: str | None = None, service: Service = Depends(get_service),
+    name: str, service: ServiceDep, version: str | None = None,
 ) -> dict[str, Any]:
     _check_model(name, service, version)
     engine = service.engine
@@ -124,7 +124,7 @@ def _outputs(service: Service) -> list[tuple[str, str, list[int]]]:
 
 @router.get("/models/{name}/ready", summary="model is ready", responses=problems(404, 503))
 @router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
-async def model_ready(name: str, version: str | None = None, service: Service = Depends(get_service)) -> dict[str, Any]:
+async def model_ready(name: str, service: ServiceDep, version: str | None = None) -> dict[str, Any]:
     _check_model(name, service, version)
     service.require_ready()
     return {"name": name, "ready": True}
@@ -133,7 +133,7 @@ async def model_ready(name: str, version: str | None = None, service: Service = 
 @router.get("/models/{name}/config", summary="Triton-style model configuration", responses=problems(404))
 @router.get("/models/{name}/versions/{version}/config", include_in_schema=False)
 async def model_config(
-    name: str, version: str | None = None, service: Service = Depends(get_service),
+    name: str, service: ServiceDep, version: str | None = None,
 ) -> dict[str, Any]:
     """What perf_analyzer and model_analyzer read: no implicit batch dimension (max_batch_size 0), full shapes."""
     _check_model(name, service, version)
@@ -175,9 +175,8 @@ _INFER_BODY = {"requestBody": {"required": True, "content": {"application/json":
 @router.post("/models/{name}/versions/{version}/infer", response_model=InferResponse, include_in_schema=False,
              response_model_exclude_none=True)
 async def infer(
-    name: str, request: Request, response: Response, version: str | None = None,
-    timeout: str | None = Header(None, alias=TIMEOUT_HEADER),
-    service: Service = Depends(get_service),
+    name: str, request: Request, response: Response, service: ServiceDep, version: str | None = None,
+    timeout: TimeoutHeader = None,
 ) -> InferResponse:
     _check_model(name, service, version)
     deadline = service.deadline(timeout)
