@@ -67,7 +67,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem_response(err, _request_id(request), request.url.path)
 
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("request %s failed", _request_id(request))
+        log.error("request %s failed", _request_id(request), exc_info=exc)
         return problem_response(ServiceError("internal error; the server log has details under this request id"),
                                 _request_id(request), request.url.path)
 

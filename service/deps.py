@@ -20,11 +20,8 @@ async def get_service(request: Request) -> AsyncIterator[Service]:
     plain `def` dependency on its thread pool, a thread hop per request.
     """
     service: Service = request.app.state.service
-    service.users += 1
-    try:
+    with service.held():
         yield service
-    finally:
-        service.users -= 1
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]

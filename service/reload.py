@@ -32,7 +32,6 @@ from service.schemas import ReloadRequest, ReloadResponse
 from service.settings import ServiceSettings
 
 log = logging.getLogger("reprmerge.service")
-RETIRE_POLL_S = 0.05
 
 
 class Reloader:
@@ -106,10 +105,7 @@ class Reloader:
 
     async def _retire(self, old: Service) -> None:
         """Stop `old` once no request holds it: waits at most default_timeout + drain_timeout, then drains."""
-        end = time.monotonic() + old.settings.default_timeout + old.settings.drain_timeout
-        while old.users and time.monotonic() < end:
-            await asyncio.sleep(RETIRE_POLL_S)
-        if old.users:
+        if not await old.wait_unused(old.settings.default_timeout + old.settings.drain_timeout):
             log.warning("reload: %d requests still hold bundle %s; draining it", old.users, old.engine.bundle_id)
         if not await old.drain():
             log.warning("reload: bundle %s did not drain in time", old.engine.bundle_id)

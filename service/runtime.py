@@ -10,8 +10,9 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from enum import Enum
 
 import orjson
@@ -64,6 +65,28 @@ class Service:
         # Requests holding this service (service.deps.get_service): a replaced bundle is retired only
         # once none is left, so each request finishes on the bundle it started on.
         self.users = 0
+        self._unused = asyncio.Event()
+        self._unused.set()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Count the current request as a user of this service until it is answered (`wait_unused`)."""
+        self.users += 1
+        self._unused.clear()
+        try:
+            yield
+        finally:
+            self.users -= 1
+            if not self.users:
+                self._unused.set()
+
+    async def wait_unused(self, timeout: float) -> bool:
+        """True once no request holds this service, False if some still do after `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._unused.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,6 +15,14 @@ from reprmerge_core.backbone import default_backbone_path
 from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.manifest import BackboneInfo, CorrectionInfo, MergeInfo, TaskInfo
 from reprmerge_core.correction import TaskHead, TaskStatistics
+
+async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
+    """Poll `condition` on the event loop until it holds; fail (never hang) after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not reached within {seconds} s"
+        await asyncio.sleep(0.001)
+
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

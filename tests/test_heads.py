@@ -24,7 +24,7 @@ from service.errors import DeadlineExceeded, QueueFull, Unavailable
 from service.heads import Heads
 from service.metrics import Metrics
 from service.settings import ServiceSettings
-from tests.helpers import make_random_bundle
+from tests.helpers import make_random_bundle, until
 
 TASKS = ("alpha", "beta", "gamma")
 T = TypeVar("T")
@@ -108,11 +108,9 @@ def test_apply_jumps_ahead_of_queued_tradeoffs(engine: Engine, monkeypatch: pyte
             order.append("apply")
 
         flood = [asyncio.create_task(tradeoff(i)) for i in range(6)]
-        while heads.depth < 5:  # the first trade-off runs (held), the other five wait
-            await asyncio.sleep(0.001)
+        await until(lambda: heads.depth >= 5)  # the first trade-off runs (held), the other five wait
         victim = asyncio.create_task(apply())
-        while heads.depth < 6:
-            await asyncio.sleep(0.001)
+        await until(lambda: heads.depth >= 6)
         gate.set()
         await asyncio.gather(*flood, victim)
 
@@ -127,8 +125,7 @@ def test_stop_answers_the_running_and_the_queued_items(engine: Engine, monkeypat
         heads = Heads(engine, _settings(engine), Metrics())
         heads.start()
         waiting = [asyncio.create_task(heads.tradeoff(_fresh(1, 800 + i), math.inf)) for i in range(3)]
-        while heads.depth < 2:  # one runs (held), two wait
-            await asyncio.sleep(0.001)
+        await until(lambda: heads.depth >= 2)  # one runs (held), two wait
         threading.Timer(0.2, gate.set).start()  # the running item finishes only after stop began
         await heads.stop()
         return await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), timeout=10)
@@ -145,8 +142,7 @@ def test_drain_answers_admitted_tradeoffs_before_close(engine: Engine, monkeypat
         gate = _hold_tradeoffs(engine, monkeypatch)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc") as c:
             request = asyncio.create_task(c.post("/v1/tradeoff", json={"preference": [3, 1, 1]}))
-            while not service.heads.tradeoffs.pending:
-                await asyncio.sleep(0.001)
+            await until(lambda: bool(service.heads.tradeoffs.pending))
             threading.Timer(0.2, gate.set).start()
             assert await service.drain()
             await service.close()
