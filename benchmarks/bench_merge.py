@@ -79,14 +79,14 @@ def main() -> None:
     def accuracies(state: dict[str, torch.Tensor]) -> list[float]:
         base_model.load_state_dict(state)
         backbone = Backbone(base_model, tokenizer, pooling=recipe.pooling, max_length=recipe.max_length, device="cpu")
-        return [evaluate_head(backbone, e.head, s.test.texts, s.test.labels).accuracy for e, s in zip(experts, suite)]
+        return [evaluate_head(backbone, e.head, s.test.texts, s.test.labels).accuracy for e, s in zip(experts, suite, strict=True)]
 
     rows: list[tuple[str, list[float], float | None, float]] = [
         (
             "experts (own backbone)",
             [
                 evaluate_head(e.backbone("cpu"), e.head, s.test.texts, s.test.labels).accuracy
-                for e, s in zip(experts, suite)
+                for e, s in zip(experts, suite, strict=True)
             ],
             None,
             0.0,

@@ -50,7 +50,7 @@ def main() -> None:
                                       device="cpu")
     stats = collect_statistics(merged, [e.backbone(device="cpu") for e in experts], [list(s.calibration) for s in splits],
                                folds=args.folds, progress=False)
-    drift = max(float((x.B - s.B).abs().max() / s.B.abs().max()) for x, s in zip(stats.total, bundle.statistics))
+    drift = max(float((x.B - s.B).abs().max() / s.B.abs().max()) for x, s in zip(stats.total, bundle.statistics, strict=True))
     print(f"statistics recollected in {time.perf_counter() - started:.0f}s (max relative difference of B from the "
           f"bundle's: {drift:.1e})", flush=True)
     start = time.perf_counter()
@@ -79,7 +79,7 @@ def main() -> None:
     print(f"CV choice: identity weight {correction.identity_weight:g} at beta {correction.beta:g} "
           f"(bundle: {m.correction.prior} at beta {m.correction.beta:g}); selection {select_seconds:.1f}s")
     print("CV score per identity weight: " + ", ".join(
-        f"{a:g}: {s:.4f}" for a, s in zip(sel.get("candidates", []), sel.get("score", []))))
+        f"{a:g}: {s:.4f}" for a, s in zip(sel.get("candidates", []), sel.get("score", []), strict=True)))
     print("grid hypervolume: " + ", ".join(f"{k} {v:.4f}" for k, v in result["hypervolume"].items()))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

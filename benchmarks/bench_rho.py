@@ -111,18 +111,18 @@ def centred(weight: torch.Tensor) -> torch.Tensor:
 def repr_variants(zm: list[torch.Tensor], ze: list[torch.Tensor], z0: list[torch.Tensor], heads: list[torch.Tensor],
                   biases: list[torch.Tensor]) -> dict[str, float]:
     """Variants of rho at the final representation and at the heads' logits (calibration features, float64)."""
-    miss = [float(((m - e) ** 2).sum()) for m, e in zip(zm, ze)]
-    energy = [float(((o - e) ** 2).sum()) for o, e in zip(z0, ze)]
-    logit_miss = [float((((m - e) @ centred(h).T) ** 2).sum()) for m, e, h in zip(zm, ze, heads)]
-    logit_energy = [float((((o - e) @ centred(h).T) ** 2).sum()) for o, e, h in zip(z0, ze, heads)]
+    miss = [float(((m - e) ** 2).sum()) for m, e in zip(zm, ze, strict=True)]
+    energy = [float(((o - e) ** 2).sum()) for o, e in zip(z0, ze, strict=True)]
+    logit_miss = [float((((m - e) @ centred(h).T) ** 2).sum()) for m, e, h in zip(zm, ze, heads, strict=True)]
+    logit_energy = [float((((o - e) @ centred(h).T) ** 2).sum()) for o, e, h in zip(z0, ze, heads, strict=True)]
     agree = [float(((m @ h.double().T + b).argmax(1) == (e @ h.double().T + b).argmax(1)).double().mean())
-             for m, e, h, b in zip(zm, ze, heads, biases)]
-    stats_loss = [float(((m - e) ** 2).sum()) for m, e in zip(zm, ze)]
+             for m, e, h, b in zip(zm, ze, heads, biases, strict=True)]
+    stats_loss = [float(((m - e) ** 2).sum()) for m, e in zip(zm, ze, strict=True)]
     stats_energy = [float((e**2).sum()) for e in ze]
     return {
         "rho_repr": 1 - sum(miss) / sum(energy),
-        "rho_repr_task": float(np.mean([1 - a / b for a, b in zip(miss, energy)])),
-        "rho_logit": float(np.mean([1 - a / b for a, b in zip(logit_miss, logit_energy)])),
+        "rho_repr_task": float(np.mean([1 - a / b for a, b in zip(miss, energy, strict=True)])),
+        "rho_logit": float(np.mean([1 - a / b for a, b in zip(logit_miss, logit_energy, strict=True)])),
         "agreement": float(np.mean(agree)),
         "rho_stats": 1 - sum(stats_loss) / sum(stats_energy),
     }
@@ -142,9 +142,9 @@ def fold_statistics(zm: torch.Tensor, ze: torch.Tensor) -> list[TaskStatistics]:
 def react_equal_accuracy(zm: list[torch.Tensor], ze: list[torch.Tensor], tests: list[TestSet],
                          heads: list[TaskHead]) -> tuple[float, float]:
     """Mean test accuracy of ReACT at the equal preference, beta cross-validated on the calibration features."""
-    folds = [fold_statistics(m, e) for m, e in zip(zm, ze)]
+    folds = [fold_statistics(m, e) for m, e in zip(zm, ze, strict=True)]
     beta = select_beta(folds).beta
-    totals = [TaskStatistics.from_features(m, e) for m, e in zip(zm, ze)]
+    totals = [TaskStatistics.from_features(m, e) for m, e in zip(zm, ze, strict=True)]
     folder = HeadFolder(CorrectionSolver(beta).fit(totals), heads)
     T = len(tests)
     return float(score(tests, folder.fold(torch.full((1, T), 1.0 / T, dtype=torch.float64))).accuracy.mean()), beta
@@ -183,10 +183,10 @@ def main() -> None:
     changed = set(changed_parameters(base, states, ()))
     layers = [n for n in linear_layers(base_model) if f"{n}.weight" in changed]
     grams = {t: collect_grams(models[t], batches[t], layers) for t in tasks}
-    ze = [backbone_of(models[t]).encode(c, batch_size=64).double() for t, c in zip(tasks, calibration)]
+    ze = [backbone_of(models[t]).encode(c, batch_size=64).double() for t, c in zip(tasks, calibration, strict=True)]
     z0 = encode(base_model, calibration)
     expert_acc = [accuracy(backbone_of(models[t]).encode(x, batch_size=64), h, y)
-                  for t, x, y, h in zip(tasks, test_texts, test_labels, heads)]
+                  for t, x, y, h in zip(tasks, test_texts, test_labels, heads, strict=True)]
     print(f"setup (experts, Grams of {len(layers)} layers, expert/base features) {time.perf_counter() - start:.0f}s; "
           f"expert accuracy {np.mean(expert_acc):.3f}", flush=True)
 
@@ -213,8 +213,8 @@ def main() -> None:
         merged = AutoModel.from_pretrained(base_dir)
         merged.load_state_dict(result.state_dict)
         zm = encode(merged, calibration)
-        tests = [TestSet(z.float(), y) for z, y in zip(encode(merged, test_texts), test_labels)]
-        merged_acc = np.array([accuracy(test.features, h, test.labels) for test, h in zip(tests, heads)])
+        tests = [TestSet(z.float(), y) for z, y in zip(encode(merged, test_texts), test_labels, strict=True)]
+        merged_acc = np.array([accuracy(test.features, h, test.labels) for test, h in zip(tests, heads, strict=True)])
         react_acc, beta = react_equal_accuracy(zm, ze, tests, heads)
         row = {
             "label": label, "method": method, "params": params,

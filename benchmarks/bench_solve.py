@@ -14,6 +14,7 @@ the same class on the bundle suite's test sets.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -105,8 +106,8 @@ def engine_ratios(bundle: Path, batch_size: int, rounds: int) -> None:
     print(f"\n{bundle}: batch {batch_size}, {rounds} interleaved rounds, {torch.get_num_threads()} threads")
     print(f"{'case':<45} {'texts/s':>8} {'x (a) wall':>10} {'x (a) CPU':>10}")
     for name in steps:
-        ratio_wall = statistics.median(x / y for x, y in zip(walls[a], walls[name]))
-        ratio_cpu = statistics.median(x / y for x, y in zip(cpus[a], cpus[name]))
+        ratio_wall = statistics.median(x / y for x, y in zip(walls[a], walls[name], strict=True))
+        ratio_cpu = statistics.median(x / y for x, y in zip(cpus[a], cpus[name], strict=True))
         print(f"{name:<45} {batch_size / statistics.median(walls[name]):>8.1f} {ratio_wall:>10.3f} {ratio_cpu:>10.3f}")
     for dtype, bench in benches.items():
         def fold_cpu_ms(bench: EngineBench = bench) -> float:
@@ -195,10 +196,11 @@ def main() -> None:
             folder = HeadFolder(solver, heads)
             one = torch.rand(1, T, generator=g, dtype=torch.float64)
             many = torch.rand(args.batch, T, generator=g, dtype=torch.float64)
-            t1 = timed(lambda: solver.solve(one), args.device, args.repeats)
-            tb = timed(lambda: solver.solve(many), args.device, max(1, args.repeats // 2))
-            f1 = timed(lambda: folder.fold(one), args.device, args.repeats)
-            fb = timed(lambda: folder.fold(many), args.device, max(1, args.repeats // 2))
+            # timed() calls each function at once, inside this iteration: late binding cannot pick up the next d
+            t1 = timed(functools.partial(solver.solve, one), args.device, args.repeats)
+            tb = timed(functools.partial(solver.solve, many), args.device, max(1, args.repeats // 2))
+            f1 = timed(functools.partial(folder.fold, one), args.device, args.repeats)
+            fb = timed(functools.partial(folder.fold, many), args.device, max(1, args.repeats // 2))
             sf, ff = solve_flops(d, T), fold_flops(d, T, CLASSES_PER_TASK * T)
             print(f"{d:>5} {T:>3} | {fit_s:>6.2f} | {t1 * 1e3:>10.2f} {sf / t1 / 1e9:>7.1f} | {tb * 1e3:>12.1f} "
                   f"{tb / args.batch * 1e3:>7.2f}ms {args.batch * sf / tb / 1e9:>7.1f} | {f1 * 1e3:>9.2f} {ff / f1 / 1e9:>7.1f} | "

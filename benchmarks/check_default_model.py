@@ -18,10 +18,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
-from reprmerge_core.preference import canonical_preference  # noqa: E402
-from service.engine import Engine, HeadGroup  # noqa: E402
+from reprmerge_core.preference import canonical_preference
+from service.engine import Engine, HeadGroup
 
 # Unambiguous inputs per task with the label any reader would give (the first two of sms_spam and
 # movie_sentiment are the ones issue 10 saw the tiny bundle get wrong).
@@ -56,8 +56,8 @@ def check(engine: Engine) -> dict[str, object]:
         raise ValueError(f"bundle has no task {', '.join(missing)}; it serves {', '.join(engine.tasks)}")
     prefs = {"equal": canonical_preference([1.0] * len(engine.tasks), engine.tasks)}
     prefs |= {f"one-hot {t}": canonical_preference({t: 1.0}, engine.tasks) for t in EXAMPLES}
-    heads = dict(zip(prefs, engine.fold(list(prefs.values()))))
-    kept = dict(zip(prefs, engine.quality_kept(engine.tradeoff(list(prefs.values())))))
+    heads = dict(zip(prefs, engine.fold(list(prefs.values())), strict=True))
+    kept = dict(zip(prefs, engine.quality_kept(engine.tradeoff(list(prefs.values()))), strict=True))
     texts = [text for examples in EXAMPLES.values() for text, _ in examples]
     z = engine.encode(texts)
     rows = []

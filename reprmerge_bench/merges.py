@@ -50,7 +50,7 @@ def load_setup(suite_name: str, progress: bool = False) -> MergeSetup:
     recipe = RECIPES[suite_name]
     experts = train_experts(suite, recipe, progress=progress)
     base_model = AutoModel.from_pretrained(base_dir)
-    models = {s.name: AutoModel.from_pretrained(e.path) for s, e in zip(suite, experts)}
+    models = {s.name: AutoModel.from_pretrained(e.path) for s, e in zip(suite, experts, strict=True)}
     return MergeSetup(suite, recipe, experts, AutoTokenizer.from_pretrained(base_dir), base_model,
                       {k: v.clone() for k, v in base_model.state_dict().items()}, models,
                       {t: m.state_dict() for t, m in models.items()})

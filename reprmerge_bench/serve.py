@@ -212,8 +212,8 @@ class EngineBench:
         a = "(a) backbone only"
         return {name: {
             "texts_per_s": self.batch_size / statistics.median(walls[name]),
-            "ratio_wall": statistics.median(x / y for x, y in zip(walls[a], walls[name])),
-            "ratio_cpu": statistics.median(x / y for x, y in zip(cpus[a], cpus[name])),
+            "ratio_wall": statistics.median(x / y for x, y in zip(walls[a], walls[name], strict=True)),
+            "ratio_cpu": statistics.median(x / y for x, y in zip(cpus[a], cpus[name], strict=True)),
         } for name in steps}
 
     def solve_ms(self, repeats: int = 50) -> tuple[float, float]:
@@ -229,7 +229,7 @@ class EngineBench:
 
         prefs = self._fresh(repeats + 1)
         self.heads_thread.submit(one, prefs[-1]).result()
-        walls, cpus = zip(*(self.heads_thread.submit(one, p).result() for p in prefs[:repeats]))
+        walls, cpus = zip(*(self.heads_thread.submit(one, p).result() for p in prefs[:repeats]), strict=True)
         return 1e3 * statistics.median(walls), 1e3 * statistics.median(cpus)
 
     def remerge(self, preferences: int = 4) -> float:
@@ -251,7 +251,7 @@ class EngineBench:
         texts = self.texts[0][:preferences]
         try:
             start = time.perf_counter()
-            for text, pref in zip(texts, self._fresh(len(texts))):
+            for text, pref in zip(texts, self._fresh(len(texts)), strict=True):
                 coef = torch.tensor(pref.weights, dtype=torch.float32, device=model.device) * T
                 merged = {k: base[k] + task_arithmetic(deltas[k] * coef.view(-1, *[1] * base[k].ndim), 0.3) for k in tuned}
                 model.load_state_dict(merged, strict=False)
@@ -273,7 +273,7 @@ def _scrape(server: LocalServer) -> dict[str, float]:
     try:
         values = server.metrics()
     except OSError:
-        return {name: math.nan for name in SERVER_METRICS}
+        return dict.fromkeys(SERVER_METRICS, math.nan)
     return {name: values.get(name, 0.0) for name in SERVER_METRICS}
 
 
@@ -352,10 +352,9 @@ def http_bench(bundle: Path, tasks: tuple[str, ...], texts: list[str], *, batch_
             sat = http_run(server, f"saturated, {unit}", bodies, per_request, seconds, connections=conns,
                            generator=generator)
             rows.append(sat)
-            for load in OPEN_LOOP_LOADS:
-                if sat["throughput_rps"] > 0:
-                    rows.append(http_run(server, f"open {load:.0%}, {unit}", bodies, per_request, seconds,
-                                         rate=load * sat["throughput_rps"]))
+            if sat["throughput_rps"] > 0:
+                rows.extend(http_run(server, f"open {load:.0%}, {unit}", bodies, per_request, seconds,
+                                     rate=load * sat["throughput_rps"]) for load in OPEN_LOOP_LOADS)
         if rows[0]["throughput_rps"] > 0:
             bodies = request_bodies(texts, 1, fresh_pref, 4096)
             rows.append(http_run(server, f"open {OPEN_LOOP_LOADS[0]:.0%}, 1 text/req, fresh prefs", bodies, 1,

@@ -98,7 +98,7 @@ class Backbone:
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        return {k: v for k, v in enc.items()}
+        return dict(enc.items())
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Truncated token ids per text, unpadded: a server tokenises each request once at admission

@@ -41,7 +41,7 @@ class Preference:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, float]:
-        return dict(zip(self.tasks, self.weights))
+        return dict(zip(self.tasks, self.weights, strict=True))
 
 
 def _weight(value: object, field: str) -> float:

@@ -300,7 +300,7 @@ class Batcher:
         self._metrics.inference_duration.observe(elapsed)
         self._metrics.batch_size.observe(len(rows))
         self._metrics.batch_heads.observe(len(groups))
-        for job, places in zip(batch, where):
+        for job, places in zip(batch, where, strict=True):
             if places is None:  # answered with its solve's error
                 self._answered(job)
                 continue

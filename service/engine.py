@@ -78,7 +78,7 @@ class Engine:
         self.folder = folder
         self.tasks: tuple[str, ...] = tuple(bundle.task_names)
         self.labels: dict[str, tuple[str, ...]] = {t.name: tuple(t.labels) for t in bundle.manifest.tasks}
-        self.slices: dict[str, slice] = dict(zip(self.tasks, folder.slices))
+        self.slices: dict[str, slice] = dict(zip(self.tasks, folder.slices, strict=True))
         # Solved now, before the heads thread exists: fold and tradeoff only read them later.
         best, uncorrected = folder.solver.reference_losses()
         self.best_loss: tuple[float, ...] = tuple(best.tolist())

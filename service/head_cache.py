@@ -127,7 +127,7 @@ class SolveCache(Generic[V]):
             return
         if self._metrics is not None:
             self._metrics.solve_duration.observe(time.perf_counter() - start)
-        for pref, value in zip(prefs, values):
+        for pref, value in zip(prefs, values, strict=False):  # a short answer is handled below
             self._insert(pref.fingerprint, value)
             futures[pref.fingerprint].set_result(value)
         if len(values) != len(prefs):

@@ -70,7 +70,7 @@ class Heads:
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._running: _Item | None = None
-        self._seconds = {p: 0.01 for p in Priority}  # running estimates per kind of item: admission, Retry-After
+        self._seconds = dict.fromkeys(Priority, 0.01)  # running estimates per kind of item: admission, Retry-After
         chunk = engine.fold_chunk(settings.fold_chunk_bytes)
         self.cache: SolveCache[Head] = SolveCache(
             self._fold, settings.head_cache_bytes, lambda head: head.nbytes, chunk=chunk, metrics=metrics)

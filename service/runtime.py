@@ -228,14 +228,14 @@ class Service:
         would cost more than the backbone at small batches. `quality_kept` only where `kept` is given."""
         labels, slices, index = self.engine.labels, self.engine.slices, {t: i for i, t in enumerate(self.engine.tasks)}
         results = []
-        for j, (pref, probs) in enumerate(zip(prefs, result.probabilities)):
+        for j, (pref, probs) in enumerate(zip(prefs, result.probabilities, strict=True)):
             predictions = []
             for row in probs.tolist():
                 answer = {}
                 for t in tasks:
                     scores = row[slices[t]]
                     best = max(range(len(scores)), key=scores.__getitem__)
-                    answer[t] = {"label": labels[t][best], "probabilities": dict(zip(labels[t], scores))}
+                    answer[t] = {"label": labels[t][best], "probabilities": dict(zip(labels[t], scores, strict=True))}
                 predictions.append(answer)
             result_j: dict[str, object] = {"preference": pref.as_dict(), "fingerprint": pref.fingerprint}
             if kept is not None:
@@ -251,8 +251,8 @@ class Service:
             TradeoffResult(preference=p.as_dict(), fingerprint=p.fingerprint, tasks={
                 t: TaskLoss(loss=loss, best=best, uncorrected=uncorrected, quality_kept=kept)
                 for t, loss, best, uncorrected, kept in zip(engine.tasks, row, engine.best_loss, engine.uncorrected_loss,
-                                                            kept_row)
-            }) for p, row, kept_row in zip(prefs, losses, engine.quality_kept(losses))
+                                                            kept_row, strict=True)
+            }) for p, row, kept_row in zip(prefs, losses, engine.quality_kept(losses), strict=True)
         ])
 
     def info(self) -> InfoResponse:

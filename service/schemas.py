@@ -9,6 +9,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+
 def unicode_text(value: str) -> str:
     """Refuse lone UTF-16 surrogates (JSON `"\\ud800"`, or raw bytes ED A0 80, which Python's JSON decoder lets in).
 

@@ -9,7 +9,6 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 ENV_PREFIX = "REPRMERGE_"
 # REPRMERGE_* variables that belong to the library, not to the service.
 LIBRARY_VARIABLES = frozenset({"REPRMERGE_CACHE"})

@@ -7,13 +7,13 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from reprmerge_core.backbone import default_backbone_path  # noqa: E402
-from tests.helpers import make_tiny_backbone, make_random_bundle  # noqa: E402
+from reprmerge_core.backbone import default_backbone_path
+from tests.helpers import make_random_bundle, make_tiny_backbone
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,7 @@ def tiny_backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_backbone(tmp_path_factory.mktemp("tiny_backbone"))
 
 
-@pytest.fixture()
+@pytest.fixture
 def random_bundle(tmp_path: Path, tiny_backbone_dir: Path) -> Path:
     """A valid bundle over the tiny backbone with statistics from random features."""
     return make_random_bundle(tmp_path / "bundle", tiny_backbone_dir, generator=torch.Generator().manual_seed(0))

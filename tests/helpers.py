@@ -16,6 +16,7 @@ from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.manifest import BackboneInfo, CorrectionInfo, MergeInfo, TaskInfo
 from reprmerge_core.correction import TaskHead, TaskStatistics
 
+
 async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
     """Poll `condition` on the event loop until it holds; fail (never hang) after `seconds`."""
     deadline = time.monotonic() + seconds

@@ -50,9 +50,14 @@ def test_atomic_file_replaces_whole_or_leaves_the_old_file(tmp_path: Path) -> No
     with atomic_file(out) as tmp:
         tmp.write_text("first")
     assert out.read_text() == "first"
-    with pytest.raises(RuntimeError), atomic_file(out) as tmp:
-        tmp.write_text("half")
-        raise RuntimeError("crash while writing")
+
+    def crash() -> None:
+        with atomic_file(out) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash while writing")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        crash()
     assert out.read_text() == "first"
     assert sorted(p.name for p in out.parent.iterdir()) == ["shard.safetensors"]  # no temporary left behind
 
@@ -67,7 +72,12 @@ def test_atomic_dir_replaces_or_keeps_an_existing_one(tmp_path: Path) -> None:
     with atomic_dir(out, keep_existing=True) as tmp:  # another writer published first: its copy wins
         (tmp / "f").write_text("late")
     assert (out / "f").read_text() == "new"
-    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "crashed") as tmp:
-        (tmp / "f").write_text("half")
-        raise RuntimeError("crash while writing")
+
+    def crash() -> None:
+        with atomic_dir(tmp_path / "crashed") as tmp:
+            (tmp / "f").write_text("half")
+            raise RuntimeError("crash while writing")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        crash()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]

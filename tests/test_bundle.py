@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from reprmerge_cli import main as cli
+from reprmerge_core.artifacts import sha256_file
 from reprmerge_core.backbone import Backbone
 from reprmerge_core.bundle import BundleError, load_bundle
-from reprmerge_core.artifacts import sha256_file
-from reprmerge_cli import main as cli
 from tests.helpers import make_random_bundle
 
 
@@ -36,10 +36,10 @@ def test_round_trip(tmp_path: Path, tiny_backbone_dir: Path) -> None:
     assert set(m.files) >= {"statistics.safetensors", "heads.safetensors", "backbone/config.json", "backbone/model.safetensors"}
     # The same generator sequence rebuilds the same tensors: compare with what was written.
     again = load_bundle(make_random_bundle(tmp_path / "c", tiny_backbone_dir, generator=torch.Generator().manual_seed(0)))
-    for s1, s2 in zip(bundle.statistics, again.statistics):
+    for s1, s2 in zip(bundle.statistics, again.statistics, strict=True):
         assert torch.equal(s1.A, s2.A) and torch.equal(s1.B, s2.B) and s1.n == s2.n == 64 and s1.e == s2.e
         assert s1.A.dtype == torch.float64
-    for h1, h2 in zip(bundle.heads, again.heads):
+    for h1, h2 in zip(bundle.heads, again.heads, strict=True):
         assert torch.equal(h1.weight, h2.weight) and torch.equal(h1.bias, h2.bias)
     assert again.manifest.bundle_id == m.bundle_id  # content-addressed
     backbone = Backbone.from_pretrained(bundle.backbone_path, device="cpu")
@@ -51,17 +51,17 @@ def test_flipped_byte_is_detected(random_bundle: Path) -> None:
     data = bytearray(target.read_bytes())
     data[-3] ^= 0x01
     target.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="heads.safetensors: sha256 mismatch") as info:
+    with pytest.raises(BundleError, match=r"heads.safetensors: sha256 mismatch") as info:
         load_bundle(random_bundle)
     assert info.value.file == "heads.safetensors"
 
 
 def test_missing_file_is_named(random_bundle: Path) -> None:
     (random_bundle / "backbone" / "model.safetensors").unlink()
-    with pytest.raises(BundleError, match="backbone/model.safetensors: file listed in the manifest is missing"):
+    with pytest.raises(BundleError, match=r"backbone/model.safetensors: file listed in the manifest is missing"):
         load_bundle(random_bundle)
     (random_bundle / "manifest.json").unlink()
-    with pytest.raises(BundleError, match="manifest.json: missing"):
+    with pytest.raises(BundleError, match=r"manifest.json: missing"):
         load_bundle(random_bundle)
 
 
@@ -94,7 +94,7 @@ def test_schema_errors_name_the_field(random_bundle: Path) -> None:
     manifest = json.loads((random_bundle / "manifest.json").read_text())
     manifest["correction"]["beta"] = -1
     (random_bundle / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="manifest.json: correction.beta") as info:
+    with pytest.raises(BundleError, match=r"manifest.json: correction.beta") as info:
         load_bundle(random_bundle)
     assert info.value.field == "correction.beta"
     (random_bundle / "manifest.json").write_text("{not json")
@@ -104,7 +104,7 @@ def test_schema_errors_name_the_field(random_bundle: Path) -> None:
 
 def test_failed_write_leaves_nothing_and_existing_bundle_is_kept(tmp_path: Path, tiny_backbone_dir: Path) -> None:
     g = torch.Generator().manual_seed(1)
-    with pytest.raises(BundleError, match="no config.json"):
+    with pytest.raises(BundleError, match=r"no config.json"):
         make_random_bundle(tmp_path / "b", tmp_path, generator=g)
     assert list(tmp_path.iterdir()) == []
     path = make_random_bundle(tmp_path / "b", tiny_backbone_dir, generator=g)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import itertools
 import json
 import re
 import selectors
@@ -35,8 +36,8 @@ from tests.test_service_http import ServerProcess
 
 TEXTS = ["a lazy dog", "seven tired wizards brew strange potions"]
 PREF = {"alpha": 0.2, "beta": 0.3, "gamma": 0.5}
-REFUSED = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nContent-Type: application/problem+json\r\n" \
-          b"Content-Length: 27\r\n\r\n{\"status\":429,\"title\":\"x\"}\n"
+REFUSED = (b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nContent-Type: application/problem+json\r\n"
+           b"Content-Length: 27\r\n\r\n{\"status\":429,\"title\":\"x\"}\n")
 
 
 class FaultyProxy:
@@ -183,7 +184,7 @@ def test_retry_after_zero_waits_at_least_the_floor(server: ServerProcess, expect
         with Client(proxy.url) as c:
             assert _labels(c.predict(TEXTS, PREF)) == expected
         times = [t for t, _ in proxy.requests]
-        assert len(times) == 3 and min(b - a for a, b in zip(times, times[1:])) >= MIN_RETRY_DELAY
+        assert len(times) == 3 and min(b - a for a, b in itertools.pairwise(times)) >= MIN_RETRY_DELAY
     finally:
         proxy.close()
 
@@ -201,7 +202,7 @@ def test_retry_after_as_an_http_date() -> None:
 def test_refusals_are_retried_with_jitter() -> None:
     delays = set()
     client = Client("http://svc")
-    for attempt in range(20):
+    for _ in range(20):
         delay = client._retry_delay(httpx.Response(429, headers={"Retry-After": "0"}), attempt=0, waited=0.0)
         assert delay is not None and MIN_RETRY_DELAY <= delay <= 1.25 * MIN_RETRY_DELAY
         delays.add(delay)

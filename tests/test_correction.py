@@ -52,7 +52,7 @@ def reference_terms(data, beta: float = BETA):
         # Procrustes with the documented tie-break toward the identity (1e-6 x mean singular value)
         U, _, Vt = np.linalg.svd(B + 1e-6 * np.linalg.norm(B, "nuc") / d * np.eye(d))
         O = U @ Vt
-        terms.append(dict(A=A, B=B, e=e, O=O, C=A + beta * np.eye(d), M=B + beta * O, s=s, zm=zm, ze=ze))
+        terms.append({"A": A, "B": B, "e": e, "O": O, "C": A + beta * np.eye(d), "M": B + beta * O, "s": s, "zm": zm, "ze": ze})
     return terms
 
 
@@ -71,8 +71,8 @@ def test_optimality_condition(setup) -> None:
     _, solver, ref = setup
     for p in ([0.2, 0.5, 0.3], [1.0, 1.0, 1.0], [0.0, 3.0, 1.0]):
         W = solver.solve(torch.tensor(p, dtype=torch.float64))[0].numpy()
-        grad = sum(pt * 2 * (W @ r["C"] - r["M"]) for pt, r in zip(p, ref))
-        scale = np.linalg.norm(sum(pt * 2 * r["M"] for pt, r in zip(p, ref)))
+        grad = sum(pt * 2 * (W @ r["C"] - r["M"]) for pt, r in zip(p, ref, strict=True))
+        scale = np.linalg.norm(sum(pt * 2 * r["M"] for pt, r in zip(p, ref, strict=True)))
         assert np.linalg.norm(grad) / scale < 1e-9
 
 
@@ -187,7 +187,7 @@ def test_tradeoff_equals_the_direct_float64_formula(setup) -> None:
     prefs = np.array([[1, 0, 0], [0.2, 0.5, 0.3], [1, 1, 1], [0, 3, 1]], dtype=np.float64)
     got = solver.tradeoff(torch.from_numpy(prefs)).numpy()
     for i, p in enumerate(prefs / prefs.sum(1, keepdims=True)):
-        W = sum(pt * r["M"] for pt, r in zip(p, ref)) @ np.linalg.inv(sum(pt * r["C"] for pt, r in zip(p, ref)))
+        W = sum(pt * r["M"] for pt, r in zip(p, ref, strict=True)) @ np.linalg.inv(sum(pt * r["C"] for pt, r in zip(p, ref, strict=True)))
         for t, r in enumerate(ref):
             direct = np.trace(W @ r["A"] @ W.T) - 2 * np.trace(W @ r["B"].T) + r["e"] + BETA * np.sum((W - r["O"]) ** 2)
             assert got[i, t] == pytest.approx(direct, rel=1e-12)
@@ -233,7 +233,7 @@ def test_energy_normalisation_makes_beta_scale_and_size_free() -> None:
 
 
 def test_identity_prior_option(setup) -> None:
-    data, _, ref = setup
+    data, _, _ = setup
     W = CorrectionSolver(beta=1e9, identity_weight=1.0).fit(stats_of(data)).task_corrections()
     torch.testing.assert_close(W, torch.eye(D, dtype=torch.float64).expand(T, D, D), atol=1e-6, rtol=0)
     # a blend: a huge beta returns the prior itself, alpha I + (1 - alpha) Procrustes
@@ -252,8 +252,8 @@ def test_float32_solve_close_to_float64(setup) -> None:
 
 def reference_solve(terms: list[dict], p: np.ndarray) -> np.ndarray:
     """W_p = (sum p_t M_t)(sum p_t C_t)^{-1} by NumPy's float64 LU solve (an independent route)."""
-    C = sum(pt * r["C"] for pt, r in zip(p, terms))
-    M = sum(pt * r["M"] for pt, r in zip(p, terms))
+    C = sum(pt * r["C"] for pt, r in zip(p, terms, strict=True))
+    M = sum(pt * r["M"] for pt, r in zip(p, terms, strict=True))
     return np.linalg.solve(C.T, M.T).T
 
 
@@ -276,7 +276,7 @@ def test_condition_bound_is_an_upper_bound(setup) -> None:
         solver = CorrectionSolver(beta=beta).fit(stats_of(dataset))
         ref = reference_terms(dataset, beta)
         bound = solver.condition_bound(torch.from_numpy(prefs)).numpy()
-        true = np.array([np.linalg.cond(sum(pt * r["C"] for pt, r in zip(p, ref))) for p in prefs])
+        true = np.array([np.linalg.cond(sum(pt * r["C"] for pt, r in zip(p, ref, strict=True))) for p in prefs])
         assert np.all(true <= bound * (1 + 1e-9)), (true, bound)
         assert np.all(bound <= 10 * true), "the bound is too loose to be a useful guard"
 
@@ -304,7 +304,7 @@ def test_float32_guard_falls_back_to_float64_on_ill_conditioned_systems() -> Non
 
 
 def test_float32_guard_splits_a_mixed_batch(setup) -> None:
-    data, solver64, ref = setup
+    _, solver64, ref = setup
     prefs = torch.from_numpy(np.random.default_rng(9).exponential(size=(11, T)))
     bounds = solver64.condition_bound(prefs)
     threshold = float(bounds.median())
@@ -325,7 +325,7 @@ def test_float32_guard_splits_a_mixed_batch(setup) -> None:
 
 
 def test_float32_fold_matches_float64_reference(setup) -> None:
-    data, solver64, ref = setup
+    _, solver64, ref = setup
     g = torch.Generator().manual_seed(5)
     heads = [TaskHead(torch.randn(k, D, generator=g), torch.randn(k, generator=g)) for k in (2, 5, 3)]
     H = torch.cat([h.weight for h in heads]).double().numpy()

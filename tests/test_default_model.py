@@ -15,7 +15,7 @@ from service.engine import Engine
 from tests.helpers import make_random_bundle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from check_default_model import EXAMPLES, check, main  # noqa: E402
+from check_default_model import EXAMPLES, check, main
 
 
 @pytest.fixture(scope="module")

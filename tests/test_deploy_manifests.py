@@ -56,7 +56,7 @@ def _metric_names() -> set[str]:
     return {f.name + s for f in Metrics().registry.collect() for s in suffixes[f.type]}
 
 
-@pytest.mark.parametrize("name,doc", list(_manifests()), ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(("name", "doc"), list(_manifests()), ids=lambda x: x if isinstance(x, str) else "")
 def test_every_manifest_validates_against_the_kubernetes_schema(name: str, doc: dict[str, Any]) -> None:
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from reprmerge_core.bundle import load_bundle
 from reprmerge_cli import main as cli
+from reprmerge_core.bundle import load_bundle
 from tests.helpers import make_tiny_backbone
 from tests.test_calibrate import checkpoints  # noqa: F401  (module-scoped fixture: user checkpoints + inputs)
 
@@ -48,12 +48,12 @@ def test_reduced_shards_equal_one_unsharded_pass(experts: dict[str, Path], shard
     whole, reduced = load_bundle(tmp_path / "whole"), load_bundle(tmp_path / "reduced")
     assert reduced.task_names == whole.task_names
     assert [t.calibration_samples for t in reduced.manifest.tasks] == [t.calibration_samples for t in whole.manifest.tasks] == [24, 24]
-    for a, b in zip(reduced.statistics, whole.statistics):
+    for a, b in zip(reduced.statistics, whole.statistics, strict=True):
         assert a.n == b.n
         torch.testing.assert_close(a.A, b.A, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.B, b.B, rtol=1e-5, atol=1e-6)
         assert a.e == pytest.approx(b.e, rel=1e-6)
-    for a, b in zip(reduced.heads, whole.heads):
+    for a, b in zip(reduced.heads, whole.heads, strict=True):
         torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
     # the label-free beta choice sees the same per-fold statistics
     got, want = reduced.manifest.correction.beta_selection, whole.manifest.correction.beta_selection

@@ -57,7 +57,7 @@ class Recording:
         return self.fn(*args)
 
 
-@pytest.fixture()
+@pytest.fixture
 def recorded(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> dict[str, Recording]:
     calls = {name: Recording(getattr(engine, name)) for name in ("fold", "tradeoff", "apply")}
     for name, rec in calls.items():
@@ -259,19 +259,19 @@ def test_tradeoff_route_has_admission_deadline_and_cache(engine: Engine) -> None
     """/v1/tradeoff used to run unbounded on the heads thread: no 429, no deadline, no cache."""
     async def scenario() -> None:
         app = create_app(_settings(engine, heads_queue_limit=1), engine)
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc") as c:
-                bodies = [{"preferences": [p.weights for p in _fresh(3, 700 + i)]} for i in range(12)]
-                responses = await asyncio.gather(*(c.post("/v1/tradeoff", json=b) for b in bodies))
-                codes = [r.status_code for r in responses]
-                assert set(codes) == {200, 429}, codes
-                refused = next(r for r in responses if r.status_code == 429)
-                assert refused.headers["content-type"] == "application/problem+json" and int(refused.headers["retry-after"]) >= 1
-                late = await c.post("/v1/tradeoff", json={"preference": [1, 2, 3]}, headers={"X-Request-Timeout": "1e-9"})
-                assert late.status_code == 504 and late.json()["status"] == 504
-                ok = await c.post("/v1/tradeoff", json={"preference": [1, 2, 3]})
-                assert ok.status_code == 200
-                assert canonical_preference([1, 2, 3], TASKS).fingerprint in app.state.service.heads.tradeoffs
+        async with (app.router.lifespan_context(app),
+                    httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc") as c):
+            bodies = [{"preferences": [p.weights for p in _fresh(3, 700 + i)]} for i in range(12)]
+            responses = await asyncio.gather(*(c.post("/v1/tradeoff", json=b) for b in bodies))
+            codes = [r.status_code for r in responses]
+            assert set(codes) == {200, 429}, codes
+            refused = next(r for r in responses if r.status_code == 429)
+            assert refused.headers["content-type"] == "application/problem+json" and int(refused.headers["retry-after"]) >= 1
+            late = await c.post("/v1/tradeoff", json={"preference": [1, 2, 3]}, headers={"X-Request-Timeout": "1e-9"})
+            assert late.status_code == 504 and late.json()["status"] == 504
+            ok = await c.post("/v1/tradeoff", json={"preference": [1, 2, 3]})
+            assert ok.status_code == 200
+            assert canonical_preference([1, 2, 3], TASKS).fingerprint in app.state.service.heads.tradeoffs
 
     asyncio.run(scenario())
 
@@ -282,14 +282,14 @@ def test_a_failed_solve_fails_only_the_jobs_that_need_it(engine: Engine) -> None
 
     async def scenario() -> None:
         app = create_app(_settings(engine, fail_solve_fingerprint=bad.fingerprint, max_batch_wait=0.05), engine)
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc") as c:
-                bodies = [{"texts": [f"text {i}"], "preference": list(bad.weights) if i % 3 == 0 else [1, i, 1]} for i in range(12)]
-                responses = await asyncio.gather(*(c.post("/v1/predict", json=b) for b in bodies))
-                for i, r in enumerate(responses):
-                    assert r.status_code == (500 if i % 3 == 0 else 200), r.text
-                problem = responses[0].json()
-                assert responses[0].headers["content-type"] == "application/problem+json" and problem["status"] == 500
-                assert (await c.post("/v1/predict", json={"texts": ["still fine"]})).status_code == 200
+        async with (app.router.lifespan_context(app),
+                    httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc") as c):
+            bodies = [{"texts": [f"text {i}"], "preference": list(bad.weights) if i % 3 == 0 else [1, i, 1]} for i in range(12)]
+            responses = await asyncio.gather(*(c.post("/v1/predict", json=b) for b in bodies))
+            for i, r in enumerate(responses):
+                assert r.status_code == (500 if i % 3 == 0 else 200), r.text
+            problem = responses[0].json()
+            assert responses[0].headers["content-type"] == "application/problem+json" and problem["status"] == 500
+            assert (await c.post("/v1/predict", json={"texts": ["still fine"]})).status_code == 200
 
     asyncio.run(scenario())

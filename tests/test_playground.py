@@ -90,7 +90,7 @@ class Session:
         return [r.post_data_json for r in self.requests if r.method == "POST" and r.url.endswith("/v1/predict")]
 
 
-@pytest.fixture()
+@pytest.fixture
 def session(browser: Browser) -> Iterator[Session]:
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     context.grant_permissions(["clipboard-read", "clipboard-write"])

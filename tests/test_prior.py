@@ -14,8 +14,8 @@ from reprmerge_core.bundle.manifest import BackboneInfo, CorrectionInfo, MergeIn
 from reprmerge_core.calibration import choose_correction, cross_validate, select_beta
 from reprmerge_core.correction import TaskHead, TaskStatistics
 from reprmerge_core.correction.solver import PROCRUSTES_TIE_BREAK
-from service.engine import Engine
 from reprmerge_core.preference import canonical_preference
+from service.engine import Engine
 
 D, FOLDS = 32, 4  # D: the tiny test backbone's representation size
 
@@ -50,7 +50,7 @@ def correction(zm: np.ndarray, ze: np.ndarray, beta: float, alpha: float) -> np.
     return np.linalg.solve((A + beta * np.eye(D)).T, (B + beta * prior).T).T
 
 
-@pytest.mark.parametrize("kind, prior", [("identity", 1.0), ("rotation", 0.0)])
+@pytest.mark.parametrize(("kind", "prior"), [("identity", 1.0), ("rotation", 0.0)])
 def test_cv_picks_the_prior_that_is_right_by_construction(kind: str, prior: float) -> None:
     raw = [features(kind, n=48, seed=s) for s in range(3)]
     selection = select_beta(fold_stats(raw), identity_weights=[i / 10 for i in range(11)])
@@ -72,8 +72,8 @@ def test_cv_losses_of_blended_priors_equal_a_computation_on_the_data() -> None:
                 W = [correction(zm, ze, beta, alpha) for zm, ze in train]
                 scales = [np.trace(zm.T @ zm) / D for zm, _ in train]
                 # equal preference: sum_t p_t M_t (sum_t p_t C_t)^-1 on each task's normalised statistics
-                C = sum((zm.T @ zm) / s + beta * np.eye(D) for (zm, _), s in zip(train, scales))
-                M = sum(Wt @ ((zm.T @ zm) / s + beta * np.eye(D)) for Wt, (zm, _), s in zip(W, train, scales))
+                C = sum((zm.T @ zm) / s + beta * np.eye(D) for (zm, _), s in zip(train, scales, strict=True))
+                M = sum(Wt @ ((zm.T @ zm) / s + beta * np.eye(D)) for Wt, (zm, _), s in zip(W, train, scales, strict=True))
                 W_equal = np.linalg.solve(C.T, M.T).T
                 for t, (zm, ze) in enumerate(raw):
                     zm_h, ze_h = zm[f::FOLDS], ze[f::FOLDS]
@@ -129,7 +129,7 @@ def test_a_fixed_prior_is_kept_and_bad_priors_are_refused(tmp_path: Path, tiny_b
             choose_correction(fold_stats(raw), "auto", prior=bad)
 
 
-@pytest.mark.parametrize("use_prior, alpha", [(True, 0.0), (False, 1.0)])
+@pytest.mark.parametrize(("use_prior", "alpha"), [(True, 0.0), (False, 1.0)])
 def test_format_1_manifests_still_load(random_bundle: Path, use_prior: bool, alpha: float) -> None:
     manifest = json.loads((random_bundle / "manifest.json").read_text())
     assert manifest["format_version"] == 2 and manifest["correction"]["identity_weight"] == 0.0
@@ -141,5 +141,5 @@ def test_format_1_manifests_still_load(random_bundle: Path, use_prior: bool, alp
     assert load_bundle(random_bundle).manifest.correction.identity_weight == alpha
     correction["identity_weight"] = 0.5
     (random_bundle / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="correction.*not both"):
+    with pytest.raises(BundleError, match=r"correction.*not both"):
         load_bundle(random_bundle)

@@ -105,7 +105,7 @@ def test_a_reload_under_load_loses_no_request_and_mixes_no_answers(server: Serve
     assert set(reference) == set(ids)
     ref_a, ref_b = (reference[i] for i in ids)
     # A mixed answer (one bundle's id, the other's heads) would be caught: the bundles' answers differ.
-    assert min(np.abs(x - y).max() for x, y in zip(ref_a, ref_b)) > 1e-2
+    assert min(np.abs(x - y).max() for x, y in zip(ref_a, ref_b, strict=True)) > 1e-2
     swapped_before = server.metric('reprmerge_bundle_reloads_total{outcome="swapped"}')
 
     answers, swaps = asyncio.run(_load_during_reloads(server.url, bodies, [a, b, a]))

@@ -49,7 +49,7 @@ def test_traced_backbone_equals_eager_and_a_shape_bound_trace_is_refused(tiny_ba
     backbone = Backbone.from_pretrained(tiny_backbone_dir, max_length=16, device="cpu")
     eager = [backbone.encode(texts) for texts in (TEXTS, TEXTS[:1], TEXTS * 7)]
     assert backbone.trace() and backbone.forward is not backbone.model
-    for texts, want in zip((TEXTS, TEXTS[:1], TEXTS * 7), eager):
+    for texts, want in zip((TEXTS, TEXTS[:1], TEXTS * 7), eager, strict=True):
         torch.testing.assert_close(backbone.encode(texts), want, rtol=0, atol=1e-5)
 
     class ShapeBound(BertModel):  # a branch on the batch size, which a trace freezes

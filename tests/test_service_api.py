@@ -306,8 +306,8 @@ def reference_quality_kept(engine: Engine, prefs: list[list[float]]) -> np.ndarr
 
     def solve(p: np.ndarray) -> np.ndarray:
         d = terms[0][0].shape[0]
-        M = sum(w * (B + beta * O) for w, (_, B, _, O) in zip(p, terms))
-        return M @ np.linalg.inv(sum(w * (A + beta * np.eye(d)) for w, (A, _, _, _) in zip(p, terms)))
+        M = sum(w * (B + beta * O) for w, (_, B, _, O) in zip(p, terms, strict=True))
+        return M @ np.linalg.inv(sum(w * (A + beta * np.eye(d)) for w, (A, _, _, _) in zip(p, terms, strict=True)))
 
     n = len(terms)
     best = np.array([losses(solve(np.eye(n)[t]))[t] for t in range(n)])
@@ -524,7 +524,7 @@ def test_float32_solves_match_float64(engine: Engine) -> None:
     fast = Engine.load(engine.bundle.path, device="cpu", solve_dtype="float32")
     prefs = [canonical_preference(p, TASKS) for p in ([1, 0, 0], [0.2, 0.5, 0.3], [1, 1, 1])]
     z = engine.encode(["a fine day", "a dreadful night"])
-    for ref, got in zip(engine.fold(prefs), fast.fold(prefs)):
+    for ref, got in zip(engine.fold(prefs), fast.fold(prefs), strict=True):
         assert got.weight.dtype == ref.weight.dtype == torch.float32
         torch.testing.assert_close(z @ got.weight.T, z @ ref.weight.T, rtol=1e-3, atol=1e-3)
 

@@ -54,7 +54,7 @@ def test_make_serve_and_the_image_build_the_default_suite_with_its_recipe() -> N
     Docker image and its entrypoint build, through BuildConfig's lookup (an unknown suite would get text6's)."""
     root = Path(__file__).resolve().parents[1]
     makefile = (root / "Makefile").read_text()
-    assert re.search(r"^DEFAULT_SUITE \?= (\S+)$", makefile, re.M).group(1) == DEFAULT_SUITE  # type: ignore[union-attr]
+    assert re.search(r"^DEFAULT_SUITE \?= (\S+)$", makefile, re.MULTILINE).group(1) == DEFAULT_SUITE  # type: ignore[union-attr]
     assert "reprmerge build --suite $(DEFAULT_SUITE) --merge ties --out $(DEFAULT_BUNDLE)" in makefile
     for image_file in ("Dockerfile", "deploy/docker/entrypoint.sh"):
         assert re.findall(r"reprmerge build --suite (\S+)", (root / image_file).read_text()) == [DEFAULT_SUITE]

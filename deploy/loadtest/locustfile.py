@@ -25,7 +25,6 @@ from argparse import ArgumentParser
 import gevent
 from gevent.pool import Pool
 from locust import FastHttpUser, events, task
-
 from mixes import MIXES, make_mix, request_texts
 
 SCHEDULED = "/v1/predict [scheduled]"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import gevent
 import numpy as np
+from run import locust_options, run_scenario
 
 from reprmerge_bench.server import LocalServer
-from run import locust_options, run_scenario
 
 
 def main() -> None:

@@ -25,10 +25,7 @@ from safetensors.torch import save_file
 
 from reprmerge_core import __version__
 from reprmerge_core.artifacts import atomic_dir, checkpoint_files, sha256_file
-from reprmerge_core.correction.heads import TaskHead
-from reprmerge_core.correction.statistics import TaskStatistics
 from reprmerge_core.bundle.check import BundleError, check_bundle, validate_content
-from reprmerge_core.diagnostics import ExpertDiagnostics
 from reprmerge_core.bundle.manifest import (
     BACKBONE_DIR,
     FORMAT,
@@ -42,6 +39,10 @@ from reprmerge_core.bundle.manifest import (
     MergeInfo,
     TaskInfo,
 )
+from reprmerge_core.correction.heads import TaskHead
+from reprmerge_core.correction.statistics import TaskStatistics
+from reprmerge_core.diagnostics import ExpertDiagnostics
+
 
 @dataclass(frozen=True)
 class Bundle:
@@ -101,7 +102,7 @@ def write_bundle(
         "e": torch.tensor([s.e for s in statistics], dtype=torch.float64),
     }
     head_tensors: dict[str, torch.Tensor] = {}
-    for task, s, h in zip(tasks, statistics, heads):
+    for task, s, h in zip(tasks, statistics, heads, strict=True):
         stats_tensors[f"A.{task.name}"] = s.A.detach().cpu().to(torch.float64).contiguous()
         stats_tensors[f"B.{task.name}"] = s.B.detach().cpu().to(torch.float64).contiguous()
         head_tensors[f"weight.{task.name}"] = h.weight.detach().cpu().float().contiguous()

@@ -14,9 +14,9 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 from functools import reduce
 from operator import add
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -54,7 +54,7 @@ def head_agreement(tasks: Sequence[str], agreement: Sequence[float] | None) -> d
     """The bundle's record of head agreement: per task and the mean over tasks (None when not measured)."""
     if agreement is None:
         return None
-    return {"per_task": dict(zip(tasks, agreement)), "mean": sum(agreement) / len(agreement)}
+    return {"per_task": dict(zip(tasks, agreement, strict=True)), "mean": sum(agreement) / len(agreement)}
 
 
 def collect_statistics(
@@ -87,7 +87,7 @@ def collect_statistics(
     result = CalibrationStatistics(folds=[], samples=[len(texts) for texts in calibration],
                                    agreement=None if heads is None else [])
     bar = tqdm(total=sum(result.samples), desc="statistics", unit="input", disable=not progress)
-    for t, (expert, texts) in enumerate(zip(experts, calibration)):
+    for t, (expert, texts) in enumerate(zip(experts, calibration, strict=True)):
         task_start = time.perf_counter()
         accs = [StatisticsAccumulator(merged.dim, device=merged.device) for _ in range(folds)]
         offset = agreed = 0

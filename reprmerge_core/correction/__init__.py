@@ -3,17 +3,17 @@
 Pure tensor math, no I/O: statistics accumulate in float64, solves are batched over preferences.
 """
 
-from reprmerge_core.correction.statistics import StatisticsAccumulator, TaskStatistics
 from reprmerge_core.correction.heads import FusedHeads, HeadFolder, TaskHead
 from reprmerge_core.correction.solver import CorrectionSolver, Normalisation, procrustes
+from reprmerge_core.correction.statistics import StatisticsAccumulator, TaskStatistics
 
 __all__ = [
     "CorrectionSolver",
     "FusedHeads",
     "HeadFolder",
-    "TaskHead",
     "Normalisation",
     "StatisticsAccumulator",
+    "TaskHead",
     "TaskStatistics",
     "procrustes",
 ]

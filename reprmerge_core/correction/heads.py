@@ -8,6 +8,7 @@ one Cholesky factorisation and a solve with K (total classes) right-hand sides, 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ class HeadFolder:
         self._HM = torch.einsum("kd,tde->tke", H, solver.M_)  # (T, K, d), float64: the solver casts it
         self.bias = torch.cat([h.bias for h in heads]).to(solver.device, out_dtype)
         bounds = torch.tensor([0] + [h.num_classes for h in heads]).cumsum(0).tolist()
-        self.slices = tuple(slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]))
+        self.slices = tuple(slice(a, b) for a, b in itertools.pairwise(bounds))
 
     @property
     def fold_bytes_per_preference(self) -> int:

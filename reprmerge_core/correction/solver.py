@@ -25,7 +25,6 @@ import torch
 from reprmerge_core.choices import Normalisation
 from reprmerge_core.correction.statistics import TaskStatistics
 
-
 PROCRUSTES_TIE_BREAK = 1e-6
 # Largest condition-number bound solved in float32: the relative error of a float32 Cholesky solve is about
 # cond x 6e-8, so at most ~6e-4 here (3e-5 measured on the tiny bundle: bench_solve.py --agreement); above, float64.

@@ -67,7 +67,7 @@ def uniformity(preferences: np.ndarray, errors: np.ndarray) -> float:
     if T < 2:
         raise ValueError("uniformity needs at least two tasks")
     values = []
-    for p, l in zip(preferences, errors):
+    for p, l in zip(preferences, errors, strict=True):
         weighted = p * l
         total = weighted.sum()
         if total <= 0:

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     experts = train_experts(suite, RECIPES[args.suite], cache_dir=args.cache_dir)
     build_seconds = time.perf_counter() - start
     rows = []
-    for splits, expert in zip(suite, experts):
+    for splits, expert in zip(suite, experts, strict=True):
         test = splits.test
         result = evaluate_head(expert.backbone(), expert.head, test.texts, test.labels, progress=f"test {splits.name}")
         rows.append({
