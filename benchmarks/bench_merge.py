@@ -79,7 +79,8 @@ def main() -> None:
     def accuracies(state: dict[str, torch.Tensor]) -> list[float]:
         base_model.load_state_dict(state)
         backbone = Backbone(base_model, tokenizer, pooling=recipe.pooling, max_length=recipe.max_length, device="cpu")
-        return [evaluate_head(backbone, e.head, s.test.texts, s.test.labels).accuracy for e, s in zip(experts, suite, strict=True)]
+        return [evaluate_head(backbone, e.head, s.test.texts, s.test.labels).accuracy
+                for e, s in zip(experts, suite, strict=True)]
 
     rows: list[tuple[str, list[float], float | None, float]] = [
         (
@@ -116,7 +117,7 @@ def main() -> None:
             + "  ".join(f"{a:15.3f}" for a in acc)
             + f"  {np.mean(acc):7.3f} {rho_text} {seconds:8.1f}"
         )
-    merged_rows = rows[2:]
+    merged_rows = [(label, acc, rho) for label, acc, rho, _ in rows[2:] if rho is not None]  # the merges measure rho
     rho_rank = spearman([r[2] for r in merged_rows], [float(np.mean(r[1])) for r in merged_rows])
     print(f"\nSpearman rank correlation of rho with mean accuracy over the {len(merged_rows)} merges: {rho_rank:+.2f}")
     best_rho = max(merged_rows, key=lambda r: r[2])[0]

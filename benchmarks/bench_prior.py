@@ -1,4 +1,5 @@
-"""Which prior does label-free cross-validation choose for a built bundle, and what grid hypervolume does each prior give?
+"""Which prior does label-free cross-validation choose for a built bundle, and what grid hypervolume does each
+prior give?
 
 Recollects the bundle's per-fold statistics (same calibration inputs and fold assignment as `reprmerge build`),
 runs the joint beta / prior cross-validation, and evaluates ReACT on the preference grid with the chosen prior, the
@@ -46,11 +47,14 @@ def main() -> None:
     experts = train_experts(splits, recipe, device="cpu", progress=False)
     if args.test is not None:
         splits = [dataclasses.replace(s, test=s.test.subset(range(min(args.test, len(s.test.texts))))) for s in splits]
-    merged = Backbone.from_pretrained(bundle.backbone_path, pooling=m.backbone.pooling, max_length=m.backbone.max_length,
+    merged = Backbone.from_pretrained(bundle.backbone_path, pooling=m.backbone.pooling,
+                                      max_length=m.backbone.max_length,
                                       device="cpu")
-    stats = collect_statistics(merged, [e.backbone(device="cpu") for e in experts], [list(s.calibration) for s in splits],
+    stats = collect_statistics(merged, [e.backbone(device="cpu") for e in experts],
+                               [list(s.calibration) for s in splits],
                                folds=args.folds, progress=False)
-    drift = max(float((x.B - s.B).abs().max() / s.B.abs().max()) for x, s in zip(stats.total, bundle.statistics, strict=True))
+    drift = max(float((x.B - s.B).abs().max() / s.B.abs().max()) for x, s in zip(stats.total, bundle.statistics,
+                                                                                 strict=True))
     print(f"statistics recollected in {time.perf_counter() - started:.0f}s (max relative difference of B from the "
           f"bundle's: {drift:.1e})", flush=True)
     start = time.perf_counter()

@@ -36,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, PreTrainedModel
 
 from reprmerge_bench.merges import load_setup, spearman_ci
 from reprmerge_core.backbone import Backbone, default_backbone_path
@@ -172,10 +172,10 @@ def main() -> None:
     test_labels = [torch.tensor(list(s.test.labels[: args.test])) for s in suite]
     batches = setup.batches(args.calibration)
 
-    def backbone_of(model: torch.nn.Module) -> Backbone:
+    def backbone_of(model: PreTrainedModel) -> Backbone:
         return Backbone(model, tokenizer, pooling=recipe.pooling, max_length=recipe.max_length, device="cpu")
 
-    def encode(model: torch.nn.Module, texts: list[list[str]]) -> list[torch.Tensor]:
+    def encode(model: PreTrainedModel, texts: list[list[str]]) -> list[torch.Tensor]:
         bb = backbone_of(model)
         return [bb.encode(t, batch_size=64).double() for t in texts]
 

@@ -77,7 +77,7 @@ def engine_ratios(bundle: Path, batch_size: int, rounds: int) -> None:
     engines = {dtype: Engine.load(bundle, device="cpu", solve_dtype=dtype) for dtype in ("float64", "float32")}
     texts = suite_texts(engines["float64"].tasks, 4096, seed=5)
     benches = {dtype: EngineBench(engine, batch_size, rounds, texts) for dtype, engine in engines.items()}
-    steps = {"(a) backbone only": benches["float64"].engine.encode}
+    steps: dict[str, Callable[[list[str]], object]] = {"(a) backbone only": benches["float64"].engine.encode}
     for dtype, bench in benches.items():
         steps[f"(c) new preference per request, {dtype}"] = bench.cases(distinct=(1,))["(c) new preference per request"]
     workers = ThreadPoolExecutor(2, thread_name_prefix="fold", initializer=torch.set_num_threads, initargs=(1,))
@@ -91,15 +91,15 @@ def engine_ratios(bundle: Path, batch_size: int, rounds: int) -> None:
         fast._apply(fast.engine.encode(texts), prefs, heads)
 
     steps["(c) float32, fold first on 2 workers"] = fold_first
-    texts = benches["float64"].texts
+    batches = benches["float64"].texts
     walls: dict[str, list[float]] = {name: [] for name in steps}
     cpus: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():
-        step(texts[0])
+        step(batches[0])
     for r in range(rounds):
         for name, step in steps.items():
             wall, cpu = time.perf_counter(), time.process_time()
-            step(texts[r])
+            step(batches[r])
             walls[name].append(time.perf_counter() - wall)
             cpus[name].append(time.process_time() - cpu)
     a = "(a) backbone only"
@@ -181,8 +181,8 @@ def main() -> None:
                 agreement(bundle, args.batch_size)
         return
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, {args.dtype}")
-    header = (f"{'d':>5} {'T':>3} | {'fit s':>6} | {'1 solve ms':>10} {'GFLOP/s':>7} | {'64 solves ms':>12} {'per solve':>9} "
-              f"{'GFLOP/s':>7} | {'1 fold ms':>9} {'GFLOP/s':>7} | {'64 folds ms':>11}")
+    header = (f"{'d':>5} {'T':>3} | {'fit s':>6} | {'1 solve ms':>10} {'GFLOP/s':>7} | {'64 solves ms':>12} "
+              f"{'per solve':>9} {'GFLOP/s':>7} | {'1 fold ms':>9} {'GFLOP/s':>7} | {'64 folds ms':>11}")
     print(header)
     print("-" * len(header))
     for d in args.dims:
@@ -192,7 +192,8 @@ def main() -> None:
             solver = CorrectionSolver(beta=0.3, device=args.device, dtype=getattr(torch, args.dtype)).fit(stats)
             fit_s = time.perf_counter() - start
             g = torch.Generator().manual_seed(0)
-            heads = [TaskHead(torch.randn(CLASSES_PER_TASK, d, generator=g), torch.zeros(CLASSES_PER_TASK)) for _ in range(T)]
+            heads = [TaskHead(torch.randn(CLASSES_PER_TASK, d, generator=g),
+                              torch.zeros(CLASSES_PER_TASK)) for _ in range(T)]
             folder = HeadFolder(solver, heads)
             one = torch.rand(1, T, generator=g, dtype=torch.float64)
             many = torch.rand(args.batch, T, generator=g, dtype=torch.float64)
@@ -203,8 +204,8 @@ def main() -> None:
             fb = timed(functools.partial(folder.fold, many), args.device, max(1, args.repeats // 2))
             sf, ff = solve_flops(d, T), fold_flops(d, T, CLASSES_PER_TASK * T)
             print(f"{d:>5} {T:>3} | {fit_s:>6.2f} | {t1 * 1e3:>10.2f} {sf / t1 / 1e9:>7.1f} | {tb * 1e3:>12.1f} "
-                  f"{tb / args.batch * 1e3:>7.2f}ms {args.batch * sf / tb / 1e9:>7.1f} | {f1 * 1e3:>9.2f} {ff / f1 / 1e9:>7.1f} | "
-                  f"{fb * 1e3:>11.1f}", flush=True)
+                  f"{tb / args.batch * 1e3:>7.2f}ms {args.batch * sf / tb / 1e9:>7.1f} | {f1 * 1e3:>9.2f} "
+                  f"{ff / f1 / 1e9:>7.1f} | {fb * 1e3:>11.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def main() -> None:
     t_literal = timed(lambda: literal_tradeoff(solver, prefs), "cpu", args.repeats)
     t_fast = timed(lambda: solver.tradeoff(prefs), "cpu", args.repeats)
     t_solve = timed(lambda: solver.solve(prefs), "cpu", args.repeats)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, P = {args.prefs}, T = {args.tasks}, d = {args.dim}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, P = {args.prefs}, T = {args.tasks}, "
+          f"d = {args.dim}")
     print(f"solve W_p alone    {t_solve * 1e3:8.1f} ms")
     print(f"literal tradeoff   {t_literal * 1e3:8.1f} ms")
     print(f"G = W^T W tradeoff {t_fast * 1e3:8.1f} ms   ({t_literal / t_fast:.1f}x faster)")

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -49,7 +50,7 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
 }
 
 
-def check(engine: Engine) -> dict[str, object]:
+def check(engine: Engine) -> dict[str, Any]:
     """Every example's answer under its task's one-hot preference and under the equal preference."""
     missing = [t for t in EXAMPLES if t not in engine.tasks]
     if missing:
@@ -60,7 +61,7 @@ def check(engine: Engine) -> dict[str, object]:
     kept = dict(zip(prefs, engine.quality_kept(engine.tradeoff(list(prefs.values()))), strict=True))
     texts = [text for examples in EXAMPLES.values() for text, _ in examples]
     z = engine.encode(texts)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, head in heads.items():
         (probs,) = engine.apply(z, [HeadGroup(head, range(len(texts)))])
         i = 0
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     report = check(Engine.load(args.bundle, device="cpu"))
     print(f"{'preference':<26} {'task':<16} {'expected':<9} {'answer':<9} {'p':>5}  text")
-    for r in report["rows"]:  # type: ignore[union-attr]
+    for r in report["rows"]:
         if r["preference"] in ("equal", f"one-hot {r['task']}"):
             mark = "" if r["right"] else "  <-- WRONG"
             print(f"{r['preference']:<26} {r['task']:<16} {r['expected']:<9} {r['label']:<9} {r['probability']:5.2f}"

@@ -148,7 +148,7 @@ def encode_requests(url: str, bodies: list[bytes]) -> list[bytes]:
 async def _attempt(pool: list[Connection], host: str, port: int, request: bytes,
                    timeout: float) -> tuple[str | None, int]:
     """One request on an idle pooled connection (or a new one); (error kind or None, status)."""
-    conn = None
+    conn: Connection | None = None
     while pool:
         candidate = pool.pop()
         if not candidate.closed and time.monotonic() - candidate.idle_since < KEEPALIVE_EXPIRY:
@@ -156,7 +156,8 @@ async def _attempt(pool: list[Connection], host: str, port: int, request: bytes,
             break
         candidate.close()
     try:
-        conn = conn or await asyncio.wait_for(Connection.open(host, port), timeout)
+        if conn is None:
+            conn = await asyncio.wait_for(Connection.open(host, port), timeout)
         status = await asyncio.wait_for(conn.exchange(request), timeout)
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError) as e:
         if conn is not None:
@@ -196,7 +197,8 @@ async def open_loop(url: str, requests: list[bytes], rate: float, seconds: float
     """Poisson arrivals at `rate`/s for `seconds`, each on an idle connection or a new one (up to a bound)."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    tally, pool, rng = Tally(), [], random.Random(0)
+    tally, rng = Tally(), random.Random(0)
+    pool: list[Connection] = []
     slots = asyncio.Semaphore(MAX_OPEN_LOOP_CONNECTIONS)
 
     async def one(request: bytes, scheduled: float) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 from torch import Tensor
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -37,7 +38,7 @@ class MergeSetup:
     def tasks(self) -> list[str]:
         return [s.name for s in self.suite]
 
-    def batches(self, calibration: int) -> dict[str, list[Batch]]:
+    def batches(self, calibration: int) -> dict[str, Sequence[Batch]]:
         """Tokenised batches of the first `calibration` calibration inputs of every task."""
         return {s.name: text_batches(self.tokenizer, s.calibration[:calibration], 32, self.recipe.max_length)
                 for s in self.suite}
@@ -67,7 +68,7 @@ def ranks(x: np.ndarray) -> np.ndarray:
     return r
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+def spearman(a: ArrayLike, b: ArrayLike) -> float:
     """Spearman's rank correlation; nan when either side is constant."""
     ra, rb = ranks(np.asarray(a, float)), ranks(np.asarray(b, float))
     if ra.std() == 0 or rb.std() == 0:
@@ -75,11 +76,11 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def spearman_ci(a: Sequence[float], b: Sequence[float], resamples: int = 2000,
+def spearman_ci(a: ArrayLike, b: ArrayLike, resamples: int = 2000,
                 seed: int = 0) -> tuple[float, float, float]:
     """Spearman and its 95% percentile bootstrap interval over the items (resamples with a constant side dropped)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
+    x, y = np.asarray(a, float), np.asarray(b, float)
     rng = np.random.default_rng(seed)
-    values = [spearman(a[i], b[i]) for i in (rng.integers(0, len(a), len(a)) for _ in range(resamples))]
-    values = np.array([v for v in values if np.isfinite(v)])
-    return spearman(a, b), float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))
+    draws = [spearman(x[i], y[i]) for i in (rng.integers(0, len(x), len(x)) for _ in range(resamples))]
+    values = np.array([v for v in draws if np.isfinite(v)])
+    return spearman(x, y), float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))

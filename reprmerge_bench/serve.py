@@ -141,17 +141,20 @@ class EngineBench:
         pools = {}
         for n in distinct:
             pool = dirichlet(n, self.engine.tasks, seed=n)
-            pools[n] = pool, {fp: h for start in range(0, n, 256) for fp, h in self._fold(pool[start:start + 256]).items()}
+            pools[n] = pool, {fp: h for start in range(0, n,
+                                                       256) for fp, h in self._fold(pool[start:start + 256]).items()}
         return pools
 
-    def cases(self, distinct: tuple[int, ...] = DISTINCT) -> dict[str, Callable[[list[str]], None]]:
+    def cases(self, distinct: tuple[int, ...] = DISTINCT) -> dict[str, Callable[[list[str]], object]]:
         """name -> step(texts): one batch of the case, done the way the batcher does it."""
         engine = self.engine
-        steps: dict[str, Callable[[list[str]], None]] = {"(a) backbone only": engine.encode}
+        steps: dict[str, Callable[[list[str]], object]] = {"(a) backbone only": engine.encode}
         rng = random.Random(0)
         for n, (pool, heads) in self._pools(distinct).items():
-            steps[f"(b) {n} distinct cached preferences"] = (
-                lambda texts, pool=pool, heads=heads: self._apply(engine.encode(texts), [rng.choice(pool) for _ in texts], heads))
+            def cached(texts: list[str], pool: list[Preference] = pool, heads: dict[str, Head] = heads) -> None:
+                self._apply(engine.encode(texts), [rng.choice(pool) for _ in texts], heads)
+
+            steps[f"(b) {n} distinct cached preferences"] = cached
 
         def fresh(texts: list[str]) -> None:  # solves overlap the backbone pass, as in the batcher
             prefs = self._fresh(len(texts))
@@ -187,7 +190,10 @@ class EngineBench:
         rng = random.Random(1)
         parts = {"backbone": median_ms(lambda: self.engine.encode(texts))}
         for n, (pool, heads) in self._pools(distinct).items():
-            parts[f"heads, {n} distinct"] = median_ms(lambda pool=pool, heads=heads: self._apply(z, [rng.choice(pool) for _ in texts], heads))
+            def apply(pool: list[Preference] = pool, heads: dict[str, Head] = heads) -> None:
+                self._apply(z, [rng.choice(pool) for _ in texts], heads)
+
+            parts[f"heads, {n} distinct"] = median_ms(apply)
         parts[f"fold {len(texts)} new"] = median_ms(lambda: self._fold(self._fresh(len(texts))))
         return parts
 
@@ -253,7 +259,8 @@ class EngineBench:
             start = time.perf_counter()
             for text, pref in zip(texts, self._fresh(len(texts)), strict=True):
                 coef = torch.tensor(pref.weights, dtype=torch.float32, device=model.device) * T
-                merged = {k: base[k] + task_arithmetic(deltas[k] * coef.view(-1, *[1] * base[k].ndim), 0.3) for k in tuned}
+                merged = {k: base[k] + task_arithmetic(deltas[k] * coef.view(-1, *[1] * base[k].ndim),
+                                                       0.3) for k in tuned}
                 model.load_state_dict(merged, strict=False)
                 self.engine.encode([text])
             return len(texts) / (time.perf_counter() - start)
@@ -329,7 +336,7 @@ def http_bench(bundle: Path, tasks: tuple[str, ...], texts: list[str], *, batch_
     fresh = random.Random(2)
 
     def zipf_pref(i: int) -> list[float]:
-        return zipf.choices(grid, zipf_weights)[0]
+        return list(zipf.choices(grid, zipf_weights)[0])
 
     def fresh_pref(i: int) -> list[float]:
         return [fresh.random() + 1e-3 for _ in tasks]
@@ -385,7 +392,8 @@ def print_table(results: dict[str, Any]) -> None:
               f"{r.get('goodput_rps', math.nan):>7.1f} {r['cache_hit_rate']:>5.2f} {r['texts_per_batch']:>7.1f} "
               f"{r['generator_cpu_share']:>8.1%}  {r['errors'] or ('-' if not r['failed'] else r['statuses'])}")
     print(f"ratio: engine rows x (a) by wall time (by process CPU time in brackets); saturated HTTP rows x the best "
-          f"engine {ENGINE_REFERENCE!r} texts/s (one pass at a time, or the server's worker layout).\nTargets: (b) 32 >= 0.97, (c) >= 0.80; "
+          f"engine {ENGINE_REFERENCE!r} texts/s (one pass at a time, or the server's worker layout).\n"
+          "Targets: (b) 32 >= 0.97, (c) >= 0.80; "
           "HTTP saturated >= 0.85 at 1 text/request, "
           f">= 0.95 at 16; open-loop p99 within the {SLO_SECONDS * 1e3:.0f} ms SLO. "
           "gen CPU: load generator CPU time / wall time.")

@@ -85,6 +85,13 @@ class LocalServer:
         else:
             print(f"server exited with {self.proc.returncode}; its log is kept at {self.log}", flush=True)
 
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        """The running server's process (to signal it); an error outside the `with` block."""
+        if self.proc is None:
+            raise RuntimeError("the server is not started: use LocalServer in a `with` block")
+        return self.proc
+
     def _log_tail(self, chars: int = 4000) -> str:
         """The end of the server's log, so a failed start says why without opening the file."""
         return self.log.read_text(errors="replace")[-chars:]
@@ -98,8 +105,7 @@ class LocalServer:
 
     def rss_bytes(self) -> int:
         """Resident memory of the server process (Linux /proc)."""
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
         raise RuntimeError("VmRSS not found")

@@ -76,7 +76,8 @@ class Backbone:
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         self.device = select_device(device)
-        self.model = model.to(self.device).eval()
+        # transformers wraps `to` with functools.wraps, whose typed signature loses the bound self
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         self.forward: Callable[..., Mapping[str, torch.Tensor]] = self.model  # or its trace, see `trace`
         self.tokenizer = tokenizer
         self.pooling: Pooling = pooling
@@ -97,7 +98,8 @@ class Backbone:
         return int(self.model.config.hidden_size)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
         return dict(enc.items())
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
@@ -114,7 +116,8 @@ class Backbone:
             fill = width - len(row)
             ids.append([pad] * fill + list(row) if left else list(row) + [pad] * fill)
             mask.append([0] * fill + [1] * len(row) if left else [1] * len(row) + [0] * fill)
-        batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
+        batch = {"input_ids": torch.tensor(ids, dtype=torch.long),
+                 "attention_mask": torch.tensor(mask, dtype=torch.long)}
         if "token_type_ids" in self.tokenizer.model_input_names:
             batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
         return batch
@@ -151,8 +154,8 @@ class Backbone:
         try:
             with torch.inference_mode(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's shape warnings: the checks below decide
-                traced = torch.jit.freeze(torch.jit.trace(
-                    self.model.eval(), example_kwarg_inputs={k: v.to(self.device) for k, v in example.items()}, strict=False))
+                inputs = {k: v.to(self.device) for k, v in example.items()}
+                traced = torch.jit.freeze(torch.jit.trace(self.model.eval(), example_kwarg_inputs=inputs, strict=False))
                 for batch in checks:
                     mask = batch["attention_mask"].to(self.device)
                     want = self.embed_tokens(batch)

@@ -104,10 +104,12 @@ def canonical_preference(
         raw = [_weight(value[t], f"{field}.{t}") if t in value else 0.0 for t in tasks]
     elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         if len(value) != len(tasks):
-            raise PreferenceError(field, f"expected {len(tasks)} weights (one per task: {', '.join(tasks)}), got {len(value)}")
+            raise PreferenceError(field,
+                                  f"expected {len(tasks)} weights (one per task: {', '.join(tasks)}), got {len(value)}")
         raw = [_weight(v, f"{field}[{i}]") for i, v in enumerate(value)]
     else:
-        raise PreferenceError(field, f"must be a mapping task -> weight or a list of weights, got {type(value).__name__}")
+        raise PreferenceError(field,
+                              f"must be a mapping task -> weight or a list of weights, got {type(value).__name__}")
     top = max(raw, default=0.0)
     if not top > 0:
         raise PreferenceError(field, "at least one weight must be positive")

@@ -55,7 +55,8 @@ def install_error_handlers(app: FastAPI) -> None:
         # element (`preference[1]`), not the dict branch's "Input should be a valid dictionary".
         first = max(exc.errors(), key=lambda e: len(e["loc"]))
         if first["type"] == "json_invalid":
-            err: ServiceError = MalformedRequest(f"body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+            reason = first.get("ctx", {}).get("error", first["msg"])
+            err: ServiceError = MalformedRequest(f"body is not valid JSON: {reason}")
         else:
             err = InvalidInput(first["msg"], field=field_of(tuple(first["loc"])))
         return problem_response(err, _request_id(request), request.url.path)

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -158,7 +159,8 @@ class Batcher:
         try:
             if watcher is None:
                 return await asyncio.shield(job.future)
-            await asyncio.wait({job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            either: set[asyncio.Future[Any]] = {job.future, watcher}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             if job.future.done():
                 return job.future.result()
             raise ClientGone("the client disconnected before its answer")
@@ -236,7 +238,8 @@ class Batcher:
             self._metrics.rejections.labels("client_gone").inc()
         elif now > job.deadline:
             self._metrics.rejections.labels("deadline").inc()
-            job.future.set_exception(DeadlineExceeded(f"waited {now - job.enqueued:.3f} s in the queue, past the deadline"))
+            job.future.set_exception(
+                DeadlineExceeded(f"waited {now - job.enqueued:.3f} s in the queue, past the deadline"))
         else:
             return True
         self._answered(job)
@@ -323,7 +326,7 @@ class Batcher:
         where: list[list[tuple[int, int, int]] | None] = []
         offset = 0
         for job in batch:
-            error = next((found[p.fingerprint] for p in job.prefs if p.fingerprint not in heads), None)
+            error = next((e for p in job.prefs if isinstance(e := found[p.fingerprint], ServiceError)), None)
             if error is not None:
                 if not job.future.done():
                     job.future.set_exception(error)

@@ -100,7 +100,8 @@ class _Base:
         self._jitter = random.Random()
 
     @staticmethod
-    def _preference_body(preference: PreferenceArg | None, preferences: Sequence[PreferenceArg] | None) -> dict[str, Any]:
+    def _preference_body(preference: PreferenceArg | None,
+                         preferences: Sequence[PreferenceArg] | None) -> dict[str, Any]:
         body: dict[str, Any] = {}
         if preference is not None:
             body["preference"] = dict(preference) if isinstance(preference, Mapping) else list(preference)
@@ -180,7 +181,8 @@ class Client(_Base):
     def predict(self, texts: Sequence[str], preference: PreferenceArg | None = None, *,
                 preferences: Sequence[PreferenceArg] | None = None, tasks: Sequence[str] | None = None,
                 timeout: float | None = None) -> PredictResponse:
-        """Labels and probabilities per input and task; `timeout`: server deadline in seconds (default: the client's)."""
+        """Labels and probabilities per input and task; `timeout`: server deadline in seconds (default: the
+        client's)."""
         headers, http_timeout = self._deadline(timeout)
         body = self._predict_body(texts, preference, preferences, tasks)
         return self._call("POST", "/v1/predict", PredictResponse, json=body, headers=headers, timeout=http_timeout)
@@ -188,7 +190,8 @@ class Client(_Base):
     def info(self) -> InfoResponse:
         return self._call("GET", "/v1/info", InfoResponse)
 
-    def tradeoff(self, preference: PreferenceArg | None = None, *, preferences: Sequence[PreferenceArg] | None = None) -> TradeoffResponse:
+    def tradeoff(self, preference: PreferenceArg | None = None, *,
+                 preferences: Sequence[PreferenceArg] | None = None) -> TradeoffResponse:
         return self._call("POST", "/v1/tradeoff", TradeoffResponse, json=self._preference_body(preference, preferences))
 
 
@@ -232,11 +235,13 @@ class AsyncClient(_Base):
                       timeout: float | None = None) -> PredictResponse:
         headers, http_timeout = self._deadline(timeout)
         body = self._predict_body(texts, preference, preferences, tasks)
-        return await self._call("POST", "/v1/predict", PredictResponse, json=body, headers=headers, timeout=http_timeout)
+        return await self._call("POST", "/v1/predict", PredictResponse, json=body, headers=headers,
+                                timeout=http_timeout)
 
     async def info(self) -> InfoResponse:
         return await self._call("GET", "/v1/info", InfoResponse)
 
     async def tradeoff(self, preference: PreferenceArg | None = None, *,
                        preferences: Sequence[PreferenceArg] | None = None) -> TradeoffResponse:
-        return await self._call("POST", "/v1/tradeoff", TradeoffResponse, json=self._preference_body(preference, preferences))
+        return await self._call("POST", "/v1/tradeoff", TradeoffResponse,
+                                json=self._preference_body(preference, preferences))

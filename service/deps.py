@@ -49,6 +49,7 @@ def set_timings(request: Request, response: Response, result: JobResult) -> None
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for the given error statuses, all application/problem+json."""
     return {
-        status: {"model": Problem, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+        status: {"model": Problem,
+                 "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
         for status in statuses
     }

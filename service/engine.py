@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -32,6 +33,7 @@ def torch_executor(name: str, threads: int, workers: int = 1) -> ThreadPoolExecu
 
 
 KEPT_DECIMALS = 4
+E = TypeVar("E", bound="Engine")  # `load` on a subclass (a test double) returns that subclass
 """`quality_kept` is reported to 4 decimals: a marker, and a one-hot task reads 1.0 rather than 0.99999999999
 (its float32 solve in a batch of one differs from the reference solve in the last bits)."""
 
@@ -85,7 +87,8 @@ class Engine:
         self.uncorrected_loss: tuple[float, ...] = tuple(uncorrected.tolist())
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", solve_dtype: str = "float64", trace: bool = False) -> Engine:
+    def load(cls: type[E], path: str | Path, device: str = "auto", solve_dtype: str = "float64",
+             trace: bool = False) -> E:
         """Load and validate the bundle, put the backbone (traced if `trace`) and the fitted solver on `device`."""
         bundle = load_bundle(path)
         m = bundle.manifest

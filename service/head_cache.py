@@ -119,7 +119,8 @@ class SolveCache(Generic[V]):
         except Exception as exc:
             if len(prefs) > 1:  # one bad preference must not fail its chunk-mates: solve each alone
                 log.warning("solving %d preferences failed (%s); solving them one by one", len(prefs), exc)
-                await asyncio.gather(*(self._settle([p], {p.fingerprint: futures[p.fingerprint]}, deadline) for p in prefs))
+                await asyncio.gather(*(self._settle([p], {p.fingerprint: futures[p.fingerprint]},
+                                                    deadline) for p in prefs))
                 return
             log.error("solving preference %s failed", prefs[0].fingerprint, exc_info=exc)
             self._fail(futures, ServiceError(
@@ -132,7 +133,8 @@ class SolveCache(Generic[V]):
             futures[pref.fingerprint].set_result(value)
         if len(values) != len(prefs):
             log.error("a solve of %d preferences returned %d values", len(prefs), len(values))
-            self._fail(futures, ServiceError("the solve returned no value for this preference; the server log has details"))
+            self._fail(futures,
+                       ServiceError("the solve returned no value for this preference; the server log has details"))
 
     @staticmethod
     def _fail(futures: dict[str, asyncio.Future[V]], exc: ServiceError) -> None:

@@ -8,11 +8,11 @@ Everything that runs on the heads thread goes through one priority queue here:
 A trade-off request is refused at admission with 429 (Retry-After from the queued work) when its
 new preferences would take the trade-offs in flight past `heads_queue_limit` or its deadline
 would pass first; batch work is always taken (the batcher bounds it: one apply and the fold
-chunks of one batch at a time). An item whose deadline passed is dropped before it runs (504). Folds and trade-offs are cached by preference
-fingerprint (service.head_cache). Folds run in chunks of at most `fold_chunk_bytes` of temporaries;
-a trade-off item holds one preference (batching them gains ~5%: 16 at d = 384 take 226 ms at once,
-239 ms one by one), so an apply waits for at most one preference's losses. A solve that fails fails
-only the requests that need its preferences.
+chunks of one batch at a time). An item whose deadline passed is dropped before it runs (504). Folds
+and trade-offs are cached by preference fingerprint (service.head_cache). Folds run in chunks of at
+most `fold_chunk_bytes` of temporaries; a trade-off item holds one preference (batching them gains ~5%:
+16 at d = 384 take 226 ms at once, 239 ms one by one), so an apply waits for at most one preference's
+losses. A solve that fails fails only the requests that need its preferences.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Priority(IntEnum):
 
 @dataclass(order=True)
 class _Item:
-    priority: int
+    priority: Priority
     seq: int
     work: Callable[[], Any] = field(compare=False)
     deadline: float = field(compare=False)  # time.monotonic()
@@ -151,7 +151,8 @@ class Heads:
         ahead = sum(self._seconds[i.priority] for i in self._queue if i.priority is not Priority.TRADEOFF)
         wait = ahead + waiting * self._seconds[Priority.TRADEOFF]
         if waiting > self._limit and self.tradeoffs.pending:  # an idle queue takes any request
-            reason = f"{self.tradeoffs.pending} trade-offs wait for the heads thread, this request adds {new} (limit {self._limit})"
+            reason = (f"{self.tradeoffs.pending} trade-offs wait for the heads thread, this request adds {new} "
+                      f"(limit {self._limit})")
         elif now + wait > deadline:
             reason = f"the heads thread is ~{wait:.2f} s behind, past this request's deadline"
         else:

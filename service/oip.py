@@ -69,9 +69,10 @@ class InferResponse(BaseModel):
     model_name: str
     model_version: str
     id: str | None = None
-    parameters: dict[str, Any] = Field(description="`bundle_id`, `preference_fingerprint`, `preference` (JSON text) and "
-                                       "`quality_kept` (JSON text, when the request sets the boolean parameter `quality_kept`; per task "
-                                       "answered: " + QUALITY_KEPT + ")")
+    parameters: dict[str, Any] = Field(
+        description="`bundle_id`, `preference_fingerprint`, `preference` (JSON text) and `quality_kept` (JSON text, "
+                    "when the request sets the boolean parameter `quality_kept`; per task answered: "
+                    + QUALITY_KEPT + ")")
     outputs: list[TensorOut]
 
 
@@ -109,7 +110,8 @@ async def model_metadata(
     _check_model(name, service, version)
     engine = service.engine
     outputs = [{"name": out, "datatype": kind, "shape": shape} for out, kind, shape in _outputs(service)]
-    return {"name": name, "versions": [VERSION], "platform": "reprmerge", "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
+    return {"name": name, "versions": [VERSION], "platform": "reprmerge",
+            "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
             "outputs": outputs, "parameters": {"bundle_id": engine.bundle_id, "tasks": ",".join(engine.tasks)}}
 
 
@@ -166,7 +168,8 @@ def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 
 # The body is parsed by hand (the binary tensor extension is not JSON), so it is only documented.
-_INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": _inline_schema(InferRequest)}}}}
+_INFER_BODY = {"requestBody": {"required": True,
+                               "content": {"application/json": {"schema": _inline_schema(InferRequest)}}}}
 
 
 @router.post("/models/{name}/infer", response_model=InferResponse, summary="classify texts under a preference",
@@ -188,7 +191,8 @@ async def infer(
     pref = _preference(params.get("preference"), service)
     tasks = service.tasks(_task_list(params.get("tasks")), field="parameters.tasks")
     wanted = _wanted_outputs(req, tasks)
-    kept = (await service.quality_kept([pref], deadline))[0] if _flag(params.get("quality_kept"), "quality_kept") else None
+    asked = _flag(params.get("quality_kept"), "quality_kept")
+    kept = (await service.quality_kept([pref], deadline))[0] if asked else None
     result = await service.infer(texts, [pref], deadline, partial(disconnected, request), field="inputs[0].data")
     set_timings(request, response, result)
     probs = result.probabilities[0]
@@ -196,7 +200,8 @@ async def infer(
     for task in tasks:
         p = probs[:, service.engine.slices[task]]
         labels = service.engine.labels[task]
-        outputs.append(TensorOut(name=f"{task}_probabilities", shape=list(p.shape), datatype="FP32", data=p.flatten().tolist()))
+        outputs.append(TensorOut(name=f"{task}_probabilities", shape=list(p.shape), datatype="FP32",
+                                 data=p.flatten().tolist()))
         outputs.append(TensorOut(name=f"{task}_label", shape=[len(texts)], datatype="BYTES",
                                  data=[labels[i] for i in p.argmax(dim=1).tolist()]))
     parameters = {"bundle_id": service.engine.bundle_id, "preference_fingerprint": pref.fingerprint,
@@ -204,7 +209,8 @@ async def infer(
     if kept is not None:
         parameters["quality_kept"] = json.dumps({t: kept[service.engine.tasks.index(t)] for t in tasks})
     return InferResponse(
-        model_name=name, model_version=VERSION, id=req.id, outputs=[o for o in outputs if wanted is None or o.name in wanted],
+        model_name=name, model_version=VERSION, id=req.id,
+        outputs=[o for o in outputs if wanted is None or o.name in wanted],
         parameters=parameters,
     )
 
@@ -252,15 +258,18 @@ def _texts(req: InferRequest, blob: bytes) -> tuple[list[str], str]:
             offset += size
             continue
         if tensor.datatype != "BYTES":
-            raise InvalidInput(f"input {INPUT!r} must have datatype BYTES, got {tensor.datatype!r}", field=f"{field}.datatype")
+            raise InvalidInput(f"input {INPUT!r} must have datatype BYTES, got {tensor.datatype!r}",
+                               field=f"{field}.datatype")
         texts = _decode_bytes(blob[offset:offset + size], field) if size else _flat_strings(tensor.data, field)
         if not texts:
             raise InvalidInput("no texts given", field=f"{field}.data")
         count = 1
         for dim in tensor.shape:
             count *= dim
-        if count != len(texts) or len(tensor.shape) not in (1, 2) or tensor.shape[-1] != (len(texts) if len(tensor.shape) == 1 else 1):
-            raise InvalidInput(f"shape {tensor.shape} does not match {len(texts)} texts (use [n] or [n, 1])", field=f"{field}.shape")
+        last = len(texts) if len(tensor.shape) == 1 else 1  # [n] or [n, 1]
+        if count != len(texts) or len(tensor.shape) not in (1, 2) or tensor.shape[-1] != last:
+            raise InvalidInput(f"shape {tensor.shape} does not match {len(texts)} texts (use [n] or [n, 1])",
+                               field=f"{field}.shape")
         return texts, f"{field}.data"
     raise InvalidInput(f"an input named {INPUT!r} is required", field="inputs")
 
@@ -269,7 +278,8 @@ def _binary_size(tensor: TensorIn, field: str) -> int:
     """The tensor's `binary_data_size` parameter: absent (0, the data is JSON) or a byte count."""
     size = (tensor.parameters or {}).get("binary_data_size", 0)
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise InvalidInput(f"must be a non-negative integer number of bytes, got {printable(repr(size), 50)}", field=field)
+        raise InvalidInput(f"must be a non-negative integer number of bytes, got {printable(repr(size), 50)}",
+                           field=field)
     return size
 
 
@@ -338,5 +348,6 @@ def _wanted_outputs(req: InferRequest, tasks: list[str]) -> set[str] | None:
     known = {f"{t}_{kind}" for t in tasks for kind in ("probabilities", "label")}
     for i, out in enumerate(req.outputs):
         if out.name not in known:
-            raise InvalidInput(f"unknown output {out.name!r}; known: {', '.join(sorted(known))}", field=f"outputs[{i}].name")
+            raise InvalidInput(f"unknown output {out.name!r}; known: {', '.join(sorted(known))}",
+                               field=f"outputs[{i}].name")
     return {o.name for o in req.outputs}

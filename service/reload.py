@@ -73,7 +73,8 @@ class Reloader:
         except Exception as exc:  # any failure of a new bundle is its refusal; the old one serves on
             self._metrics.reloads.labels("failed").inc()
             log.error("reload: refused %s, still serving bundle %s: %s", path, old.engine.bundle_id, exc)
-            raise InvalidInput(f"bundle {path} refused, still serving {old.engine.bundle_id}: {exc}", field="bundle") from exc
+            raise InvalidInput(f"bundle {path} refused, still serving {old.engine.bundle_id}: {exc}",
+                               field="bundle") from exc
         if self._closed:
             await new.close()
             raise Unavailable("the service began shutting down during the reload", headers={"Retry-After": "1"})

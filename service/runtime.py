@@ -59,7 +59,8 @@ class Service:
         self._codec = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="codec")
         self.batcher = Batcher(
             engine, self.heads, self.inference, metrics, max_batch_size=settings.max_batch_size,
-            max_batch_tokens=settings.max_batch_tokens, workers=workers, max_wait=settings.max_batch_wait, queue_limit=settings.queue_limit,
+            max_batch_tokens=settings.max_batch_tokens, workers=workers, max_wait=settings.max_batch_wait,
+            queue_limit=settings.queue_limit,
         )
         self.state = State.STARTING
         # Requests holding this service (service.deps.get_service): a replaced bundle is retired only
@@ -168,14 +169,16 @@ class Service:
             raise PayloadTooLarge(f"{len(texts)} inputs, at most {s.max_inputs} per request", field=field)
         for i, text in enumerate(texts):
             if len(text) > s.max_text_chars:
-                raise PayloadTooLarge(f"input {i} has {len(text)} characters, at most {s.max_text_chars}", field=f"{field}[{i}]")
+                raise PayloadTooLarge(f"input {i} has {len(text)} characters, at most {s.max_text_chars}",
+                                      field=f"{field}[{i}]")
 
     def tasks(self, names: Sequence[str] | None, field: str = "tasks") -> list[str]:
         if names is None:
             return list(self.engine.tasks)
         for i, name in enumerate(names):
             if name not in self.engine.labels:
-                raise InvalidInput(f"unknown task {name!r}; known tasks: {', '.join(self.engine.tasks)}", field=f"{field}[{i}]")
+                raise InvalidInput(f"unknown task {name!r}; known tasks: {', '.join(self.engine.tasks)}",
+                                   field=f"{field}[{i}]")
         return list(dict.fromkeys(names))
 
     def deadline(self, header: str | None) -> float:
@@ -187,7 +190,8 @@ class Service:
             except ValueError:
                 timeout = math.nan
             if not (math.isfinite(timeout) and timeout > 0):
-                raise InvalidInput(f"must be a positive number of seconds, got {header!r}", field=f"header.{TIMEOUT_HEADER}")
+                raise InvalidInput(f"must be a positive number of seconds, got {header!r}",
+                                   field=f"header.{TIMEOUT_HEADER}")
         return time.monotonic() + timeout
 
     # -- answers -------------------------------------------------------------------------------
@@ -250,7 +254,8 @@ class Service:
         return TradeoffResponse(bundle_id=engine.bundle_id, results=[
             TradeoffResult(preference=p.as_dict(), fingerprint=p.fingerprint, tasks={
                 t: TaskLoss(loss=loss, best=best, uncorrected=uncorrected, quality_kept=kept)
-                for t, loss, best, uncorrected, kept in zip(engine.tasks, row, engine.best_loss, engine.uncorrected_loss,
+                for t, loss, best, uncorrected, kept in zip(engine.tasks, row, engine.best_loss,
+                                                            engine.uncorrected_loss,
                                                             kept_row, strict=True)
             }) for p, row, kept_row in zip(prefs, losses, engine.quality_kept(losses), strict=True)
         ])

@@ -29,7 +29,8 @@ Text = Annotated[str, AfterValidator(unicode_text)]
 Weight = Annotated[float, Field(strict=True)]
 PreferenceValue = Annotated[
     dict[str, Weight] | list[Weight],
-    Field(description="task -> weight (tasks left out weigh 0), or one weight per task in bundle order; scale is irrelevant",
+    Field(description="task -> weight (tasks left out weigh 0), or one weight per task in bundle order; scale is "
+                      "irrelevant",
           examples=[{"sst2": 0.7, "trec6": 0.3}, [1, 1, 1]]),
 ]
 
@@ -132,7 +133,8 @@ class InfoResponse(BaseModel):
 
 
 class ReloadRequest(_Body):
-    bundle: str | None = Field(None, min_length=1, description="bundle directory to serve next; default: the configured one")
+    bundle: str | None = Field(None, min_length=1,
+                               description="bundle directory to serve next; default: the configured one")
 
 
 class ReloadResponse(BaseModel):

@@ -86,7 +86,7 @@ class DrainingServer(uvicorn.Server):
         # uvicorn then waits this long for responses being written: what is left of drain_timeout.
         left = settings.drain_timeout - (time.monotonic() - start)
         wait = max(left - SHUTDOWN_RESERVE_S / 2, SHUTDOWN_FLOOR_S)
-        self.config.timeout_graceful_shutdown = wait  # type: ignore[assignment]
+        self.config.timeout_graceful_shutdown = wait
         self.should_exit = True
 
 
@@ -116,10 +116,10 @@ class GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
-        self._timed_cycle: object | None = None
+        self._timed_cycle: Any = None  # uvicorn's RequestResponseCycle of the request being timed
         self._refused = False
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:
         if len(self.server_state.connections) >= self.max_connections:
             self._refused = True
             transport.write(_REFUSED_RESPONSE)
@@ -216,9 +216,12 @@ def serve(settings: ServiceSettings, engine: Engine) -> None:
     if settings.api_key is not None:
         log.info("auth on: every route but probes and /metrics needs `Authorization: Bearer <key>`")
     else:
-        log.warning("auth off: no REPRMERGE_API_KEY, anyone who reaches %s:%d can use the API", settings.host, settings.port)
+        log.warning("auth off: no REPRMERGE_API_KEY, anyone who reaches %s:%d can use the API", settings.host,
+                    settings.port)
+    # uvicorn annotates these timeouts int but uses them as asyncio delays, where fractions of a second work
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.drain_timeout, timeout_keep_alive=settings.keep_alive,
+                            timeout_graceful_shutdown=settings.drain_timeout,  # type: ignore[arg-type]
+                            timeout_keep_alive=settings.keep_alive,  # type: ignore[arg-type]
                             http=guarded_protocol(settings.header_timeout, settings.max_connections))
     log.info("%d startup objects frozen: full garbage collections skip them", freeze_startup_objects())
     DrainingServer(config, app).run()

@@ -27,16 +27,20 @@ class ServiceSettings(BaseSettings):
     bundle: Path = Field(description="bundle directory to serve")
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the backbone runs (auto: cuda if present)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto",
+                                                   description="where the backbone runs (auto: cuda if present)")
     model_name: str = Field("reprmerge", pattern=r"^[A-Za-z0-9_.\-]+$", description="model name on the /v2 routes")
 
     # Batching and admission control.
     max_batch_size: int = Field(32, ge=1, description="most inputs (texts) in one backbone pass")
     max_batch_tokens: int = Field(
-        8192, ge=1, description="most padded tokens (texts x longest text) in one backbone pass; one request may exceed it alone")
-    max_batch_wait: float = Field(0.002, ge=0, le=1, description="seconds a batch may wait to fill while the model is busy")
+        8192, ge=1, description="most padded tokens (texts x longest text) in one backbone pass; one request may "
+                                "exceed it alone")
+    max_batch_wait: float = Field(0.002, ge=0, le=1,
+                                  description="seconds a batch may wait to fill while the model is busy")
     queue_limit: int = Field(256, ge=1, description="most requests waiting; more are refused with 429")
-    default_timeout: float = Field(30.0, gt=0, description="deadline in seconds when a request sets no X-Request-Timeout")
+    default_timeout: float = Field(30.0, gt=0,
+                                   description="deadline in seconds when a request sets no X-Request-Timeout")
     drain_timeout: float = Field(
         30.0, gt=0, description="most seconds from SIGTERM to exit (keep the pod's grace period above it)")
     drain_grace: float = Field(
@@ -44,13 +48,14 @@ class ServiceSettings(BaseSettings):
         "idle, so readiness probes and load balancers see 503 and stop routing before connections are refused")
 
     trace_backbone: bool = Field(
-        True, description="run the backbone as a TorchScript trace (checked against eager at load; eager if it differs): "
-        "it does not contend with request handling for the GIL")
+        True, description="run the backbone as a TorchScript trace (checked against eager at load; eager if it "
+        "differs): it does not contend with request handling for the GIL")
     inline_codec_chars: int = Field(
         1000, ge=0, description="requests of at most this many characters are tokenised, and answers of about this "
         "size rendered, on the event loop: a hop to the codec threads costs more (~0.2 ms) than such work")
     tokenizer_threads: int = Field(
-        1, ge=1, le=64, description="threads that tokenise requests at admission and render responses, off the event loop")
+        1, ge=1, le=64,
+        description="threads that tokenise requests at admission and render responses, off the event loop")
 
     # Heads.
     head_cache_bytes: int = Field(64 << 20, ge=0, description="budget of the fused-head LRU cache in bytes")
@@ -75,7 +80,8 @@ class ServiceSettings(BaseSettings):
 
     # The heads thread (service/heads.py).
     heads_queue_limit: int = Field(
-        64, ge=1, description="most trade-off preferences waiting for or on the heads thread; more are refused with 429")
+        64, ge=1,
+        description="most trade-off preferences waiting for or on the heads thread; more are refused with 429")
     fold_chunk_bytes: int = Field(
         64 << 20, ge=1, description="bound on the temporaries of one head solve (chunks run one at a time on the heads "
                                     "thread); more preferences are solved in chunks (d = 384: 26 per chunk)")
@@ -138,7 +144,8 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _no_unknown_variables(cls, data: Any) -> Any:
         known = {ENV_PREFIX + name.upper() for name in cls.model_fields} | LIBRARY_VARIABLES
-        unknown = sorted(name for name in os.environ if name.upper().startswith(ENV_PREFIX) and name.upper() not in known)
+        unknown = sorted(name for name in os.environ
+                         if name.upper().startswith(ENV_PREFIX) and name.upper() not in known)
         if unknown:
             raise ValueError(f"unknown environment variable(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return data

@@ -33,9 +33,11 @@ def test_round_trip(tmp_path: Path, tiny_backbone_dir: Path) -> None:
     assert [t.labels for t in m.tasks] == [["no", "yes"], ["a", "b", "c"], ["x", "y"]]
     assert m.representation_dim == 32 and m.format_version == 2
     assert m.correction.beta == 0.3 and m.correction.normalisation.value == "energy"
-    assert set(m.files) >= {"statistics.safetensors", "heads.safetensors", "backbone/config.json", "backbone/model.safetensors"}
+    assert set(m.files) >= {"statistics.safetensors", "heads.safetensors", "backbone/config.json",
+                            "backbone/model.safetensors"}
     # The same generator sequence rebuilds the same tensors: compare with what was written.
-    again = load_bundle(make_random_bundle(tmp_path / "c", tiny_backbone_dir, generator=torch.Generator().manual_seed(0)))
+    again = load_bundle(make_random_bundle(tmp_path / "c", tiny_backbone_dir,
+                                           generator=torch.Generator().manual_seed(0)))
     for s1, s2 in zip(bundle.statistics, again.statistics, strict=True):
         assert torch.equal(s1.A, s2.A) and torch.equal(s1.B, s2.B) and s1.n == s2.n == 64 and s1.e == s2.e
         assert s1.A.dtype == torch.float64

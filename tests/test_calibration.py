@@ -79,7 +79,8 @@ def test_held_out_scores_and_choice_equal_a_data_computation() -> None:
     for i, beta in enumerate(sel.candidates):
         num, den = np.zeros((2, 2)), np.zeros(2)
         for f in range(3):
-            train = [sum((s for j, s in enumerate(task) if j != f), start=TaskStatistics.zeros(24)) for task in fold_stats]
+            train = [sum((s for j, s in enumerate(task) if j != f),
+                         start=TaskStatistics.zeros(24)) for task in fold_stats]
             solver = CorrectionSolver(beta).fit(train)
             W, W_equal = solver.task_corrections().numpy(), solver.solve(torch.ones(1, 2).double())[0].numpy()
             for t, (zm, ze) in enumerate(raw):

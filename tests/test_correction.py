@@ -52,7 +52,8 @@ def reference_terms(data, beta: float = BETA):
         # Procrustes with the documented tie-break toward the identity (1e-6 x mean singular value)
         U, _, Vt = np.linalg.svd(B + 1e-6 * np.linalg.norm(B, "nuc") / d * np.eye(d))
         O = U @ Vt
-        terms.append({"A": A, "B": B, "e": e, "O": O, "C": A + beta * np.eye(d), "M": B + beta * O, "s": s, "zm": zm, "ze": ze})
+        terms.append({"A": A, "B": B, "e": e, "O": O, "C": A + beta * np.eye(d), "M": B + beta * O, "s": s, "zm": zm,
+                      "ze": ze})
     return terms
 
 
@@ -187,7 +188,8 @@ def test_tradeoff_equals_the_direct_float64_formula(setup) -> None:
     prefs = np.array([[1, 0, 0], [0.2, 0.5, 0.3], [1, 1, 1], [0, 3, 1]], dtype=np.float64)
     got = solver.tradeoff(torch.from_numpy(prefs)).numpy()
     for i, p in enumerate(prefs / prefs.sum(1, keepdims=True)):
-        W = sum(pt * r["M"] for pt, r in zip(p, ref, strict=True)) @ np.linalg.inv(sum(pt * r["C"] for pt, r in zip(p, ref, strict=True)))
+        M = sum(pt * r["M"] for pt, r in zip(p, ref, strict=True))
+        W = M @ np.linalg.inv(sum(pt * r["C"] for pt, r in zip(p, ref, strict=True)))
         for t, r in enumerate(ref):
             direct = np.trace(W @ r["A"] @ W.T) - 2 * np.trace(W @ r["B"].T) + r["e"] + BETA * np.sum((W - r["O"]) ** 2)
             assert got[i, t] == pytest.approx(direct, rel=1e-12)
@@ -196,7 +198,8 @@ def test_tradeoff_equals_the_direct_float64_formula(setup) -> None:
 def test_quality_kept_against_direct_float64_losses(setup) -> None:
     """kept_t = (L_t(I) - L_t(W_p)) / (L_t(I) - L_t(W_t)) clipped to [0, 1], every loss from the data literally."""
     _, solver, ref = setup
-    prefs = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.2, 0.5, 0.3], [1, 1, 1], [0, 3, 1], [5, 0, 1]], dtype=np.float64)
+    prefs = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.2, 0.5, 0.3], [1, 1, 1], [0, 3, 1], [5, 0, 1]],
+                     dtype=np.float64)
     got = solver.quality_kept(torch.from_numpy(prefs)).numpy()
     own = [reference_solve(ref, np.eye(T)[t]) for t in range(T)]
     best = np.array([data_loss(own[t], r) for t, r in enumerate(ref)])

@@ -76,8 +76,8 @@ def test_a_restarted_server_serves_the_same_answers(random_bundle: Path, tmp_pat
             response = httpx.post(f"{server.url}/v1/predict", json=body, timeout=30)
             assert response.status_code == 200, response.text
             answers.append(response.json())
-            server.proc.send_signal(signal.SIGTERM)
-            assert server.proc.wait(timeout=30) == 0
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=30) == 0
         finally:
             server.stop()
     assert answers[0] == answers[1]

@@ -67,7 +67,8 @@ def test_rendered_kustomizations_validate(kustomization: str) -> None:
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     assert {d["kind"] for d in docs} >= ({"Job", "PersistentVolumeClaim"} if kustomization == "calibration" else
-                                        {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"})
+                                        {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget",
+                                         "HorizontalPodAutoscaler"})
 
 
 def test_gpu_overlay_asks_for_one_gpu_per_pod_and_cuda() -> None:
@@ -90,7 +91,8 @@ def test_deployment_probes_grace_period_and_settings_agree_with_the_service() ->
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + float(settings["REPRMERGE_DRAIN_TIMEOUT"]) + 5
     # the HPA scales on metrics the service exports, through the adapter's rules
-    hpa_metrics = {m["pods"]["metric"]["name"] for m in objects["HorizontalPodAutoscaler", "reprmerge"]["spec"]["metrics"]}
+    hpa = objects["HorizontalPodAutoscaler", "reprmerge"]
+    hpa_metrics = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
     rules = yaml.safe_load(objects["ConfigMap", "prometheus-adapter"]["data"]["config.yaml"])
     assert hpa_metrics == {r["name"]["as"] for r in rules["rules"]} and hpa_metrics <= _metric_names()
 
@@ -125,7 +127,8 @@ def test_compose_file_validates_against_the_compose_spec() -> None:
 
 def test_yaml_files_lint_clean() -> None:
     config = YamlLintConfig(file=str(ROOT / "deploy" / "yamllint.yaml"))
-    files = [ROOT / "docker-compose.yml", *sorted((ROOT / "deploy").rglob("*.yaml")), *sorted((ROOT / "deploy").rglob("*.yml"))]
+    files = [ROOT / "docker-compose.yml", *sorted((ROOT / "deploy").rglob("*.yaml")),
+             *sorted((ROOT / "deploy").rglob("*.yml"))]
     problems = [f"{f.relative_to(ROOT)}:{p.line}: {p.desc}" for f in files for p in linter.run(f.read_text(), config)]
     assert not problems, "\n".join(problems)
 
@@ -136,7 +139,8 @@ def test_dashboard_and_scrape_config_use_only_exported_metrics() -> None:
     for text in (dashboard, alerts):
         used = set(re.findall(r"\breprmerge_[a-z_]+\b", text))
         assert len(used) >= 5 and used <= _metric_names(), used - _metric_names()
-    for panel in ("Throughput", "latency percentiles", "Queue depth", "Batch size", "hit rate", "Distinct", "Rejections"):
+    for panel in ("Throughput", "latency percentiles", "Queue depth", "Batch size", "hit rate", "Distinct",
+                  "Rejections"):
         assert panel in dashboard
 
 

@@ -19,14 +19,16 @@ SHARDS = 3
 
 
 def _calibrate(c: dict[str, Path], out: Path, *extra: str, topic: str = "linear") -> list[str]:
-    return ["calibrate", "--backbone", str(c["backbone"]), "--expert", f"topic={c[topic]}", "--expert", f"other={c['other']}",
+    return ["calibrate", "--backbone", str(c["backbone"]), "--expert", f"topic={c[topic]}", "--expert",
+            f"other={c['other']}",
             "--calibration", f"topic={c['root'] / 'a.txt'}", "--calibration", f"other={c['root'] / 'c.jsonl'}",
             "--folds", "4", "--device", "cpu", "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
 def experts(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: F811
-    """The user's checkpoints plus a second distinct expert (an expert equal to the backbone leaves beta undetermined)."""
+    """The user's checkpoints plus a second distinct expert (an expert equal to the backbone leaves beta
+    undetermined)."""
     other = make_tiny_backbone(tmp_path_factory.mktemp("other") / "other_expert", seed=7)
     save_file({"weight": torch.randn(2, 32, generator=torch.Generator().manual_seed(8)), "bias": torch.zeros(2)},
               str(other / "head.safetensors"))
@@ -42,21 +44,24 @@ def shard_files(experts: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     return files
 
 
-def test_reduced_shards_equal_one_unsharded_pass(experts: dict[str, Path], shard_files: list[Path], tmp_path: Path) -> None:
+def test_reduced_shards_equal_one_unsharded_pass(experts: dict[str, Path], shard_files: list[Path],
+                                                 tmp_path: Path) -> None:
     assert cli(_calibrate(experts, tmp_path / "whole")) == 0
     assert cli(["reduce", *map(str, reversed(shard_files)), "--out", str(tmp_path / "reduced")]) == 0
     whole, reduced = load_bundle(tmp_path / "whole"), load_bundle(tmp_path / "reduced")
     assert reduced.task_names == whole.task_names
-    assert [t.calibration_samples for t in reduced.manifest.tasks] == [t.calibration_samples for t in whole.manifest.tasks] == [24, 24]
+    samples = [t.calibration_samples for t in reduced.manifest.tasks]
+    assert samples == [t.calibration_samples for t in whole.manifest.tasks] == [24, 24]
     for a, b in zip(reduced.statistics, whole.statistics, strict=True):
         assert a.n == b.n
         torch.testing.assert_close(a.A, b.A, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.B, b.B, rtol=1e-5, atol=1e-6)
         assert a.e == pytest.approx(b.e, rel=1e-6)
-    for a, b in zip(reduced.heads, whole.heads, strict=True):
-        torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
+    for h, k in zip(reduced.heads, whole.heads, strict=True):
+        torch.testing.assert_close(h.weight, k.weight, rtol=0, atol=0)
     # the label-free beta choice sees the same per-fold statistics
     got, want = reduced.manifest.correction.beta_selection, whole.manifest.correction.beta_selection
+    assert got is not None and want is not None
     assert reduced.manifest.correction.beta == whole.manifest.correction.beta
     assert got["score"] == pytest.approx(want["score"], rel=1e-5)
     assert reduced.manifest.extra["shards"] == SHARDS
@@ -111,7 +116,8 @@ def test_reduce_refuses_incomplete_duplicate_damaged_or_foreign_shards(
     assert not (tmp_path / "bundle").exists()
 
 
-def test_shard_argument_is_validated(experts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_shard_argument_is_validated(experts: dict[str, Path], tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
     for bad in ("3/3", "-1/2", "1", "a/b"):
         with pytest.raises(SystemExit):
             cli(_calibrate(experts, tmp_path / "x.safetensors", "--shard", bad))

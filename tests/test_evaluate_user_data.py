@@ -147,7 +147,8 @@ def test_evaluate_on_user_files_matches_an_independent_computation(
         labels["topic"].append(json.loads(line)["label"])
 
     heads = [head(user[t]) for t in WORDS]
-    expert_acc = [accuracy(features(user[t], texts[t]), np.eye(32), h, labels[t]) for t, h in zip(WORDS, heads, strict=True)]
+    expert_acc = [accuracy(features(user[t], texts[t]), np.eye(32), h, labels[t])
+                  for t, h in zip(WORDS, heads, strict=True)]
     assert report["experts"]["accuracy"] == pytest.approx(expert_acc, abs=1e-6)
     assert min(expert_acc) > 0.6 and max(expert_acc) < 1.0  # learnt, and not trivially perfect
 

@@ -18,7 +18,7 @@ def test_simplex_grid_counts_and_sums() -> None:
         np.testing.assert_allclose(grid.sum(axis=1), 1.0)
         assert (grid >= 0).all() and len({tuple(r) for r in grid}) == len(grid)
         np.testing.assert_allclose(grid * steps, np.round(grid * steps))
-    np.testing.assert_allclose(simplex_grid(2, 2), [[0, 1], [0.5, 0.5], [1, 0]])
+    np.testing.assert_allclose(simplex_grid(2, 2), np.array([[0, 1], [0.5, 0.5], [1, 0]]))
 
 
 

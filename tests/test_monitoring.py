@@ -11,7 +11,8 @@ import pytest
 
 MONITORING = Path(__file__).resolve().parents[1] / "deploy" / "monitoring"
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian: apt-get install prometheus)")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None,
+                                    reason="promtool not installed (Debian: apt-get install prometheus)")
 
 
 def _promtool(*args: str) -> str:

@@ -87,7 +87,8 @@ class Session:
             route.abort()
 
     def predict_bodies(self) -> list[dict[str, Any]]:
-        return [r.post_data_json for r in self.requests if r.method == "POST" and r.url.endswith("/v1/predict")]
+        return [body for r in self.requests if r.method == "POST" and r.url.endswith("/v1/predict")
+                and (body := r.post_data_json) is not None]
 
 
 @pytest.fixture
@@ -221,7 +222,7 @@ def test_two_pinned_preferences_come_from_one_predict_request(server: ServerProc
 
     compared = [b for b in session.predict_bodies()[before:] if "preferences" in b]
     assert len(compared) == 1 and len(compared[0]["preferences"]) == 2, compared
-    prefs = [{"alpha": 1, "beta": 0, "gamma": 0}, {"alpha": 0.25, "beta": 0.25, "gamma": 0.5}]
+    prefs: list[dict[str, float]] = [{"alpha": 1, "beta": 0, "gamma": 0}, {"alpha": 0.25, "beta": 0.25, "gamma": 0.5}]
     assert compared[0]["preferences"] == prefs
     fingerprints = page.eval_on_selector_all("#compare-columns .column", "cs => cs.map(c => c.dataset.fingerprint)")
     assert fingerprints == [canonical_preference(p, TASKS).fingerprint for p in prefs]

@@ -56,6 +56,7 @@ def test_cv_picks_the_prior_that_is_right_by_construction(kind: str, prior: floa
     selection = select_beta(fold_stats(raw), identity_weights=[i / 10 for i in range(11)])
     assert abs(selection.identity_weight - prior) <= 0.2, selection
     # the curve says so clearly: the right end beats the wrong end by a margin
+    assert selection.prior_score is not None
     right, wrong = selection.prior_score[int(prior * 10)], selection.prior_score[10 - int(prior * 10)]
     assert right < 0.9 * wrong
 
@@ -73,7 +74,8 @@ def test_cv_losses_of_blended_priors_equal_a_computation_on_the_data() -> None:
                 scales = [np.trace(zm.T @ zm) / D for zm, _ in train]
                 # equal preference: sum_t p_t M_t (sum_t p_t C_t)^-1 on each task's normalised statistics
                 C = sum((zm.T @ zm) / s + beta * np.eye(D) for (zm, _), s in zip(train, scales, strict=True))
-                M = sum(Wt @ ((zm.T @ zm) / s + beta * np.eye(D)) for Wt, (zm, _), s in zip(W, train, scales, strict=True))
+                M = sum(Wt @ ((zm.T @ zm) / s + beta * np.eye(D))
+                        for Wt, (zm, _), s in zip(W, train, scales, strict=True))
                 W_equal = np.linalg.solve(C.T, M.T).T
                 for t, (zm, ze) in enumerate(raw):
                     zm_h, ze_h = zm[f::FOLDS], ze[f::FOLDS]
@@ -101,6 +103,7 @@ def test_the_service_folds_heads_with_the_chosen_prior(tmp_path: Path, tiny_back
     raw = [features("identity", n=48, seed=s) for s in range(2)]
     bundle = load_bundle(_bundle(tmp_path / "b", tiny_backbone_dir, raw, "auto"))
     c = bundle.manifest.correction
+    assert c.prior_selection is not None and c.beta_selection is not None
     assert c.identity_weight >= 0.8 and c.prior_selection["chosen"]
     assert c.prior_selection["identity_weight"] == c.identity_weight
     assert len(c.prior_selection["score"]) == len(c.prior_selection["candidates"]) == 11
@@ -115,6 +118,7 @@ def test_the_service_folds_heads_with_the_chosen_prior(tmp_path: Path, tiny_back
 def test_a_fixed_prior_is_kept_and_bad_priors_are_refused(tmp_path: Path, tiny_backbone_dir: Path) -> None:
     raw = [features("identity", n=48, seed=s) for s in range(2)]
     c = load_bundle(_bundle(tmp_path / "b", tiny_backbone_dir, raw, "procrustes")).manifest.correction
+    assert c.prior_selection is not None
     assert c.identity_weight == 0.0 and not c.prior_selection["chosen"] and c.prior == "procrustes"
     choice = choose_correction(fold_stats(raw), 0.3, prior=0.25)
     assert choice.identity_weight == 0.25 and choice.beta == 0.3 and not (choice.beta_chosen or choice.prior_chosen)

@@ -89,11 +89,13 @@ async def _load_during_reloads(url: str, bodies: list[dict[str, object]], target
             done.set()
             return out
 
-        *_, swaps = await asyncio.gather(*(client(k) for k in range(16)), reloads())
+        swaps = (await asyncio.gather(*(client(k) for k in range(16)), reloads()))[-1]
+        assert swaps is not None
     return answers, swaps
 
 
-def test_a_reload_under_load_loses_no_request_and_mixes_no_answers(server: ServerProcess, bundles: tuple[Path, Path]) -> None:
+def test_a_reload_under_load_loses_no_request_and_mixes_no_answers(server: ServerProcess,
+                                                                   bundles: tuple[Path, Path]) -> None:
     a, b = bundles
     bodies = _bodies(12, seed=3)
     reference: dict[str, list[np.ndarray]] = {}
@@ -116,7 +118,7 @@ def test_a_reload_under_load_loses_no_request_and_mixes_no_answers(server: Serve
     failed = [(i, r if isinstance(r, Exception) else r.text) for i, r in answers
               if isinstance(r, Exception) or r.status_code != 200]
     assert not failed, failed[:3]
-    seen = {}
+    seen: dict[str, int] = {}
     for i, r in answers:
         body = r.json()  # type: ignore[union-attr]
         seen[body["bundle_id"]] = seen.get(body["bundle_id"], 0) + 1
@@ -146,7 +148,8 @@ def test_a_damaged_bundle_is_refused_and_the_old_one_keeps_serving(
         serving = _served(c)
         r = _reload(c, damaged)
         assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
-        assert r.json()["field"] == "bundle" and "sha256 mismatch" in r.json()["detail"] and HEADS_FILE in r.json()["detail"]
+        assert r.json()["field"] == "bundle"
+        assert "sha256 mismatch" in r.json()["detail"] and HEADS_FILE in r.json()["detail"]
         missing = _reload(c, tmp_path / "nowhere")
         assert missing.status_code == 422 and "does not exist" in missing.json()["detail"]
         assert _served(c) == serving
@@ -166,7 +169,7 @@ def test_sighup_reloads_the_configured_path_and_a_second_reload_meanwhile_is_ref
         flip.symlink_to(target)
         os.replace(flip, current)  # the publisher's atomic switch
         swapped = server.metric('reprmerge_bundle_reloads_total{outcome="swapped"}')
-        server.proc.send_signal(signal.SIGHUP)
+        server.process.send_signal(signal.SIGHUP)
         time.sleep(0.2)
         busy = _reload(c)
         assert busy.status_code == 409 and busy.json()["status"] == 409

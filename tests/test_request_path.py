@@ -67,7 +67,8 @@ def test_traced_backbone_equals_eager_and_a_shape_bound_trace_is_refused(tiny_ba
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> Path:
-    return make_random_bundle(tmp_path_factory.mktemp("path") / "bundle", tiny_backbone_dir, torch.Generator().manual_seed(3))
+    return make_random_bundle(tmp_path_factory.mktemp("path") / "bundle", tiny_backbone_dir,
+                              torch.Generator().manual_seed(3))
 
 
 class RecordingEngine(Engine):
@@ -126,7 +127,8 @@ def test_one_untokenisable_text_fails_only_its_own_request(server: ServerProcess
     async def scenario() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
             good = [c.post("/v1/predict", json={"texts": ["fine words", "more words"]}) for _ in range(20)]
-            bad = c.post("/v1/predict", content=b'{"texts": ["ok", "\\ud800"]}', headers={"Content-Type": "application/json"})
+            bad = c.post("/v1/predict", content=b'{"texts": ["ok", "\\ud800"]}',
+                         headers={"Content-Type": "application/json"})
             return await asyncio.gather(bad, *good)
 
     bad, *good = asyncio.run(scenario())
@@ -184,7 +186,8 @@ def test_departed_clients_texts_never_reach_the_backbone(minilm_server: ServerPr
     assert server.metric("reprmerge_batch_size_sum") - encoded_before == 60 * 32  # the 7 departed texts never ran
 
 
-def test_admission_refuses_what_would_miss_its_deadline_with_an_honest_retry_after(minilm_bundle: Path, tmp_path: Path) -> None:
+def test_admission_refuses_what_would_miss_its_deadline_with_an_honest_retry_after(minilm_bundle: Path,
+                                                                                   tmp_path: Path) -> None:
     # The real MiniLM backbone: admission must weigh backbone time, which the 32-wide test model barely has.
     srv = ServerProcess(minilm_bundle, tmp_path / "admission.log", "--max-batch-size", "32", "--inference-workers", "2")
     body = {"texts": [" ".join(["long"] * 30)] * 32}
@@ -194,7 +197,8 @@ def test_admission_refuses_what_would_miss_its_deadline_with_an_honest_retry_aft
 
         async def scenario() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=srv.url, timeout=60, limits=httpx.Limits(max_connections=100)) as c:
-                return await asyncio.gather(*(c.post("/v1/predict", json=body, headers={"X-Request-Timeout": f"{timeout:.4f}"})
+                return await asyncio.gather(*(c.post("/v1/predict", json=body,
+                                                     headers={"X-Request-Timeout": f"{timeout:.4f}"})
                                               for _ in range(40)))
 
         responses = asyncio.run(scenario())

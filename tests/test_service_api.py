@@ -7,11 +7,13 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from reprmerge_core.preference import Preference, canonical_preference
@@ -21,6 +23,7 @@ from service.engine import Engine, Head
 from service.errors import ServiceError
 from service.head_cache import SolveCache
 from service.metrics import Metrics
+from service.runtime import Service
 from service.settings import ServiceSettings
 from tests.helpers import make_random_bundle
 
@@ -30,8 +33,15 @@ KEY = "s3cret"
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> Engine:
-    bundle = make_random_bundle(tmp_path_factory.mktemp("svc") / "bundle", tiny_backbone_dir, torch.Generator().manual_seed(1))
+    bundle = make_random_bundle(tmp_path_factory.mktemp("svc") / "bundle", tiny_backbone_dir,
+                                torch.Generator().manual_seed(1))
     return Engine.load(bundle, device="cpu")
+
+
+def _service(c: TestClient) -> Service:
+    """The app's current Service (TestClient types its app as a bare ASGI callable)."""
+    assert isinstance(c.app, FastAPI)
+    return c.app.state.service
 
 
 def _client(engine: Engine, **overrides: object) -> TestClient:
@@ -47,8 +57,8 @@ def client(engine: Engine) -> Iterator[TestClient]:
         yield c
 
 
-OK = {"texts": ["a fine day"], "preference": {"alpha": 1}}
-BAD_INPUTS = [
+OK: dict[str, Any] = {"texts": ["a fine day"], "preference": {"alpha": 1}}
+BAD_INPUTS: list[tuple[str, object, dict[str, str], int, str | None]] = [
     # (name, body (dict -> JSON, str -> raw), extra headers, status, field)
     ("bad json", '{"texts": [', {}, 400, None),
     ("not an object", "[1, 2]", {}, 422, "body"),
@@ -57,13 +67,15 @@ BAD_INPUTS = [
     ("weight as string", {"texts": ["a"], "preference": {"alpha": "1"}}, {}, 422, "preference.alpha"),
     ("NaN weight", '{"texts": ["a"], "preference": {"alpha": NaN}}', {}, 422, "preference.alpha"),
     ("negative weight", {"texts": ["a"], "preference": [1, -0.5, 0]}, {}, 422, "preference[1]"),
-    ("integer weight beyond float", '{"texts": ["a"], "preference": {"beta": 1%s}}' % ("0" * 400), {}, 422, "preference.beta"),
+    ("integer weight beyond float", '{"texts": ["a"], "preference": {"beta": 1%s}}' % ("0" * 400), {}, 422,
+     "preference.beta"),
     ("all-zero preference", {"texts": ["a"], "preference": [0, 0, 0]}, {}, 422, "preference"),
     ("wrong length", {"texts": ["a"], "preference": [1, 2]}, {}, 422, "preference"),
     ("unknown task in preference", {"texts": ["a"], "preference": {"zeta": 1}}, {}, 422, "preference.zeta"),
     ("unknown task asked", {"texts": ["a"], "tasks": ["zeta"]}, {}, 422, "tasks[0]"),
     ("both preference forms", {**OK, "preferences": [[1, 1, 1]]}, {}, 422, "preferences"),
-    ("bad preference in list", {"texts": ["a"], "preferences": [[1, 1, 1], {"alpha": -1}]}, {}, 422, "preferences[1].alpha"),
+    ("bad preference in list", {"texts": ["a"], "preferences": [[1, 1, 1], {"alpha": -1}]}, {}, 422,
+     "preferences[1].alpha"),
     ("unknown field", {**OK, "colour": "red"}, {}, 422, "colour"),
     ("empty texts", {"texts": []}, {}, 422, "texts"),
     ("bad timeout header", OK, {"X-Request-Timeout": "soon"}, 422, "header.X-Request-Timeout"),
@@ -97,8 +109,8 @@ def test_bad_inputs_get_their_documented_problem(client: TestClient, name: str, 
         assert r.headers["www-authenticate"] == "Bearer"
 
 
-def _v2(data: object = ("a fine day",), **extra: object) -> dict[str, object]:
-    return {"inputs": [{"name": "text", "shape": [len(data)], "datatype": "BYTES", "data": list(data)}], **extra}  # type: ignore[arg-type]
+def _v2(data: Sequence[object] = ("a fine day",), **extra: object) -> dict[str, object]:
+    return {"inputs": [{"name": "text", "shape": [len(data)], "datatype": "BYTES", "data": list(data)}], **extra}
 
 
 def _binary(texts: Sequence[str], size: object) -> tuple[bytes, dict[str, str]]:
@@ -110,21 +122,25 @@ def _binary(texts: Sequence[str], size: object) -> tuple[bytes, dict[str, str]]:
 
 
 DEEP = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-V2_BAD_INPUTS = [
+V2_BAD_INPUTS: list[tuple[str, object, dict[str, str] | None, int, str | None]] = [
     # (name, body (dict -> JSON, bytes -> raw), extra headers, status, field)
     ("lone surrogate in a text", _v2(["ok", "\ud800"]), {}, 422, "inputs[0].data[1]"),
     ("raw surrogate bytes in a text", _v2(["\udead"]), {}, 422, "inputs[0].data[0]"),
     ("surrogate in the id", _v2(id="\ud800"), {}, 422, "id"),
-    ("surrogate in a preference key", _v2(parameters={"preference": {"\ud800": 1}}), {}, 422, "parameters.preference.\\ud800"),
-    ("400-digit weight", _v2(parameters={"preference": '{"alpha": 1' + "0" * 400 + "}"}), {}, 422, "parameters.preference.alpha"),
-    ("400-digit weight in a list", _v2(parameters={"preference": [1, 10**400, 1]}), {}, 422, "parameters.preference[1]"),
+    ("surrogate in a preference key", _v2(parameters={"preference": {"\ud800": 1}}), {}, 422,
+     "parameters.preference.\\ud800"),
+    ("400-digit weight", _v2(parameters={"preference": '{"alpha": 1' + "0" * 400 + "}"}), {}, 422,
+     "parameters.preference.alpha"),
+    ("400-digit weight in a list", _v2(parameters={"preference": [1, 10**400, 1]}), {}, 422,
+     "parameters.preference[1]"),
     ("binary_data_size a string", _binary(["a"], "abc"), None, 422, "inputs[0].parameters.binary_data_size"),
     ("binary_data_size a list", _binary(["a"], [1]), None, 422, "inputs[0].parameters.binary_data_size"),
     ("binary_data_size NaN", _binary(["a"], float("nan")), None, 422, "inputs[0].parameters.binary_data_size"),
     ("binary_data_size past the blob", _binary(["a"], 50), None, 400, "inputs[0].parameters.binary_data_size"),
     ("100,000-deep JSON", DEEP, {}, 400, None),
     ("5,000-digit integer", b'{"inputs": [], "id": ' + b"9" * 5000 + b"}", {}, 400, None),
-    ("shape not integers", _v2(["a"]) | {"inputs": [{"name": "text", "shape": ["x"], "datatype": "BYTES", "data": ["a"]}]},
+    ("shape not integers",
+     _v2(["a"]) | {"inputs": [{"name": "text", "shape": ["x"], "datatype": "BYTES", "data": ["a"]}]},
      {}, 422, "inputs[0].shape[0]"),
 ]
 
@@ -136,15 +152,18 @@ def roomy(engine: Engine) -> Iterator[TestClient]:
         yield c
 
 
-@pytest.mark.parametrize(("name", "body", "headers", "status", "field"), V2_BAD_INPUTS, ids=[b[0] for b in V2_BAD_INPUTS])
+@pytest.mark.parametrize(("name", "body", "headers", "status", "field"), V2_BAD_INPUTS,
+                         ids=[b[0] for b in V2_BAD_INPUTS])
 def test_v2_bad_inputs_get_their_documented_problem(roomy: TestClient, name: str, body: object,
-                                                    headers: dict[str, str] | None, status: int, field: str | None) -> None:
+                                                    headers: dict[str, str] | None, status: int,
+                                                    field: str | None) -> None:
     if isinstance(body, tuple):
         body, headers = body
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     if name.startswith("raw surrogate"):
         content = content.replace(b"\\udead", b"\xed\xba\xad")
-    r = roomy.post("/v2/models/reprmerge/infer", content=content, headers={"Content-Type": "application/json", **(headers or {})})
+    r = roomy.post("/v2/models/reprmerge/infer", content=content,
+                   headers={"Content-Type": "application/json", **(headers or {})})
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/problem+json"
     problem = r.json()
@@ -236,11 +255,12 @@ def test_openapi_documents_the_configured_limits(client: TestClient) -> None:
 def test_a_bad_text_never_reaches_the_model(engine: Engine) -> None:
     """The surrogate is refused at validation: no batch (and so no co-batched request) ever sees it."""
     with _client(engine) as c:
-        batches = c.app.state.service.metrics.batch_size._sum.get()  # type: ignore[union-attr]
+        batches = _service(c).metrics.batch_size._sum.get()
         for body in ({"texts": ["\ud800"]}, _v2(["\ud800"])):
             path = "/v1/predict" if "texts" in body else "/v2/models/reprmerge/infer"
-            assert c.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"}).status_code == 422
-        assert c.app.state.service.metrics.batch_size._sum.get() == batches  # type: ignore[union-attr]
+            assert c.post(path, content=json.dumps(body),
+                          headers={"Content-Type": "application/json"}).status_code == 422
+        assert _service(c).metrics.batch_size._sum.get() == batches
 
 
 def test_probes_and_metrics_need_no_key_but_the_api_does(client: TestClient) -> None:
@@ -257,7 +277,8 @@ def test_probes_and_metrics_need_no_key_but_the_api_does(client: TestClient) -> 
 
 
 def test_predict_answers_every_preference_and_task_with_provenance(client: TestClient, engine: Engine) -> None:
-    r = client.post("/v1/predict", json={"texts": ["one", "two"], "preferences": [[2, 0, 0], {"gamma": 1}], "tasks": ["beta"]})
+    r = client.post("/v1/predict",
+                    json={"texts": ["one", "two"], "preferences": [[2, 0, 0], {"gamma": 1}], "tasks": ["beta"]})
     assert r.status_code == 200 and "queue;dur=" in r.headers["server-timing"]
     body = r.json()
     assert body["bundle_id"] == engine.bundle_id
@@ -315,12 +336,15 @@ def reference_quality_kept(engine: Engine, prefs: list[list[float]]) -> np.ndarr
     return np.array([np.clip((uncorrected - losses(solve(np.array(p)))) / (uncorrected - best), 0, 1) for p in prefs])
 
 
-def test_quality_kept_in_every_answer_matches_an_independent_float64_computation(client: TestClient, engine: Engine) -> None:
-    prefs = [[1, 0, 0], [0, 1, 1], [1, 1, 1], [0.2, 0.3, 0.5]]
+def test_quality_kept_in_every_answer_matches_an_independent_float64_computation(client: TestClient,
+                                                                                 engine: Engine) -> None:
+    prefs: list[list[float]] = [[1, 0, 0], [0, 1, 1], [1, 1, 1], [0.2, 0.3, 0.5]]
     want = reference_quality_kept(engine, prefs)
     assert np.diag(want[:1]).tolist() == [1.0] and want[1, 0] < 0.5  # one-hot keeps all; weight 0 loses most
     for i, p in enumerate(prefs):  # one preference per request: the client allows 3 at most
-        got = client.post("/v1/predict", json={"texts": ["a day"], "preference": p, "quality_kept": True}).json()["results"][0]["quality_kept"]
+        got = client.post("/v1/predict",
+                          json={"texts": ["a day"], "preference": p,
+                                "quality_kept": True}).json()["results"][0]["quality_kept"]
         assert list(got) == list(TASKS)
         np.testing.assert_allclose(list(got.values()), want[i], rtol=0, atol=5.1e-5)  # reported to 4 decimals
         row = client.post("/v1/tradeoff", json={"preference": p}).json()["results"][0]["tasks"]
@@ -339,9 +363,10 @@ def test_quality_kept_in_every_answer_matches_an_independent_float64_computation
     # not asked: not computed (a new preference would pay a trade-off ~10x its fold), not answered
     plain = client.post("/v1/predict", json={"texts": ["a"], "preference": [3, 1, 7]}).json()
     assert "quality_kept" not in plain["results"][0]
-    assert canonical_preference([3, 1, 7], TASKS).fingerprint not in client.app.state.service.heads.tradeoffs
+    assert canonical_preference([3, 1, 7], TASKS).fingerprint not in _service(client).heads.tradeoffs
     v2 = client.post("/v2/models/reprmerge/infer", json={
-        "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}], "parameters": {"quality_kept": "yes"}})
+        "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+        "parameters": {"quality_kept": "yes"}})
     assert v2.status_code == 422 and v2.json()["field"] == "parameters.quality_kept"
     schema = client.get("/openapi.json").json()["components"]["schemas"]
     assert "uncorrected" in schema["PreferenceResult"]["properties"]["quality_kept"]["description"]
@@ -363,7 +388,8 @@ def test_v2_integer_weight_beyond_float_range_is_422_naming_the_field(client: Te
     for pref in ('{"beta": 1%s}' % ("0" * 400), {"beta": 10**400}):
         body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
                 "parameters": {"preference": pref}}
-        r = client.post("/v2/models/reprmerge/infer", content=json.dumps(body), headers={"Content-Type": "application/json"})
+        r = client.post("/v2/models/reprmerge/infer", content=json.dumps(body),
+                        headers={"Content-Type": "application/json"})
         assert r.status_code == 422, r.text
         assert r.json()["field"] == "parameters.preference.beta" and "at most" in r.json()["detail"]
 
@@ -387,7 +413,7 @@ def test_preference_snapping_shares_one_head(engine: Engine) -> None:
 
 def test_draining_turns_readyz_and_predict_to_503(engine: Engine) -> None:
     with _client(engine) as c:
-        c.portal.call(c.app.state.service.drain)  # type: ignore[union-attr]
+        c.portal.call(_service(c).drain)
         assert c.get("/readyz").status_code == 503
         r = c.post("/v1/predict", json=OK)
         assert r.status_code == 503 and r.headers["retry-after"] and r.json()["status"] == 503
@@ -401,7 +427,7 @@ def test_a_500_tells_the_client_to_close_the_connection(engine: Engine) -> None:
         def broken(names: object, field: str = "tasks") -> list[str]:
             raise RuntimeError("injected fault")
 
-        c.app.state.service.tasks = broken  # type: ignore[union-attr]
+        _service(c).tasks = broken  # type: ignore[method-assign]
         r = c.post("/v1/predict", json=OK)
         assert r.status_code == 500 and r.headers["connection"] == "close"
         assert "connection" not in c.get("/livez").headers
@@ -446,7 +472,7 @@ def test_head_cache_single_flight_batches_misses_and_evicts_by_bytes() -> None:
         assert prefs[0].fingerprint not in cache  # least recently used went first
 
     asyncio.run(scenario())
-    assert metrics.cache_evictions._value.get() == 1  # type: ignore[attr-defined]
+    assert metrics.cache_evictions._value.get() == 1
 
 
 def test_head_cache_solves_misses_in_chunks() -> None:
@@ -468,8 +494,9 @@ def test_head_cache_failed_or_short_solve_reaches_every_waiter_and_caches_nothin
     cache = SolveCache(broken, 1 << 20, lambda h: h.nbytes, chunk=16)
     prefs = _prefs(2)
 
-    async def scenario() -> list[dict[str, object]]:
-        return await asyncio.wait_for(asyncio.gather(*(cache.get_many(prefs, math.inf) for _ in range(3))), timeout=10)
+    async def scenario() -> list[dict[str, Head | ServiceError]]:
+        return list(await asyncio.wait_for(asyncio.gather(*(cache.get_many(prefs, math.inf) for _ in range(3))),
+                                           timeout=10))
 
     for found in asyncio.run(scenario()):
         first, second = found[prefs[0].fingerprint], found[prefs[1].fingerprint]
@@ -486,7 +513,8 @@ def _flaky_transport(failures: int, status: int = 429) -> tuple[list[int], httpx
         seen.append(1)
         if len(seen) <= failures:
             return httpx.Response(status, headers={"Retry-After": "0"},
-                                  json={"type": "t", "title": "busy", "status": status, "detail": "queue full", "request_id": "r"})
+                                  json={"type": "t", "title": "busy", "status": status, "detail": "queue full",
+                                        "request_id": "r"})
         return httpx.Response(200, json={"bundle_id": "b", "results": []})
 
     return seen, httpx.MockTransport(handler)

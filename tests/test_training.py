@@ -72,7 +72,7 @@ def test_recipes_follow_data_md_and_bad_fields_are_named() -> None:
     with pytest.raises(ValidationError, match="learning_rate"):
         TrainRecipe(learning_rate=0)
     with pytest.raises(ValidationError, match="pooling"):
-        TrainRecipe(pooling="max")  # type: ignore[arg-type]
+        TrainRecipe(pooling="max")
     with pytest.raises(ValidationError, match="lr"):
         TrainRecipe(lr=1e-4)  # type: ignore[call-arg]
 
@@ -169,12 +169,12 @@ def test_experts_of_one_suite_start_from_different_heads(tiny_backbone_dir: Path
     recipe = TrainRecipe(learning_rate=2e-4, batch_size=8, epochs=1, max_length=16)
     fixed = train_experts(suite, recipe, base=tiny_backbone_dir, cache_dir=tmp_path, device="cpu", progress=False)
     assert [e.info["seed"] for e in fixed] == [100, 101]  # recipe seed 0 + 100 + task index (issue 10's setting)
-    cosine = F.cosine_similarity(*(_class_direction(e.head) for e in fixed), dim=0)
+    cosine = F.cosine_similarity(_class_direction(fixed[0].head), _class_direction(fixed[1].head), dim=0)
     assert abs(cosine) < 0.9, cosine
     shared = train_experts(suite, recipe.model_copy(update={"seeding": "shared"}), base=tiny_backbone_dir,
                            cache_dir=tmp_path, device="cpu", progress=False)
     assert [e.info["seed"] for e in shared] == [0, 0] and all(e.trained for e in shared)
-    assert F.cosine_similarity(*(_class_direction(e.head) for e in shared), dim=0) > 0.99
+    assert F.cosine_similarity(_class_direction(shared[0].head), _class_direction(shared[1].head), dim=0) > 0.99
 
 
 def test_cache_key_moved_off_the_shared_seed_entries(expert: Expert) -> None:

@@ -53,7 +53,8 @@ def add_options(parser: ArgumentParser) -> None:
     parser.add_argument("--max-in-flight", type=int, default=2000, help="open requests before arrivals are dropped")
     parser.add_argument("--drain-seconds", type=float, default=35.0, help="wait for open requests at the end")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--api-key", default="", env_var="REPRMERGE_API_KEY", help="bearer key, if the service needs one")
+    parser.add_argument("--api-key", default="", env_var="REPRMERGE_API_KEY",
+                        help="bearer key, if the service needs one")
 
 
 class OpenLoopUser(FastHttpUser):
@@ -98,7 +99,8 @@ class OpenLoopUser(FastHttpUser):
         self._report(scheduled, len(response.content or b""), None if code == 200 else Refused(f"HTTP {code}"),
                      lag=lag, status=code)
 
-    def _report(self, scheduled: float, length: int, error: Exception | None, *, lag: float = 0.0, status: int = 0) -> None:
+    def _report(self, scheduled: float, length: int, error: Exception | None, *, lag: float = 0.0,
+                status: int = 0) -> None:
         self.environment.events.request.fire(
             request_type="POST", name=SCHEDULED, response_time=1e3 * (time.perf_counter() - scheduled),
             response_length=length, exception=error, context={"lag_ms": 1e3 * lag, "status": status},

@@ -72,5 +72,6 @@ _SLOTS = {
 def request_texts(n: int, seed: int = 0) -> list[str]:
     """`n` short texts filled in from the templates above (no model or data needed by the client)."""
     rng = random.Random(seed)
-    return [rng.choice(_TEMPLATES).format(num=rng.randrange(10**7, 10**8), **{k: rng.choice(v) for k, v in _SLOTS.items()})
+    return [rng.choice(_TEMPLATES).format(num=rng.randrange(10**7, 10**8),
+                                          **{k: rng.choice(v) for k, v in _SLOTS.items()})
             for _ in range(n)]

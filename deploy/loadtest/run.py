@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import configargparse
 import gevent
@@ -109,7 +110,8 @@ def summarise(name: str, options: argparse.Namespace, samples: list[Sample], ela
             count = int(_delta(before, after, series))
             if reason and count:
                 errors[f"rejected: {reason.group(1)}"] = count
-    hits, misses = _delta(before, after, "reprmerge_head_cache_hits_total"), _delta(before, after, "reprmerge_head_cache_misses_total")
+    hits, misses = _delta(before, after, "reprmerge_head_cache_hits_total"), _delta(before, after,
+                                                                                    "reprmerge_head_cache_misses_total")
     batches = _delta(before, after, "reprmerge_batch_size_count")
     return ScenarioResult(
         name=name, mix=options.mix, distinct=options.distinct if options.mix == "zipf" else None,
@@ -130,10 +132,11 @@ def scenarios(sweep: Sequence[int]) -> list[tuple[str, list[str]]]:
             ("fresh Dirichlet", ["--mix", "dirichlet"])]
 
 
-def write_report(out: Path, results: list[ScenarioResult], meta: dict[str, object]) -> None:
+def write_report(out: Path, results: list[ScenarioResult], meta: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(
-        {"meta": meta, "scenarios": [{k: v for k, v in asdict(r).items() if k != "latencies_ms"} for r in results]}, indent=2))
+        {"meta": meta,
+         "scenarios": [{k: v for k, v in asdict(r).items() if k != "latencies_ms"} for r in results]}, indent=2))
     slo = meta["slo_ms"]
     lines = [
         "# reprmerge load test", "",
@@ -148,9 +151,9 @@ def write_report(out: Path, results: list[ScenarioResult], meta: dict[str, objec
     ]
     for r in results:
         errors = ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or "-"
-        lines.append(f"| {r.name} | {r.sent} | {r.ok} | {r.throughput_rps:.1f} | {r.goodput_rps:.1f} | {r.p50_ms:.1f} | "
-                     f"{r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.cache_hit_rate:.3f} | {r.heads_per_batch:.2f} | "
-                     f"{r.texts_per_batch:.2f} | {r.client_lag_p99_ms:.1f} | {errors} |")
+        lines.append(f"| {r.name} | {r.sent} | {r.ok} | {r.throughput_rps:.1f} | {r.goodput_rps:.1f} | "
+                     f"{r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.cache_hit_rate:.3f} | "
+                     f"{r.heads_per_batch:.2f} | {r.texts_per_batch:.2f} | {r.client_lag_p99_ms:.1f} | {errors} |")
     lines += ["", "![latency by scenario](latency.png)", "", "![distinct-preference sweep](sweep.png)", "",
               "![latency CDF](cdf.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
@@ -178,7 +181,7 @@ def plot(out: Path, results: list[ScenarioResult], slo_ms: float) -> None:
 
     sweep = [r for r in results if r.distinct is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    d = [r.distinct for r in sweep]
+    d = [r.distinct for r in sweep if r.distinct is not None]
     ax.plot(d, [r.p50_ms for r in sweep], "o-", label="p50")
     ax.plot(d, [r.p99_ms for r in sweep], "s-", label="p99")
     ax.set_xscale("log")
@@ -189,7 +192,7 @@ def plot(out: Path, results: list[ScenarioResult], slo_ms: float) -> None:
     right.set_ylim(0, 1.05)
     right.set_ylabel("head-cache hit rate")
     lines = ax.get_lines() + right.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], loc="center left")
+    ax.legend(lines, [str(line.get_label()) for line in lines], loc="center left")
     ax.set_title("Sweep of distinct preferences")
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=120)
@@ -231,15 +234,16 @@ def main() -> None:
     flags = ["--device", "cpu", "--log-level", "warning", *args.server_flag]
     results = []
     with LocalServer(args.bundle, args.out / "server.log", *flags) as server:
-        run_scenario(server.url, locust_options([*common, "--mix", "dirichlet", "--seed", "1"]), 3)  # warm-up, not reported
+        # a warm-up, not reported
+        run_scenario(server.url, locust_options([*common, "--mix", "dirichlet", "--seed", "1"]), 3)
         for name, extra in scenarios(args.sweep):
             options = locust_options([*common, *extra])
             before = server.metrics()
             samples, elapsed = run_scenario(server.url, options, args.seconds)
             results.append(summarise(name, options, samples, elapsed, before, server.metrics(), args.slo_ms))
             r = results[-1]
-            print(f"{name:<24} ok {r.ok}/{r.sent}  {r.throughput_rps:6.1f} req/s  p50 {r.p50_ms:7.1f}  p99 {r.p99_ms:7.1f} ms  "
-                  f"hit rate {r.cache_hit_rate:.3f}", flush=True)
+            print(f"{name:<24} ok {r.ok}/{r.sent}  {r.throughput_rps:6.1f} req/s  p50 {r.p50_ms:7.1f}  "
+                  f"p99 {r.p99_ms:7.1f} ms  hit rate {r.cache_hit_rate:.3f}", flush=True)
     meta = {"bundle": str(args.bundle), "rate": args.rate, "arrivals": args.arrivals, "seconds": args.seconds,
             "texts_per_request": args.texts_per_request, "slo_ms": args.slo_ms, "server_flags": flags}
     write_report(args.out, results, meta)

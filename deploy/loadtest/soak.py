@@ -44,7 +44,8 @@ def main() -> None:
                          and "/v1/predict" in k)
                 failed = sum(v for k, v in m.items() if k.startswith("reprmerge_requests_total{") and "/v1/predict" in k
                              and 'code="200"' not in k)
-                rows.append({"t": time.monotonic() - start, "rss_mb": server.rss_bytes() / 2**20, "ok": ok, "errors": failed,
+                rows.append({"t": time.monotonic() - start, "rss_mb": server.rss_bytes() / 2**20, "ok": ok,
+                             "errors": failed,
                              "cache_mb": m.get("reprmerge_head_cache_bytes", 0.0) / 2**20,
                              "cache_entries": m.get("reprmerge_head_cache_entries", 0.0)})
                 gevent.sleep(args.every)
@@ -70,8 +71,8 @@ def main() -> None:
     (args.out / "soak.json").write_text(json.dumps(summary, indent=2, default=float))
     plot(args.out, rows)
     r = summary["rss_mb"]
-    print(f"soak {elapsed:.0f} s at {args.rate:g} req/s (Zipf over {args.distinct}): {summary['ok']}/{summary['sent']} ok, "
-          f"server errors {errors[0]} -> {errors[-1]}")
+    print(f"soak {elapsed:.0f} s at {args.rate:g} req/s (Zipf over {args.distinct}): "
+          f"{summary['ok']}/{summary['sent']} ok, server errors {errors[0]} -> {errors[-1]}")
     print(f"RSS MB: first {r['first']:.1f}, min {r['min']:.1f}, max {r['max']:.1f}, last {r['last']:.1f}; "
           f"second-half slope {slope:+.2f} MB/min; p99 by third (ms): "
           + ", ".join(f"{x:.1f}" for x in summary["p99_ms_by_third"]))

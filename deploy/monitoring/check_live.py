@@ -105,7 +105,8 @@ async def load(url: str, bundle: Path, seconds: float) -> dict[str, int]:
 
 def dashboard_queries() -> list[tuple[str, str]]:
     panels = json.loads(DASHBOARD.read_text())["panels"]
-    return [(p["title"], t["expr"].replace("$__rate_interval", RATE_WINDOW)) for p in panels for t in p.get("targets", [])]
+    return [(p["title"], t["expr"].replace("$__rate_interval", RATE_WINDOW)) for p in panels for t in p.get("targets",
+                                                                                                            [])]
 
 
 def main() -> int:
@@ -122,7 +123,8 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         service_log, prom_log = work / "service.log", work / "prometheus.log"
-        procs.append(subprocess.Popen([sys.executable, "-c", CLI, "serve", str(bundle), "--port", str(port), "--device", "cpu"],
+        procs.append(subprocess.Popen([sys.executable, "-c", CLI, "serve", str(bundle), "--port", str(port), "--device",
+                                       "cpu"],
                                       stdout=service_log.open("w"), stderr=subprocess.STDOUT, env=env))
         procs.append(subprocess.Popen(
             [args.prometheus, f"--config.file={local_config(port, work)}", f"--storage.tsdb.path={work / 'tsdb'}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
@@ -21,7 +22,7 @@ def _number(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def _row(cells: list[object]) -> str:
+def _row(cells: Sequence[object]) -> str:
     return "| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells) + " |"
 
 

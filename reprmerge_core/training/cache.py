@@ -52,7 +52,7 @@ def cache_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def build_once(entry: Path, write: Callable[[Path], None]) -> bool:
+def build_once(entry: Path, write: Callable[[Path], object]) -> bool:
     """Create `entry` with `write(tmp_dir)` then an atomic rename; False (no work) when it exists.
 
     If another process publishes the same entry first, its copy wins and ours is discarded.
