@@ -1,5 +1,6 @@
 """The real text tasks of data.md, read from registry packages' files, deduplicated and split."""
 
+from reprmerge_core.data.sources import normalise
 from reprmerge_core.data.splits import (
     DEFAULT_SUITE,
     SUITES,
@@ -10,7 +11,6 @@ from reprmerge_core.data.splits import (
     resolve_suite,
     split_task,
 )
-from reprmerge_core.data.sources import normalise
 from reprmerge_core.data.tasks import TASK_NAMES, Task, deduplicate, load_task
 
 __all__ = [

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from reprmerge_core.data.tasks import Task, check_task_name, load_task
 
+
 class SplitConfig(BaseModel):
     """Split sizes per task; `train_size` is an upper bound, test and calibration sizes are exact."""
 

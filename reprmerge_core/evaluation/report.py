@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.tri  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import matplotlib.tri
+import numpy as np
 
-from reprmerge_core.evaluation.metrics import pareto_front  # noqa: E402
+from reprmerge_core.evaluation.metrics import pareto_front
 
 
 def _number(x: float | None) -> str:
@@ -42,8 +42,8 @@ def _edges_markdown(report: dict[str, Any]) -> list[str]:
     rows: list[list[object]] = []
     for edge in report["edges"]:
         acc, mid = np.array(edge["accuracy"]), len(edge["weight"]) // 2
-        for t in (report["tasks"].index(n) for n in edge["tasks"]):
-            rows.append([" -> ".join(edge["tasks"]), report["tasks"][t], acc[0, t], acc[mid, t], acc[-1, t]])
+        rows.extend([" -> ".join(edge["tasks"]), report["tasks"][t], acc[0, t], acc[mid, t], acc[-1, t]]
+                    for t in (report["tasks"].index(n) for n in edge["tasks"]))
     return lines + _table(["edge a -> b", "accuracy on", "at a one-hot", "at a 0.5 : b 0.5", "at b one-hot"], rows)
 
 
@@ -53,19 +53,19 @@ def _simplex_markdown(report: dict[str, Any]) -> list[str]:
     simplex = report["simplex"]
     prefs, acc = np.array(simplex["preferences"]), np.array(simplex["accuracy"])
     best = int(acc.mean(1).argmax())
-    return ["", f"Simplex map (`simplex.png`, step 1/{simplex['steps']}): {sum(simplex['pareto'])} of {len(prefs)} "
-            f"preferences are Pareto-optimal in normalised accuracy; the best mean accuracy, {acc[best].mean():.3f}, "
-            f"is at preference ({', '.join(f'{w:.2f}' for w in prefs[best])})."]
+    return ["", (f"Simplex map (`simplex.png`, step 1/{simplex['steps']}): {sum(simplex['pareto'])} of {len(prefs)} "
+                 f"preferences are Pareto-optimal in normalised accuracy; the best mean accuracy, "
+                 f"{acc[best].mean():.3f}, is at preference ({', '.join(f'{w:.2f}' for w in prefs[best])}).")]
 
 
 def markdown(report: dict[str, Any]) -> str:
     names, sc = report["tasks"], report["scenarios"]
     experts = report.get("experts")
     lines = [f"# Evaluation of bundle {report['bundle_id']}", "",
-             f"Merge: `{report['merge']['method']}` {json.dumps(report['merge']['parameters'])}; "
-             f"beta {report['beta']:g} ({report['normalisation']} normalisation)."]
+             (f"Merge: `{report['merge']['method']}` {json.dumps(report['merge']['parameters'])}; "
+              f"beta {report['beta']:g} ({report['normalisation']} normalisation).")]
     if "test_examples" in report:
-        counts = ", ".join(f"{n} {k}" for n, k in zip(names, report["test_examples"]))
+        counts = ", ".join(f"{n} {k}" for n, k in zip(names, report["test_examples"], strict=True))
         lines[-1] += f" Test examples per task: {counts}."
     lines += ["", "## Accuracy per task (macro-F1 in parentheses)", ""]
     columns = [("majority", None), ("expert", None), ("merged", "merged"), ("ReACT equal", "equal"),
@@ -81,18 +81,20 @@ def markdown(report: dict[str, Any]) -> str:
     mean = lambda xs: float(np.mean(xs))  # noqa: E731
     rows.append(["**mean**", mean(report["majority"]), "n/a" if experts is None else mean(experts["accuracy"]),
                  sc["merged"]["mean_accuracy"], sc["equal"]["mean_accuracy"],
-                 mean([sc[f"priority:{n}"]["accuracy"][t] for t, n in enumerate(names)]), mean(report["one_hot"]["accuracy"])])
+                 mean([sc[f"priority:{n}"]["accuracy"][t] for t, n in enumerate(names)]),
+                 mean(report["one_hot"]["accuracy"])])
     lines += _table(["task", *(c for c, _ in columns)], rows)
     if report.get("head_agreement"):
-        lines += ["", f"Label-free merge diagnostic: head agreement {report['head_agreement']['mean']:.3f} (share of "
-                  "calibration inputs where each task's head gives the merged backbone the expert's class; it ranks "
-                  "merges like the merged accuracy above)."]
+        lines += ["", (f"Label-free merge diagnostic: head agreement {report['head_agreement']['mean']:.3f} (share "
+                       "of calibration inputs where each task's head gives the merged backbone the expert's class; it "
+                       "ranks merges like the merged accuracy above).")]
     if experts is None:
         lines += ["", "No experts given (`--expert`): the \"normalised\" figures below are plain accuracies."]
-    lines += ["", "Normalised accuracy (ReACT / expert), mean over tasks: "
-              f"merged {sc['merged']['mean_normalised']:.3f}, equal {sc['equal']['mean_normalised']:.3f}, "
-              f"one-hot {report['one_hot']['mean_normalised']:.3f}; priority (0.5 on one task): favoured "
-              f"{report['priority']['favoured_normalised']:.3f}, others {_number(report['priority']['others_normalised'])}.", ""]
+    lines += ["", ("Normalised accuracy (ReACT / expert), mean over tasks: "
+                   f"merged {sc['merged']['mean_normalised']:.3f}, equal {sc['equal']['mean_normalised']:.3f}, "
+                   f"one-hot {report['one_hot']['mean_normalised']:.3f}; priority (0.5 on one task): favoured "
+                   f"{report['priority']['favoured_normalised']:.3f}, "
+                   f"others {_number(report['priority']['others_normalised'])}."), ""]
     grid = report["grid"]
     lines += [f"## Preference grid ({len(grid['preferences'])} preferences, step 1/{grid['steps']})", ""]
     methods = [("ReACT (closed form)", "react"), ("preference-weighted task arithmetic", "task_arithmetic"),
@@ -105,8 +107,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _prior_lines(report)
     if "beta_sweep" in report:
         lines += ["", "## Beta sweep (mean normalised accuracy)", ""]
-        lines += _table(["beta", "equal", "one-hot"], [[r["beta"], r["equal_mean_normalised"], r["one_hot_mean_normalised"]]
-                                                      for r in report["beta_sweep"]])
+        lines += _table(["beta", "equal", "one-hot"],
+                        [[r["beta"], r["equal_mean_normalised"], r["one_hot_mean_normalised"]]
+                         for r in report["beta_sweep"]])
     if "calibration_sweep" in report:
         lines += ["", "## Calibration size sweep (mean normalised accuracy)", ""]
         lines += _table(["fraction", "samples per task", "equal", "one-hot"],
@@ -139,8 +142,9 @@ def _prior_lines(report: dict[str, Any]) -> list[str]:
                  ("this prior", "react"), ("identity", "ablation_identity_prior"),
                  ("Procrustes", "ablation_procrustes_prior")) if key in grid) + "."]
     if selection.get("candidates"):
+        scores = zip(selection["candidates"], selection["score"], strict=True)
         lines += ["", "CV score per identity weight (lower is better; each at its best beta): "
-                  + ", ".join(f"{a:g}: {s:.4f}" for a, s in zip(selection["candidates"], selection["score"])) + "."]
+                  + ", ".join(f"{a:g}: {s:.4f}" for a, s in scores) + "."]
     return lines
 
 
@@ -155,9 +159,10 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
     rows = (len(pairs) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), squeeze=False)
     merged = report["scenarios"]["merged"]["normalised"]
-    for ax, (a, b) in zip(axes.flat, pairs):
-        for key, style in (("react", dict(c="tab:blue", marker="o", label="ReACT grid")),
-                           ("task_arithmetic", dict(c="tab:orange", marker="^", label="weighted task arithmetic"))):
+    for ax, (a, b) in zip(axes.flat, pairs, strict=False):  # a grid may have axes to spare (hidden below)
+        for key, style in (
+                ("react", {"c": "tab:blue", "marker": "o", "label": "ReACT grid"}),
+                ("task_arithmetic", {"c": "tab:orange", "marker": "^", "label": "weighted task arithmetic"})):
             if key in grid:
                 pts = np.array(grid[key]["normalised"])
                 ax.scatter(pts[:, a], pts[:, b], s=18, alpha=0.7, **style)
@@ -193,7 +198,7 @@ def plot_edges(report: dict[str, Any], path: Path) -> None:
     rows = (len(edges) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.6 * rows + 0.4), squeeze=False)
     experts = report.get("experts")
-    for ax, edge in zip(axes.flat, edges):
+    for ax, edge in zip(axes.flat, edges, strict=False):  # a grid may have axes to spare (hidden below)
         a, b = edge["tasks"]
         x, acc = np.array(edge["weight"]), np.array(edge["accuracy"])
         for t, n in enumerate(names):
@@ -241,7 +246,7 @@ def plot_simplex(report: dict[str, Any], path: Path) -> None:
               *((f"accuracy on {n}", acc[:, t]) for t, n in enumerate(names))]
     fig, axes = plt.subplots(2, 2, figsize=(10, 8.6))
     corners = _ternary(np.eye(3))
-    for ax, (title, values) in zip(axes.flat, panels):
+    for ax, (title, values) in zip(axes.flat, panels, strict=True):
         image = ax.tripcolor(triangulation, values, shading="gouraud", cmap="viridis")
         fig.colorbar(image, ax=ax, shrink=0.8, label="test accuracy")
         ax.plot([*corners[0], corners[0][0]], [*corners[1], corners[1][0]], c="k", lw=1)
@@ -251,7 +256,8 @@ def plot_simplex(report: dict[str, Any], path: Path) -> None:
         ax.scatter([x[best]], [y[best]], marker="*", s=160, c="red", edgecolors="white", linewidths=0.8,
                    label="best on this map")
         ax.scatter(*_ternary(np.full((1, 3), 1 / 3)), marker="+", s=80, c="k", label="equal preference")
-        for (cx, cy), n, offset in zip(zip(*corners), names, ((-0.02, -0.06), (0.02, -0.06), (0, 0.03))):
+        offsets = ((-0.02, -0.06), (0.02, -0.06), (0, 0.03))
+        for (cx, cy), n, offset in zip(zip(*corners, strict=True), names, offsets, strict=True):
             ax.annotate(n, (cx + offset[0], cy + offset[1]), ha="center", fontsize=9, fontweight="bold")
         ax.set_title(title, fontsize=10)
         ax.set_aspect("equal")
@@ -330,5 +336,6 @@ def write_report(report: dict[str, Any], out: str | Path) -> Path:
     if "beta_sweep" in report:
         plot_sweep(report["beta_sweep"], "beta", "beta", out / "beta_sweep.png", log=True)
     if "calibration_sweep" in report:
-        plot_sweep(report["calibration_sweep"], "fraction", "fraction of calibration inputs", out / "calibration_sweep.png", log=False)
+        plot_sweep(report["calibration_sweep"], "fraction", "fraction of calibration inputs",
+                   out / "calibration_sweep.png", log=False)
     return out
