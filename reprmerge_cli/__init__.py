@@ -24,6 +24,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("evaluate", "evaluate_cmd", "evaluate a bundle on a built-in suite or on your own labelled data"),
     ("inspect", "inspect_cmd", "summarise and validate a bundle"),
     ("merge", "merge_cmd", "merge expert checkpoints into the base backbone"),
+    ("export", "export_cmd", "write one fixed trade-off of a bundle as a standalone ONNX model"),
     ("serve", "serve_cmd", "serve a bundle over HTTP (/v1 and Open Inference Protocol /v2)"),
     ("bench", "bench_cmd", "benchmarks"),
 )

@@ -17,6 +17,7 @@ STATISTICS_FILE = "statistics.safetensors"
 HEADS_FILE = "heads.safetensors"
 BACKBONE_DIR = "backbone"
 MANIFEST_FILE = "manifest.json"
+CARD_FILE = "README.md"  # the model card: derived from the manifest, not listed in it (see `card`)
 
 
 class _Strict(BaseModel):
