@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"export failed: {exc}", file=sys.stderr)
         return 2
     info = json.loads((out / EXPORT_INFO).read_text())
-    print(f"wrote {out / ONNX_FILE} (outputs {', '.join(o['name'] for o in info['outputs'])}; preference "
-          f"{json.dumps(info['preference'])}; onnxruntime matches the bundle to {info['check_max_abs_difference']:.1e})")
+    outputs = ", ".join(o["name"] for o in info["outputs"])
+    print(f"wrote {out / ONNX_FILE} (outputs {outputs}; preference {json.dumps(info['preference'])}; "
+          f"onnxruntime matches the bundle to {info['check_max_abs_difference']:.1e})")
     return 0

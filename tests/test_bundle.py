@@ -163,7 +163,8 @@ def _card_bundle(tmp_path: Path, tiny_backbone_dir: Path) -> Path:
         tmp_path / "bundle", tasks=[TaskInfo(name=t, labels=l, calibration_samples=40 + i)
                                     for i, (t, l) in enumerate(tasks.items())],
         statistics=[random_statistics(32, 40 + i, g) for i in range(2)],
-        heads=[TaskHead(torch.randn(len(l), 32, generator=g), torch.randn(len(l), generator=g)) for l in tasks.values()],
+        heads=[TaskHead(torch.randn(len(labels), 32, generator=g), torch.randn(len(labels), generator=g))
+               for labels in tasks.values()],
         backbone_dir=source, correction=CorrectionInfo(beta=0.25, normalisation="energy", identity_weight=0.5),
         merge=MergeInfo(method="ties", parameters={"density": 0.3, "lam": 1.0}),
         backbone=BackboneInfo(source="mergekit ties of 2 experts", pooling="mean", max_length=32),

@@ -1,4 +1,4 @@
-"""`reprmerge export --format onnx`: a standalone model that onnxruntime runs without reprmerge, equal to the service."""
+"""`reprmerge export --format onnx`: a standalone model onnxruntime runs without reprmerge, equal to the service."""
 
 from __future__ import annotations
 

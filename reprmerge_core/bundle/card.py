@@ -52,7 +52,8 @@ def _diagnostics(manifest: Manifest) -> list[str]:
         lines += ["Head alignment across tasks (a high cosine means two heads read the same directions):", ""]
         lines += _table(["tasks", "max row cosine", "direction cosine", "aligned"],
                         [(" / ".join(p.tasks), f"{p.max_row_cosine:.3f}",
-                          "-" if p.direction_cosine is None else f"{p.direction_cosine:.3f}", "yes" if p.aligned else "no")
+                          "-" if p.direction_cosine is None else f"{p.direction_cosine:.3f}",
+                          "yes" if p.aligned else "no")
                          for p in check.head_pairs]) + [""]
     if check.task_vector_norms is not None:
         lines += ["Distance of each expert from the base (task-vector norm; ratio to the other experts' median):", ""]
@@ -104,8 +105,9 @@ def render_card(manifest: Manifest, evaluation: Mapping[str, Any] | None = None)
     ]
     if f"{BACKBONE_DIR}/{MERGEKIT_CONFIG}" in m.files:
         lines.append(f"- merged with mergekit: its configuration is `{BACKBONE_DIR}/{MERGEKIT_CONFIG}`")
-    if "recipe" in m.extra and isinstance(m.extra["recipe"], Mapping) and "experts" in m.extra["recipe"]:
-        lines.append("- recipe: recorded in `manifest.json` (`extra.recipe`), shown by `reprmerge inspect`")
+    if "build_recipe" in m.extra:
+        lines.append("- built from a recipe file: recorded in `manifest.json` (`extra.build_recipe`), shown by "
+                     "`reprmerge inspect`")
     lines += [
         "", "## Correction", "",
         f"- beta: {c.beta:g}" + (" (chosen by k-fold cross-validation)" if c.beta_selection else " (given)"),

@@ -90,6 +90,17 @@ def _copy_backbone(src: Path, dst: Path) -> None:
         raise BundleError(BACKBONE_DIR, None, f"{src} has no safetensors weights (pickled weights are refused)")
 
 
+def _write_manifest(directory: Path, manifest: Manifest) -> None:
+    """manifest.json (synced, then renamed over any old one) and the card rendered from it."""
+    tmp = directory / f".{MANIFEST_FILE}.tmp"
+    with tmp.open("w") as f:
+        f.write(manifest.model_dump_json(indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / MANIFEST_FILE)
+    write_card(directory, manifest)
+
+
 def write_bundle(
     out: str | Path,
     *,
@@ -153,16 +164,30 @@ def write_bundle(
             extra=dict(extra or {}),
             expert_diagnostics=expert_diagnostics,
         )
-        with (tmp / MANIFEST_FILE).open("w") as f:
-            f.write(manifest.model_dump_json(indent=2))
-            f.flush()
-            os.fsync(f.fileno())
-        write_card(tmp, manifest)
+        _write_manifest(tmp, manifest)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def amend_manifest(path: str | Path, *, merge: MergeInfo | None = None, backbone_source: str | None = None,
+                   extra: Mapping[str, Any] | None = None) -> Manifest:
+    """Record in a written bundle what its writer could not know (how the backbone was merged, the recipe), e.g.
+    `build --config` around `calibrate_bundle`. Only the manifest changes (atomically, re-validated), so the
+    files, their hashes and the bundle id stay; the card is rendered again."""
+    path = Path(path)
+    old = check_bundle(path).manifest
+    data = old.model_dump(mode="json")
+    if merge is not None:
+        data["merge"] = merge.model_dump(mode="json")
+    if backbone_source is not None:
+        data["backbone"]["source"] = backbone_source
+    data["extra"] = {**old.extra, **(extra or {})}
+    manifest = Manifest.model_validate(data)
+    _write_manifest(path, manifest)
+    return manifest
 
 
 def load_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:

@@ -24,8 +24,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+TASK_NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"  # task names: letters, digits, _ . - (they key tensors and URLs)
+
+
 class TaskInfo(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(min_length=1, pattern=TASK_NAME_PATTERN)
     labels: list[str] = Field(min_length=2)
     calibration_samples: int = Field(ge=1)
 
