@@ -128,7 +128,7 @@ BAD = [
      "calibration.topic: "),
     ("unknown key", recipe(colour="red"), "colour: Extra inputs are not permitted"),
     ("bad beta", recipe(correction={"beta": -1}),
-     "correction.beta: must be a finite positive number or 'auto', got -1"),
+     "correction.beta: beta must be a finite positive number or 'auto', got -1"),
     ("two backbones", recipe(backbone="base"), "(top): give exactly one of merge, mergekit and backbone"),
     ("weight", recipe(experts=[{"name": "spam", "path": "spam"}, {"name": "topic", "path": "topic", "weight": 2}]),
      "experts[1].weight: per-expert weights other than 1"),

@@ -18,22 +18,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from reprmerge_core.artifacts import check_output, replace_dir
 from reprmerge_core.bundle.card import MERGEKIT_CONFIG
 from reprmerge_core.bundle.io import amend_manifest
 from reprmerge_core.bundle.manifest import TASK_NAME_PATTERN, MergeInfo
-from reprmerge_core.choices import MERGE_METHODS, POOLINGS, prior_identity_weight
+from reprmerge_core.choices import MERGE_METHODS, POOLINGS, check_beta, check_prior
 from reprmerge_core.merging import merge_checkpoints, read_texts, resolve
 from reprmerge_core.merging.mergekit import MergekitError, map_mergekit
 from reprmerge_core.pipeline.calibrate import calibrate_bundle
@@ -92,23 +83,10 @@ class MergeSpec(_Strict):
 
 
 class CorrectionSpec(_Strict):
-    beta: float | Literal["auto"] = Field("auto", description="correction strength, or auto (k-fold CV)")
-    prior: float | Literal["auto", "procrustes", "identity"] = "auto"
+    beta: Annotated[float | Literal["auto"], AfterValidator(check_beta)] = Field(
+        "auto", description="correction strength, or auto (k-fold CV)")
+    prior: Annotated[float | Literal["auto", "procrustes", "identity"], AfterValidator(check_prior)] = "auto"
     folds: int = Field(5, ge=2)
-
-    @field_validator("beta")
-    @classmethod
-    def _beta(cls, v: float | str) -> float | str:
-        if v != "auto" and not 0 < float(v) < float("inf"):
-            raise ValueError(f"must be a finite positive number or 'auto', got {v}")
-        return v
-
-    @field_validator("prior")
-    @classmethod
-    def _prior(cls, v: float | str) -> float | str:
-        if v != "auto":
-            prior_identity_weight(v)
-        return v
 
 
 class Recipe(_Strict):
