@@ -209,6 +209,8 @@ def test_an_already_merged_backbone_keeps_its_mergekit_files(user: Path, tmp_pat
     assert (out / "backbone" / "README.md").read_text() == "# a mergekit merge\n"
     assert {"backbone/mergekit_config.yml", "backbone/README.md"} <= set(m.files)
     assert m.backbone.source == str(merged)
+    assert m.merge.method == "mergekit:ties" and m.merge.parameters["parameters"] == MERGEKIT["parameters"]
+    assert m.merge.parameters["models"][1] == {"model": "topic", "weight": 1.0, "density": 0.5}
 
 
 MAPPINGS = [

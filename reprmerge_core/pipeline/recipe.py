@@ -185,26 +185,41 @@ def _mergekit_merge(recipe: Recipe) -> tuple[Path, str, dict[str, Any]]:
     return base, mapped.method, mapped.params
 
 
-def _weights(recipe: Recipe) -> dict[str, float] | None:
-    """Per-expert weights when the recipe sets any to other than 1; this build's merge takes none, so refused."""
-    weights = {e.name: 1.0 if e.weight is None else e.weight for e in recipe.experts}
-    if all(w == 1.0 for w in weights.values()):
-        return None
-    first = next(i for i, e in enumerate(recipe.experts) if e.weight not in (None, 1.0))
-    raise RecipeError(f"experts[{first}].weight", "per-expert weights other than 1 are not supported by this "
-                                                  "build's merge_checkpoints; leave them out or set 1")
+def _check_weights(recipe: Recipe) -> None:
+    """Per-expert weights other than 1 are refused: this build's `merge_checkpoints` takes no weights."""
+    for i, expert in enumerate(recipe.experts):
+        if expert.weight not in (None, 1.0):
+            raise RecipeError(f"experts[{i}].weight", "per-expert weights other than 1 are not supported by this "
+                                                      "build's merge_checkpoints; leave them out or set 1")
+
+
+def _merged_elsewhere(backbone: Path) -> tuple[str, dict[str, Any]]:
+    """How an already merged backbone was made, as far as it says: a mergekit output's method and parameters."""
+    config = backbone / MERGEKIT_CONFIG
+    if not config.is_file():
+        return "unknown", {}
+    try:
+        raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError("backbone", f"{config} is not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(raw, dict):
+        return "unknown", {}
+    models = raw.get("models") if isinstance(raw.get("models"), list) else []
+    return f"mergekit:{raw.get('merge_method')}", {
+        "parameters": raw.get("parameters") or {},
+        "models": [{"model": m.get("model"), **(m.get("parameters") or {})} for m in models if isinstance(m, dict)]}
 
 
 def _merge_plan(recipe: Recipe) -> tuple[Path | None, str, dict[str, Any]]:
     """(base, method, validated parameters as JSON) before any work; errors name the recipe field."""
     if recipe.backbone is not None:
-        return recipe.base, "unknown", {}
+        return recipe.base, *_merged_elsewhere(recipe.backbone)
     if recipe.mergekit is not None:
         base, method, params = _mergekit_merge(recipe)
     else:
         assert recipe.merge is not None and recipe.base is not None
         base, method, params = recipe.base, recipe.merge.method, recipe.merge.parameters
-    _weights(recipe)
+    _check_weights(recipe)
     try:
         _, checked = resolve(method, params)
     except ValueError as exc:
@@ -253,8 +268,7 @@ def build_from_recipe(path: str | Path, out: str | Path, *, overwrite: bool = Fa
         extra["build_recipe"] = {"file": str(path.resolve()), "sha256": _sha256(path), "recipe": recorded}
         if recipe.base_model is not None:
             extra["base_model"] = recipe.base_model
-        merge = None if recipe.backbone is not None else MergeInfo(method=method, parameters=params)
-        amend_manifest(bundle, merge=merge, backbone_source=source, extra=extra)
+        amend_manifest(bundle, merge=MergeInfo(method=method, parameters=params), backbone_source=source, extra=extra)
         replace_dir(bundle, out)
     return out
 
