@@ -17,6 +17,7 @@ from reprmerge_cli import main as cli
 from reprmerge_core.preference import canonical_preference
 from service.engine import Engine, HeadGroup
 from service.settings import ServiceSettings
+from tests.helpers import make_random_bundle
 
 # Lengths differ (padding in one batch), and the last text is longer than the bundle's max_length (truncation).
 TEXTS = ["a fine day", "win a free prize now, claim your cash", "what is the capital of peru?", "ok",
@@ -43,12 +44,13 @@ print(json.dumps({"batch": [x.tolist() for x in logits],
 """
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> tuple[Path, Path]:
-    from tests.helpers import make_random_bundle
-
+@pytest.fixture(scope="module", params=["mean", "pooler"])
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+             tiny_backbone_dir: Path) -> tuple[Path, Path]:
+    """A bundle (mean pooling, or the BERT pooler a sequence classifier reads) exported at PREFERENCE."""
     root = tmp_path_factory.mktemp("export")
-    bundle = make_random_bundle(root / "bundle", tiny_backbone_dir, torch.Generator().manual_seed(7))
+    bundle = make_random_bundle(root / "bundle", tiny_backbone_dir, torch.Generator().manual_seed(7),
+                                pooling=request.param)
     out = root / "onnx"
     assert cli(["export", str(bundle), "--preference", json.dumps(PREFERENCE), "--format", "onnx",
                 "--out", str(out)]) == 0
