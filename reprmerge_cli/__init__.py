@@ -18,7 +18,7 @@ from reprmerge_core import __version__
 
 # (name, module under reprmerge_cli, one-line help), in the order `reprmerge --help` lists them.
 COMMANDS: tuple[tuple[str, str, str], ...] = (
-    ("build", "build_cmd", "build a bundle from a built-in suite of real tasks"),
+    ("build", "build_cmd", "build a bundle from a built-in suite of real tasks, or from your recipe file"),
     ("calibrate", "calibrate_cmd", "build a bundle from your own checkpoints"),
     ("reduce", "reduce_cmd", "add calibration shards (calibrate --shard I/N) into one bundle"),
     ("evaluate", "evaluate_cmd", "evaluate a bundle on a built-in suite or on your own labelled data"),

@@ -136,5 +136,9 @@ def run(args: argparse.Namespace) -> int:
     if args.update_card:
         from reprmerge_core.bundle.card import write_card
 
-        print(f"updated the model card {write_card(bundle.path, bundle.manifest, report)}")
+        try:
+            print(f"updated the model card {write_card(bundle.path, bundle.manifest, report)}")
+        except OSError as exc:  # e.g. a read-only bundle: the report itself is written
+            print(f"evaluate: could not update the model card: {exc}", file=sys.stderr)
+            return 2
     return 0

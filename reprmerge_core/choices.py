@@ -73,3 +73,6 @@ def prior_identity_weight(prior: float | str) -> float:
     if not 0 <= alpha <= 1:
         raise ValueError(f"prior identity weight must be in [0, 1], got {alpha}")
     return alpha
+
+
+EXPORT_FORMATS: tuple[str, ...] = ("onnx",)  # `reprmerge export --format`

@@ -31,7 +31,6 @@ from reprmerge_core.bundle import load_bundle
 from reprmerge_core.correction import HeadFolder
 from reprmerge_core.preference import Preference, canonical_preference
 
-EXPORT_FORMATS = ("onnx",)
 ONNX_FILE = "model.onnx"
 EXPORT_INFO = "export.json"
 INPUT_NAMES = ("input_ids", "attention_mask")
