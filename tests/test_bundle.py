@@ -196,7 +196,7 @@ def test_model_card_states_what_the_manifest_records(tmp_path: Path, tiny_backbo
     # the mergekit source's recipe and card travel with the backbone, hashed like its weights
     for name in ("mergekit_config.yml", "README.md"):
         assert f"backbone/{name}" in m.files and (path / "backbone" / name).is_file()
-    assert "merged with mergekit: its configuration is `backbone/mergekit_config.yml`" in body
+    assert "- mergekit configuration: `backbone/mergekit_config.yml`" in body
 
 
 def test_model_card_is_outside_the_hashes(tmp_path: Path, tiny_backbone_dir: Path) -> None:

@@ -104,7 +104,7 @@ def render_card(manifest: Manifest, evaluation: Mapping[str, Any] | None = None)
         f"d = {m.representation_dim}); `{BACKBONE_DIR}/` loads with `AutoModel.from_pretrained`",
     ]
     if f"{BACKBONE_DIR}/{MERGEKIT_CONFIG}" in m.files:
-        lines.append(f"- merged with mergekit: its configuration is `{BACKBONE_DIR}/{MERGEKIT_CONFIG}`")
+        lines.append(f"- mergekit configuration: `{BACKBONE_DIR}/{MERGEKIT_CONFIG}`")
     if "build_recipe" in m.extra:
         lines.append("- built from a recipe file: recorded in `manifest.json` (`extra.build_recipe`), shown by "
                      "`reprmerge inspect`")
