@@ -7,16 +7,14 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from reprmerge_core.choices import POOLINGS
+from reprmerge_core.choices import POOLINGS, Pooling
 
 log = logging.getLogger(__name__)
-Pooling = Literal["mean", "cls", "pooler"]
 
 
 def select_device(device: str | torch.device = "auto") -> torch.device:

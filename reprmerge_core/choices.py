@@ -6,12 +6,13 @@ bundle manifest validates against them before any tensor library loads. The modu
 from __future__ import annotations
 
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     from reprmerge_core.correction.statistics import TaskStatistics
 
-POOLINGS: tuple[str, ...] = ("mean", "cls", "pooler")
+Pooling = Literal["mean", "cls", "pooler"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
 MERGE_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare", "regmean", "projection")
 
 

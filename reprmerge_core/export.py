@@ -48,6 +48,9 @@ def output_name(task: str) -> str:
 class FixedTradeoff(torch.nn.Module):
     """Encoder, pooling and the fused heads of one preference: a tuple of per-task logits."""
 
+    weight: torch.Tensor  # buffers (exported with the model), set in __init__
+    bias: torch.Tensor
+
     def __init__(self, encoder: torch.nn.Module, pooling: Pooling, weight: torch.Tensor, bias: torch.Tensor,
                  slices: Sequence[slice]) -> None:
         super().__init__()
@@ -83,7 +86,7 @@ def _check(path: Path, model: FixedTradeoff, batch: Mapping[str, torch.Tensor], 
     got = session.run(list(names), {k: batch[k].numpy() for k in INPUT_NAMES})
     with torch.inference_mode():
         want = model(*(batch[k] for k in INPUT_NAMES))
-    worst = max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))
+    worst = max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want, strict=True))
     if not worst <= CHECK_TOLERANCE:
         raise RuntimeError(f"the exported model differs from the bundle by {worst:.2e} (> {CHECK_TOLERANCE:g}); "
                            "nothing was written")

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,7 +37,6 @@ from service.engine import Engine, Head, HeadGroup
 from service.errors import ClientGone, DeadlineExceeded, QueueFull, ServiceError, Unavailable
 from service.heads import Heads
 from service.metrics import Metrics
-
 
 # Fewest texts a free worker is given when idle workers share the queued work: below this a pass's
 # fixed cost (~1 ms) outweighs running in parallel.
@@ -201,7 +201,8 @@ class Batcher:
         try:
             if watcher is None:
                 return await asyncio.shield(job.future)
-            await asyncio.wait({job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            either: set[asyncio.Future[Any]] = {job.future, watcher}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             if job.future.done():
                 return job.future.result()
             raise ClientGone("the client disconnected before its answer")
@@ -384,7 +385,7 @@ class Batcher:
         self._metrics.inference_duration.observe(finished - start)
         self._metrics.batch_size.observe(len(rows))
         self._metrics.batch_heads.observe(len(groups))
-        for part, places in zip(batch, where):
+        for part, places in zip(batch, where, strict=True):
             job = part.job
             if places is not None and not job.future.done():
                 job.parts[part.start] = [probs[g][a:b] for g, a, b in places]
@@ -415,7 +416,7 @@ class Batcher:
         offset = 0
         for part in batch:
             n = part.end - part.start
-            error = next((found[p.fingerprint] for p in part.job.prefs if p.fingerprint not in heads), None)
+            error = next((e for p in part.job.prefs if isinstance(e := found[p.fingerprint], ServiceError)), None)
             if error is not None:
                 if not part.job.future.done():
                     part.job.future.set_exception(error)

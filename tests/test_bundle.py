@@ -190,6 +190,7 @@ def test_model_card_states_what_the_manifest_records(tmp_path: Path, tiny_backbo
     assert f"- method: `{m.merge.method}`" in body
     assert f"- parameters: `{json.dumps(m.merge.parameters, sort_keys=True)}`" in body
     assert f"- beta: {m.correction.beta:g} (given)" in body and f"- prior: {m.correction.prior} " in body
+    assert m.expert_diagnostics is not None
     pair = m.expert_diagnostics.head_pairs[0]
     assert f"| spam / topic | {pair.max_row_cosine:.3f} | - | yes |" in body
     assert "| topic | 14.25 | 1.14 |" in body and f"- WARNING {m.expert_diagnostics.warnings[0]}" in body

@@ -75,7 +75,7 @@ def test_onnx_export_answers_as_the_service(exported: tuple[Path, Path]) -> None
     head = engine.fold([pref])[0]
     z = engine.encode(TEXTS)
     logits = z @ head.weight.T + engine.folder.bias
-    for task, g in zip(engine.tasks, got):
+    for task, g in zip(engine.tasks, got, strict=True):
         np.testing.assert_allclose(g, logits[:, engine.slices[task]].numpy(), rtol=1e-4, atol=1e-4)
     probs = engine.apply(z, [HeadGroup(head, range(len(TEXTS)))])[0].numpy()
     softmax = np.concatenate([np.exp(g) / np.exp(g).sum(axis=1, keepdims=True) for g in got], axis=1)

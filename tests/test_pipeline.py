@@ -40,6 +40,7 @@ def test_bundle_records_what_built_it(tiny_bundle: Path) -> None:
     assert [t.calibration_samples for t in m.tasks] == [500, 500, 500]
     assert m.merge.method == "ties" and m.merge.parameters["density"] == 0.2
     sel = m.correction.beta_selection
+    assert sel is not None
     # which beta the curves choose is checked against a data computation in test_calibration; here: it was recorded
     assert sel["chosen"] and m.correction.beta == sel["beta"] in sel["candidates"]
     assert len(sel["score"]) == len(sel["one_hot"]) == len(sel["equal"]) == len(sel["candidates"]) > 1

@@ -85,7 +85,8 @@ def test_recipe_builds_what_merge_then_calibrate_build(user: Path, tmp_path: Pat
     assert m.correction.beta == 0.5 and m.correction.identity_weight == 1.0
     recorded = m.extra["build_recipe"]
     assert recorded["file"] == str(config.resolve()) and recorded["recipe"]["experts"][0]["path"] == str(user / "spam")
-    assert m.expert_diagnostics is not None and set(m.expert_diagnostics.task_vector_norms) == {"spam", "topic"}
+    assert m.expert_diagnostics is not None and m.expert_diagnostics.task_vector_norms is not None
+    assert set(m.expert_diagnostics.task_vector_norms) == {"spam", "topic"}
     assert "sentence-transformers/all-MiniLM-L6-v2" in (out / "README.md").read_text()
 
     # the same two steps by hand: merge, then calibrate, give the same backbone and statistics
@@ -97,9 +98,10 @@ def test_recipe_builds_what_merge_then_calibrate_build(user: Path, tmp_path: Pat
     by_hand = tmp_path / "by_hand"
     assert cli(["calibrate", "--backbone", str(merged), "--base", str(user / "base"),
                 "--expert", f"spam={user / 'spam'}", "--expert", f"topic={user / 'topic'}",
-                "--calibration", f"spam={user / 'spam.txt'}", "--calibration", f"topic={user / 'topic.jsonl'}", "--beta", "0.5", "--prior", "identity",
+                "--calibration", f"spam={user / 'spam.txt'}", "--calibration", f"topic={user / 'topic.jsonl'}",
+                "--beta", "0.5", "--prior", "identity",
                 "--folds", "2", "--max-length", "32", "--device", "cpu", "--out", str(by_hand)]) == 0
-    for a, b in zip(bundle.statistics, load_bundle(by_hand).statistics):
+    for a, b in zip(bundle.statistics, load_bundle(by_hand).statistics, strict=True):
         torch.testing.assert_close(a.A, b.A)
         torch.testing.assert_close(a.B, b.B)
 
@@ -137,7 +139,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("name,content,message", BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize(("name", "content", "message"), BAD, ids=[b[0] for b in BAD])
 def test_recipe_errors_name_the_yaml_path(user: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str,
                                           content: dict[str, object] | str, message: str) -> None:
     config = write(user, f"bad-{name.replace(' ', '_')}.yaml", content)
@@ -154,7 +156,7 @@ def test_recipe_refuses_suite_options(user: Path, tmp_path: Path, capsys: pytest
     assert "--beta cannot be combined with --config" in capsys.readouterr().err
 
 
-MERGEKIT = {
+MERGEKIT: dict[str, object] = {
     "merge_method": "ties",
     "base_model": "base",
     "models": [{"model": "spam", "parameters": {"weight": 1.0, "density": 0.5}},
@@ -227,7 +229,7 @@ MAPPINGS = [
 ]
 
 
-@pytest.mark.parametrize("method,globals_,per_model,base_listed,expected_method,expected", MAPPINGS)
+@pytest.mark.parametrize(("method", "globals_", "per_model", "base_listed", "expected_method", "expected"), MAPPINGS)
 def test_mergekit_methods_map_by_their_semantics(method: str, globals_: dict, per_model: dict, base_listed: bool,
                                                  expected_method: str, expected: dict) -> None:
     models = [{"model": m, "parameters": per_model} for m in ("a", "b")]
@@ -254,7 +256,7 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("change,message", REFUSED, ids=[r[1].split(":")[0] for r in REFUSED])
+@pytest.mark.parametrize(("change", "message"), REFUSED, ids=[r[1].split(":")[0] for r in REFUSED])
 def test_mergekit_settings_that_do_not_map_are_refused(change: dict, message: str) -> None:
     config = {"merge_method": "ties", "base_model": "base",
               "models": [{"model": "a", "parameters": {"weight": 1}}, {"model": "b", "parameters": {"weight": 1}}],

@@ -81,7 +81,7 @@ class RecordingEngine(Engine):
         return super().embed(rows)
 
 
-async def _submit_all(engine: Engine, bundle: Path, jobs: Sequence[Sequence[str]], workers: int, *,
+async def _submit_all(engine: RecordingEngine, bundle: Path, jobs: Sequence[Sequence[str]], workers: int, *,
                       max_batch_size: int, max_batch_tokens: int, stagger: float = 0.0) -> list[torch.Tensor]:
     """Run `jobs` through a real batcher (heads thread included); each job's probabilities at one preference."""
     pref = canonical_preference([1, 1, 1], engine.tasks)
@@ -114,14 +114,14 @@ def test_batches_respect_the_padded_token_budget_and_text_cap(bundle: Path, work
     assert [p.shape[0] for p in got] == [3, 2, 5, 1, 8, 1]
     widths = {len(engine.token_ids([t])[0]) for t in (long_text, short_text)}
     assert widths == {3, 32}  # [CLS] short [SEP]; the long text truncated at the bundle's max length
-    for texts, width in engine.passes:
+    for n, width in engine.passes:
         # Every pass within both budgets: a request over them (3 long texts: 96 tokens) is split.
-        assert texts <= 8 and texts * width <= 64, engine.passes
+        assert n <= 8 and n * width <= 64, engine.passes
     assert sum(t for t, _ in engine.passes) == 20
     assert any(t > 1 and w == 3 for t, w in engine.passes), "short requests were never batched together"
     # Each answer is its texts' own, whatever passes they rode in: the engine's answer to them alone.
     head = engine.fold([canonical_preference([1, 1, 1], engine.tasks)])[0]
-    for texts, probs in zip(jobs, got):
+    for texts, probs in zip(jobs, got, strict=True):
         want = engine.apply(engine.encode(texts), [HeadGroup(head, list(range(len(texts))))])[0]
         torch.testing.assert_close(probs, want, rtol=0, atol=1e-5)
 

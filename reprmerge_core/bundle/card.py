@@ -9,11 +9,11 @@ source of truth (and whose hashes guard every file a bundle is loaded from), so 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from reprmerge_core.artifacts import atomic_file
 from reprmerge_core.bundle.manifest import BACKBONE_DIR, CARD_FILE, MANIFEST_FILE, Manifest
 
 MERGEKIT_CONFIG = "mergekit_config.yml"
@@ -42,8 +42,8 @@ def _diagnostics(manifest: Manifest) -> list[str]:
     lines = ["## Expert diagnostics", ""]
     agreement = manifest.extra.get("head_agreement")
     if isinstance(agreement, Mapping) and "per_task" in agreement:
-        lines += [f"Head agreement (label-free): {agreement['mean']:.3f} of calibration inputs get the expert's class "
-                  "from the merged backbone.", ""]
+        lines += [(f"Head agreement (label-free): {agreement['mean']:.3f} of calibration inputs get the expert's "
+                   "class from the merged backbone."), ""]
         lines += _table(["task", "agreement"], [(t, f"{v:.3f}") for t, v in agreement["per_task"].items()]) + [""]
     check = manifest.expert_diagnostics
     if check is None:
@@ -71,8 +71,8 @@ def _evaluation(manifest: Manifest, report: Mapping[str, Any] | None) -> list[st
                         ""]
     names = list(report["tasks"])
     scenarios = report["scenarios"]
-    lines += [f"Accuracy on {', '.join(f'{n} ({k} examples)' for n, k in zip(names, report['test_examples']))}; "
-              f"normalised by {report['normalised_by']}.", ""]
+    counts = ", ".join(f"{n} ({k} examples)" for n, k in zip(names, report["test_examples"], strict=True))
+    lines += [f"Accuracy on {counts}; normalised by {report['normalised_by']}.", ""]
     rows = [(label, *(f"{a:.4f}" for a in s["accuracy"]), f"{s['mean_normalised']:.4f}")
             for label, s in scenarios.items()]
     lines += _table(["preference", *names, "mean normalised"], rows) + [""]
@@ -91,17 +91,17 @@ def render_card(manifest: Manifest, evaluation: Mapping[str, Any] | None = None)
     lines = [
         _front_matter(m), "",
         f"# reprmerge bundle {m.bundle_id}", "",
-        f"One merged encoder serving {len(m.tasks)} classification tasks ({tasks}) with a closed-form, per-request "
-        "preference correction: a request weighs the tasks, and the correction for that trade-off is folded into "
-        "the task heads. Written by reprmerge " f"{m.library_version} on {m.created_at}.", "",
+        (f"One merged encoder serving {len(m.tasks)} classification tasks ({tasks}) with a closed-form, per-request "
+         "preference correction: a request weighs the tasks, and the correction for that trade-off is folded into "
+         f"the task heads. Written by reprmerge {m.library_version} on {m.created_at}."), "",
         "## Tasks", "",
         *_table(["task", "labels", "calibration inputs"],
                 [(t.name, ", ".join(t.labels), t.calibration_samples) for t in m.tasks]), "",
         "## Merge", "",
         f"- method: `{m.merge.method}`",
         f"- parameters: `{json.dumps(m.merge.parameters, sort_keys=True)}`",
-        f"- backbone: {m.backbone.source} (pooling {m.backbone.pooling}, max_length {m.backbone.max_length}, "
-        f"d = {m.representation_dim}); `{BACKBONE_DIR}/` loads with `AutoModel.from_pretrained`",
+        (f"- backbone: {m.backbone.source} (pooling {m.backbone.pooling}, max_length {m.backbone.max_length}, "
+         f"d = {m.representation_dim}); `{BACKBONE_DIR}/` loads with `AutoModel.from_pretrained`"),
     ]
     if f"{BACKBONE_DIR}/{MERGEKIT_CONFIG}" in m.files:
         lines.append(f"- mergekit configuration: `{BACKBONE_DIR}/{MERGEKIT_CONFIG}`")
@@ -121,8 +121,8 @@ def render_card(manifest: Manifest, evaluation: Mapping[str, Any] | None = None)
         "reprmerge serve BUNDLE    # HTTP: POST /v1/predict {\"texts\": [...], \"preference\": {...}}",
         "reprmerge export BUNDLE --preference '{\"" + m.tasks[0].name + "\": 1}' --format onnx --out DIR",
         "```", "",
-        f"This card is generated from `{MANIFEST_FILE}` and is not listed in it: the manifest's sha256 list guards "
-        "every file the bundle is loaded from.", "",
+        (f"This card is generated from `{MANIFEST_FILE}` and is not listed in it: the manifest's sha256 list "
+         "guards every file the bundle is loaded from."), "",
     ]
     return "\n".join(lines)
 
@@ -130,11 +130,6 @@ def render_card(manifest: Manifest, evaluation: Mapping[str, Any] | None = None)
 def write_card(bundle_dir: str | Path, manifest: Manifest, evaluation: Mapping[str, Any] | None = None) -> Path:
     """Write (or replace, atomically) the bundle's `README.md`."""
     path = Path(bundle_dir) / CARD_FILE
-    tmp = path.with_name(f".{CARD_FILE}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         tmp.write_text(render_card(manifest, evaluation), encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from reprmerge_core.choices import POOLINGS, Normalisation
+from reprmerge_core.choices import Normalisation, Pooling
 from reprmerge_core.diagnostics import ExpertDiagnostics
 
 if TYPE_CHECKING:  # the schema imports without torch; the selection (torch) only hands it values
@@ -95,7 +95,7 @@ class MergeInfo(_Strict):
 
 class BackboneInfo(_Strict):
     source: str = Field(min_length=1)
-    pooling: str = Field(pattern=f"^({'|'.join(POOLINGS)})$")
+    pooling: Pooling
     max_length: int = Field(ge=1)
 
 

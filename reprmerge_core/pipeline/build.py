@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,8 @@ class BuildConfig(BaseModel):
     def resolved_suite(self) -> SuiteConfig:
         suite = resolve_suite(self.suite)
         if self.calibration_size is not None:
-            suite = suite.model_copy(update={"split": suite.split.model_copy(update={"calibration_size": self.calibration_size})})
+            split = suite.split.model_copy(update={"calibration_size": self.calibration_size})
+            suite = suite.model_copy(update={"split": split})
         if suite.split.calibration_size < self.folds:
             raise ValueError(f"calibration_size {suite.split.calibration_size} is smaller than folds {self.folds}")
         return suite
@@ -110,7 +110,7 @@ def build_bundle(config: BuildConfig, out: str | Path, *, overwrite: bool = Fals
         return write_bundle(
             out,
             tasks=[TaskInfo(name=e.task, labels=list(e.label_names), calibration_samples=n)
-                   for e, n in zip(experts, stats.samples)],
+                   for e, n in zip(experts, stats.samples, strict=True)],
             statistics=[s.to("cpu") for s in stats.total],
             heads=[e.head for e in experts],
             backbone_dir=work,

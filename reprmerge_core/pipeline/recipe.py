@@ -11,7 +11,6 @@ Relative paths are relative to the recipe file (a mergekit file's, to that file)
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from reprmerge_core.artifacts import check_output, replace_dir
+from reprmerge_core.artifacts import check_output, replace_dir, sha256_file
 from reprmerge_core.bundle.card import MERGEKIT_CONFIG
 from reprmerge_core.bundle.io import amend_manifest
 from reprmerge_core.bundle.manifest import TASK_NAME_PATTERN, MergeInfo
@@ -204,7 +203,8 @@ def _merged_elsewhere(backbone: Path) -> tuple[str, dict[str, Any]]:
         raise RecipeError("backbone", f"{config} is not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(raw, dict):
         return "unknown", {}
-    models = raw.get("models") if isinstance(raw.get("models"), list) else []
+    listed = raw.get("models")
+    models = listed if isinstance(listed, list) else []
     return f"mergekit:{raw.get('merge_method')}", {
         "parameters": raw.get("parameters") or {},
         "models": [{"model": m.get("model"), **(m.get("parameters") or {})} for m in models if isinstance(m, dict)]}
@@ -227,10 +227,6 @@ def _merge_plan(recipe: Recipe) -> tuple[Path | None, str, dict[str, Any]]:
     return base, method, checked.model_dump(mode="json")
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def build_from_recipe(path: str | Path, out: str | Path, *, overwrite: bool = False, device: str = "auto",
                       progress: bool = True) -> Path:
     """Validate the recipe, merge (unless `backbone` is given), calibrate and write the bundle to `out` atomically."""
@@ -240,9 +236,8 @@ def build_from_recipe(path: str | Path, out: str | Path, *, overwrite: bool = Fa
     experts = {e.name: e.path for e in recipe.experts}
     inputs: dict[str, Path] = {"recipe": path, **{f"expert {n!r}": p for n, p in experts.items()},
                                **{f"calibration file of {n!r}": p for n, p in recipe.calibration.items()}}
-    for name, value in (("base", base), ("backbone", recipe.backbone), ("mergekit file", recipe.mergekit)):
-        if value is not None:
-            inputs[name] = value
+    inputs.update({name: value for name, value in (("base", base), ("backbone", recipe.backbone),
+                                                   ("mergekit file", recipe.mergekit)) if value is not None})
     check_output(out, inputs, overwrite=overwrite)
     texts = {name: read_texts(file) for name, file in recipe.calibration.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -265,7 +260,7 @@ def build_from_recipe(path: str | Path, out: str | Path, *, overwrite: bool = Fa
                                   prior=recipe.correction.prior, folds=recipe.correction.folds, merge_method=method,
                                   device=device, batch_size=recipe.batch_size, progress=progress, base=base)
         recorded = recipe.model_dump(mode="json")
-        extra["build_recipe"] = {"file": str(path.resolve()), "sha256": _sha256(path), "recipe": recorded}
+        extra["build_recipe"] = {"file": str(path.resolve()), "sha256": sha256_file(path), "recipe": recorded}
         if recipe.base_model is not None:
             extra["base_model"] = recipe.base_model
         amend_manifest(bundle, merge=MergeInfo(method=method, parameters=params), backbone_source=source, extra=extra)
