@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from reprmerge_cli import HELP
 from reprmerge_cli.args import beta_value, pair, prior_value, unique
 from reprmerge_core.choices import POOLINGS
+from reprmerge_core.data.files import FORMATS
 
 if TYPE_CHECKING:
     from reprmerge_core.pipeline.calibrate import ShardSpec
@@ -28,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert", type=pair, action="append", required=True, metavar="NAME=DIR",
                    help="an expert checkpoint with head.safetensors or a sequence-classification head (repeat)")
     p.add_argument("--calibration", type=pair, action="append", required=True, metavar="NAME=FILE",
-                   help="unlabeled inputs of a task: plain text (one per line) or JSON lines with \"text\" (repeat)")
+                   help=f"unlabeled inputs of a task (repeat): {FORMATS}; UTF-8. More inputs than the "
+                   "representation has dimensions, or the statistics are not full rank")
+    p.add_argument("--text-column", default="text", help="column / JSON field of the text in CSV, TSV and JSON lines")
     p.add_argument("--out", type=Path, required=True, help="bundle directory (with --shard: the shard file)")
     p.add_argument("--shard", type=_shard, metavar="I/N",
                    help="compute only shard I of N (inputs i with i mod N == I); add shards with `reprmerge reduce`")
@@ -56,12 +59,12 @@ def _shard(text: str) -> ShardSpec:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reprmerge_core.merging import read_texts
+    from reprmerge_core.data.files import read_texts
     from reprmerge_core.pipeline.calibrate import calibrate_bundle
 
     try:
         experts = unique(args.expert, "--expert")
-        calibration = {name: read_texts(path) for name, path in unique(args.calibration, "--calibration").items()}
+        calibration = {name: read_texts(path, args.text_column) for name, path in unique(args.calibration, "--calibration").items()}
         path = calibrate_bundle(args.backbone, experts, calibration, args.out, shard=args.shard, pooling=args.pooling,
                                 max_length=args.max_length, beta=args.beta, prior=args.prior, folds=args.folds,
                                 merge_method=args.merge_method, device=args.device, overwrite=args.overwrite,

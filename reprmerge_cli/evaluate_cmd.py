@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="report directory")
     p.add_argument("--test", type=pair, action="append", default=[], metavar="TASK=FILE",
                    help="your labelled test data of a task, for every task of the bundle (repeat): CSV/TSV with a "
-                   "header or JSON lines; labels are the bundle's label names (or ids 0..K-1). Without --test, the "
+                   "header or JSON lines, optionally .gz, UTF-8; labels are the bundle's label names (or ids 0..K-1). Without --test, the "
                    "bundle must come from a built-in suite")
     p.add_argument("--text-column", default="text", help="column / JSON field of the text (default: text)")
     p.add_argument("--label-column", default="label", help="column / JSON field of the label (default: label)")

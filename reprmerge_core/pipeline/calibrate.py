@@ -40,6 +40,7 @@ from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.check import sha256_file
 from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
 from reprmerge_core.calibration import choose_correction, collect_statistics, head_agreement, prior_identity_weight
+from reprmerge_core.calibration.collect import warn_few_inputs
 from reprmerge_core.correction import TaskHead, TaskStatistics
 from reprmerge_core.correction.solver import Normalisation
 from reprmerge_core.merging.checkpoints import check_experts, compatibility_problems, distances_from_base
@@ -148,6 +149,7 @@ def _plan(
     if problems:
         raise ValueError("experts do not match the backbone:\n  " + "\n  ".join(problems))
     sources = [read_expert(name, path, pooling) for name, path in experts.items()]
+    warn_few_inputs({name: len(texts) for name, texts in calibration.items()}, sources[0].head.weight.shape[1])
     poolings = {s.pooling for s in sources}
     if len(poolings) != 1:
         raise ValueError(f"experts read different representations ({sorted(poolings)}); one bundle needs one pooling")
