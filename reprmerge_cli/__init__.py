@@ -50,11 +50,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; its exit status. Ctrl-C ends any command with one line and 130 (128 + SIGINT), as a
+    shell reports it; outputs are written atomically, so nothing half-written is left behind."""
     # Every model comes from a local directory; an accidental hub call must fail fast, not hang.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(_chosen(argv)).parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        args = build_parser(_chosen(argv)).parse_args(argv)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

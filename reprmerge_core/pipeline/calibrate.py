@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from reprmerge_core.artifacts import check_output
-from reprmerge_core.backbone import Backbone, Pooling, select_device
+from reprmerge_core.backbone import Backbone, Pooling, quiet_transformers, select_device
 from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.check import sha256_file
 from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
@@ -97,7 +97,8 @@ def read_expert(name: str, path: str | Path, pooling: Pooling) -> ExpertSource:
         return ExpertSource(name, path, head, _label_names(path, head.num_classes), pooling)
     if not has_head(path):
         raise ValueError(f"expert {name!r}: {path} has neither {HEAD_FILE} nor a sequence-classification head")
-    model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+    with quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
     classifier = getattr(model, "classifier", None)
     if not isinstance(classifier, torch.nn.Linear):
         raise ValueError(f"expert {name!r}: its classification head is not a single linear layer; "

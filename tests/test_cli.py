@@ -1,0 +1,84 @@
+"""The `reprmerge` command itself, across subcommands: Ctrl-C, `--help` defaults, quiet model loads."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from transformers import BertConfig, BertForSequenceClassification
+
+from reprmerge_bench.server import CLI, LocalServer
+from tests.helpers import TOKENIZER_FILES
+
+
+def _interrupted(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    """SIGINT (what Ctrl-C sends) to a running `reprmerge`; its exit status and output."""
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    return proc.returncode, out
+
+
+def test_ctrl_c_while_reading_inputs_exits_130_with_one_line(tmp_path: Path, tiny_backbone_dir: Path) -> None:
+    """A real process blocked reading its calibration file (a FIFO nobody writes) when SIGINT arrives."""
+    fifo = tmp_path / "cal.txt"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLI, "calibrate", "--backbone", str(tiny_backbone_dir), "--expert",
+         f"a={tiny_backbone_dir}", "--calibration", f"a={fifo}", "--out", str(tmp_path / "bundle")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    writer, deadline = None, time.monotonic() + 120
+    try:
+        while writer is None:  # opening the write end succeeds once the command has opened the FIFO to read it
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO
+                time.sleep(0.05)
+        code, out = _interrupted(proc)
+    finally:
+        if writer is not None:
+            os.close(writer)
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 130, out
+    assert out == "interrupted\n"
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_ctrl_c_stops_serve_after_its_drain_with_130(random_bundle: Path, tmp_path: Path) -> None:
+    """`serve` handles SIGINT itself (a drain, as for SIGTERM), then exits like every other command."""
+    server = LocalServer(random_bundle, tmp_path / "serve.log", "--device", "cpu", ready_timeout=90)
+    with server:
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGINT)
+        code = server.proc.wait(timeout=60)
+    log = (tmp_path / "serve.log").read_text()
+    assert code == 130, log
+    assert "draining" in log and log.endswith("interrupted\n") and "Traceback" not in log, log
+
+
+def test_expert_loads_print_no_transformers_load_reports(tmp_path: Path, tiny_backbone_dir: Path) -> None:
+    """An encoder read from a sequence-classification checkpoint leaves its head out, as it should: transformers
+    would print a LOAD REPORT table (and a progress bar) for every such load."""
+    config = BertConfig.from_pretrained(tiny_backbone_dir, num_labels=2)
+    expert = tmp_path / "expert"
+    BertForSequenceClassification(config).save_pretrained(expert)
+    for name in TOKENIZER_FILES:
+        if (tiny_backbone_dir / name).exists():
+            shutil.copy(tiny_backbone_dir / name, expert / name)
+    texts = tmp_path / "cal.txt"
+    texts.write_text("".join(f"input number {i}\n" for i in range(40)))
+    done = subprocess.run(
+        [sys.executable, "-c", CLI, "calibrate", "--backbone", str(tiny_backbone_dir), "--base", str(tiny_backbone_dir),
+         "--expert", f"a={expert}", "--calibration", f"a={texts}", "--folds", "2", "--out", str(tmp_path / "bundle")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "LOAD REPORT" not in done.stderr and "UNEXPECTED" not in done.stderr, done.stderr
+    assert "Loading weights" not in done.stderr, done.stderr
