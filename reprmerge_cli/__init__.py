@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from reprmerge_cli.args import Parser
 from reprmerge_core import __version__
 
 # (name, module under reprmerge_cli, one-line help), in the order `reprmerge --help` lists them.
@@ -37,8 +38,7 @@ def _chosen(argv: Sequence[str]) -> str | None:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with `command`'s full options (its module imported) and every other subcommand help-only."""
-    parser = argparse.ArgumentParser(prog="reprmerge",
-                                     description="Merge task experts and serve per-request trade-offs.")
+    parser = Parser(prog="reprmerge", description="Merge task experts and serve per-request trade-offs.")
     parser.add_argument("--version", action="version", version=f"reprmerge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module, text in COMMANDS:

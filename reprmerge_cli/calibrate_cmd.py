@@ -36,16 +36,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard", type=_shard, metavar="I/N",
                    help="compute only shard I of N (inputs i with i mod N == I); add shards with `reprmerge reduce`")
     p.add_argument("--pooling", choices=POOLINGS, default="mean", help="representation for head.safetensors experts")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--beta", type=beta_value, default="auto")
+    p.add_argument("--max-length", type=int, default=128, help="longest input in tokens (longer ones are truncated)")
+    p.add_argument("--beta", type=beta_value, default="auto", help="correction strength, or 'auto' (chosen by k-fold CV)")
     p.add_argument("--prior", type=prior_value, default="auto",
-                   help="prior of the correction: 'auto' (chosen with beta by k-fold CV, default), 'procrustes', "
+                   help="prior of the correction: 'auto' (chosen with beta by k-fold CV), 'procrustes', "
                         "'identity' "
                         "or an identity weight in [0, 1] (a blend)")
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--folds", type=int, default=5, help="folds of the beta cross-validation")
     p.add_argument("--merge-method", default="unknown", help="recorded in the manifest")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
     p.set_defaults(func=run)
 
 

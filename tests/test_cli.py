@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import shutil
@@ -9,11 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import BertConfig, BertForSequenceClassification
 
 from reprmerge_bench.server import CLI, LocalServer
+from reprmerge_cli import COMMANDS, build_parser
+from service.settings import ServiceSettings
 from tests.helpers import TOKENIZER_FILES
 
 
@@ -82,3 +86,39 @@ def test_expert_loads_print_no_transformers_load_reports(tmp_path: Path, tiny_ba
     assert done.returncode == 0, done.stderr
     assert "LOAD REPORT" not in done.stderr and "UNEXPECTED" not in done.stderr, done.stderr
     assert "Loading weights" not in done.stderr, done.stderr
+
+
+def _options(parser: argparse.ArgumentParser, path: str = "") -> Iterator[tuple[str, argparse.ArgumentParser,
+                                                                               argparse.Action]]:
+    """(subcommand path, its parser, option) of every option under `parser`, nested subcommands included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, f"{path} {name}".strip())
+        elif action.option_strings and action.dest != "help":
+            yield path, parser, action
+
+
+def test_every_subcommand_help_shows_the_defaults() -> None:
+    """Each option with a default says it in `--help`; `serve`'s flags (None, so the environment can fill
+    them) say the settings' default and variable."""
+    settings = ServiceSettings.model_fields
+    checked = 0
+    for name, _, _ in COMMANDS:
+        for path, parser, action in _options(build_parser(name)):
+            if path.split()[:1] != [name]:
+                continue  # other subcommands are help-only here
+            formatter = parser._get_formatter()
+            formatter.add_argument(action)
+            shown = " ".join(formatter.format_help().split())
+            if name == "serve" and action.dest in settings:
+                default = settings[action.dest].default
+                assert f"REPRMERGE_{action.dest.upper()}" in shown, shown
+                expected = None if default is None else f"default: {default}"
+            else:
+                default = action.default
+                expected = None if default is None or default is False or default == [] else f"default: {default}"
+            if expected is not None:
+                assert expected in shown, (path, shown)
+                checked += 1
+    assert checked > 40
