@@ -1,9 +1,11 @@
-"""The `reprmerge` command itself, across subcommands: Ctrl-C, `--help` defaults, quiet model loads."""
+"""The `reprmerge` command itself, across subcommands: Ctrl-C, `--help` defaults, quiet model loads, what `inspect`
+explains."""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import shutil
 import signal
@@ -13,12 +15,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from reprmerge_bench.server import CLI, LocalServer
 from reprmerge_cli import COMMANDS, build_parser
+from reprmerge_cli import main as cli
 from service.settings import ServiceSettings
-from tests.helpers import TOKENIZER_FILES
+from tests.helpers import TOKENIZER_FILES, make_random_bundle
 
 
 def _interrupted(proc: subprocess.Popen[str]) -> tuple[int, str]:
@@ -122,3 +127,16 @@ def test_every_subcommand_help_shows_the_defaults() -> None:
                 assert expected in shown, (path, shown)
                 checked += 1
     assert checked > 40
+
+
+def test_inspect_explains_rho_beta_and_the_trade_off_losses(tmp_path: Path, tiny_backbone_dir: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    merged = Path(shutil.copytree(tiny_backbone_dir, tmp_path / "merged"))
+    (merged / "merge_report.json").write_text(json.dumps({"method": "regmean", "rho": 0.875}))  # as `merge` writes
+    bundle = make_random_bundle(tmp_path / "bundle", merged, torch.Generator().manual_seed(0))
+    assert cli(["inspect", str(bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "  rho       0.875: share of the experts' changes to layer outputs on calibration inputs" in out
+    assert "  beta      the ridge of each task's correction W, which minimises |W z_m - z_e|^2" in out
+    assert "`/v1/tradeoff` gives each task's loss L_t(W_p), its `best`" in out
+    assert "quality_kept = (uncorrected - loss) / (uncorrected - best)" in out
