@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", type=pair, action="append", default=[], dest="params", metavar="KEY=VALUE",
                    help="a merge parameter (repeat), e.g. density=0.2")
     p.add_argument("--calibration-size", type=int, default=None, help="calibration inputs per task (default: the suite's)")
-    p.add_argument("--beta", type=beta_value, default="auto", help="correction strength, or 'auto' (chosen by k-fold CV)")
+    p.add_argument("--beta", type=beta_value, default="auto",
+                   help="correction strength, or 'auto' (chosen by k-fold CV)")
     p.add_argument("--prior", type=prior_value, default="auto",
                    help="prior of the correction: 'auto' (chosen with beta by k-fold CV), 'procrustes', "
                         "'identity' "

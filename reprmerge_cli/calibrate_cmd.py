@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="compute only shard I of N (inputs i with i mod N == I); add shards with `reprmerge reduce`")
     p.add_argument("--pooling", choices=POOLINGS, default="mean", help="representation for head.safetensors experts")
     p.add_argument("--max-length", type=int, default=128, help="longest input in tokens (longer ones are truncated)")
-    p.add_argument("--beta", type=beta_value, default="auto", help="correction strength, or 'auto' (chosen by k-fold CV)")
+    p.add_argument("--beta", type=beta_value, default="auto",
+                   help="correction strength, or 'auto' (chosen by k-fold CV)")
     p.add_argument("--prior", type=prior_value, default="auto",
                    help="prior of the correction: 'auto' (chosen with beta by k-fold CV), 'procrustes', "
                         "'identity' "
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         experts = unique(args.expert, "--expert")
-        calibration = {name: read_texts(path, args.text_column) for name, path in unique(args.calibration, "--calibration").items()}
+        files = unique(args.calibration, "--calibration")
+        calibration = {name: read_texts(path, args.text_column) for name, path in files.items()}
         path = calibrate_bundle(args.backbone, experts, calibration, args.out, shard=args.shard, pooling=args.pooling,
                                 max_length=args.max_length, beta=args.beta, prior=args.prior, folds=args.folds,
                                 merge_method=args.merge_method, device=args.device, overwrite=args.overwrite,

@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         for message in check.warnings:
             print(f"  WARNING {message}")
     print("trade-off   a preference p gets W_p; `/v1/tradeoff` gives each task's loss L_t(W_p), its `best` (at its own "
-          "one-hot)\n            and `uncorrected` (W = I) loss; quality_kept = (uncorrected - loss) / (uncorrected - best)")
+          "one-hot)\n            and `uncorrected` (W = I) loss; "
+          "quality_kept = (uncorrected - loss) / (uncorrected - best)")
     total = sum((bundle.path / f).stat().st_size for f in m.files)
     print(f"files       {len(m.files)} files, {total / 1e6:.1f} MB, sha256 verified")
     print("VALID")
@@ -81,6 +82,6 @@ def _beta_lines(beta: float, selection: dict[str, Any] | None) -> list[str]:
              "          (statistics are energy-normalised, so one beta suits every task)"]
     if selection and beta in selection.get("candidates", []):
         i = selection["candidates"].index(beta)
-        lines.append(f"          chosen by {selection['folds']}-fold CV: held-out relative loss {selection['one_hot'][i]:.3f} at "
-                     f"one-hot, {selection['equal'][i]:.3f} at equal preference (lower is better)")
+        losses = f"{selection['one_hot'][i]:.3f} at one-hot, {selection['equal'][i]:.3f} at equal preference"
+        lines.append(f"          chosen by {selection['folds']}-fold CV: held-out relative loss {losses} (lower is better)")
     return lines

@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True,
                    help="output checkpoint directory (never the base or an expert; written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--batch-size", type=int, default=32, help="calibration inputs per forward pass (data-aware methods)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="calibration inputs per forward pass (data-aware methods)")
     p.add_argument("--max-length", type=int, default=128, help="longest calibration input in tokens (longer ones "
                    "are truncated)")
     p.set_defaults(func=run)

@@ -71,48 +71,29 @@ def test_latin1_is_refused_naming_file_line_and_utf8(tmp_path: Path, name: str) 
         read_texts(path)
 
 
-def test_json_errors_name_file_and_line(tmp_path: Path) -> None:
-    path = write(tmp_path / "cal.jsonl", b'{"text": "one"}\n\n{"text": "two"\n')
-    with pytest.raises(ValueError, match=r"cal.jsonl:3: not a JSON line"):
-        read_texts(path)
-    path.write_text('{"text": "one"}\n\n{"text": 2}\n')  # blank lines count: the number an editor shows
-    with pytest.raises(ValueError, match=r"cal.jsonl:3: field 'text' must be a non-empty string, got 2"):
-        read_texts(path)
-    path.write_text('{"text": "one"}\n{"body": "two"}\n')
-    with pytest.raises(ValueError, match=r"cal.jsonl:2: no field 'text' \(has 'body'\)"):
-        read_texts(path)
-    path.write_text('{"text": "one"}\n"two"\n')
-    with pytest.raises(ValueError, match=r"cal.jsonl:2: expected a JSON object, got str"):
-        read_texts(path)
+PRETTY = json.dumps([{"text": t} for t in TEXTS], indent=2).encode()
+BAD_FILES = [  # (file name, content, the error: file and line first)
+    ("cal.jsonl", b'{"text": "one"}\n\n{"text": "two"\n', r"cal.jsonl:3: not a JSON line"),
+    # blank lines count: the number an editor shows
+    ("cal.jsonl", b'{"text": "one"}\n\n{"text": 2}\n', r"cal.jsonl:3: field 'text' must be a non-empty string, got 2"),
+    ("cal.jsonl", b'{"text": "one"}\n{"body": "two"}\n', r"cal.jsonl:2: no field 'text' \(has 'body'\)"),
+    ("cal.jsonl", b'{"text": "one"}\n"two"\n', r"cal.jsonl:2: expected a JSON object, got str"),
+    ("cal.json", PRETTY,
+     r"cal.json:1: a JSON array, not JSON lines \(one object per line\); convert it with `jq -c '\.\[\]'"),
+    ("cal.json", json.dumps([{"text": t} for t in TEXTS]).encode(), r"cal.json:1: a JSON array, not JSON lines"),
+    ("cal.json", b'\n{\n  "text": "one"\n}\n', r"cal.json:2: a JSON object over several lines, not JSON lines"),
+    ("cal.csv", b"message,label\nhello,ham\n",
+     r"cal.csv:1: no column 'text' in the header row \(has 'message', 'label'\)"),
+    ("cal.csv", b"text,label\nhello,ham\n\nbye,ham,extra\n", r"cal.csv:4: 3 fields, the header has 2"),
+    ("cal.csv", b"text,label\nhello,ham\n ,ham\n", r"cal.csv:3: field 'text' must be a non-empty string"),
+    ("cal.csv", b"", r"cal.csv: empty file, expected a header row"),
+]
 
 
-def test_a_json_array_or_pretty_printed_object_gets_a_precise_message(tmp_path: Path) -> None:
-    pretty = write(tmp_path / "cal.json", json.dumps([{"text": t} for t in TEXTS], indent=2).encode())
-    with pytest.raises(ValueError, match=r"cal.json:1: a JSON array, not JSON lines \(one object per line\); "
-                                         r"convert it with `jq -c '\.\[\]'"):
-        read_texts(pretty)
-    write(pretty, json.dumps([{"text": t} for t in TEXTS]).encode())  # on one line
-    with pytest.raises(ValueError, match=r"cal.json:1: a JSON array, not JSON lines"):
-        read_texts(pretty)
-    write(pretty, b'\n{\n  "text": "one"\n}\n')
-    with pytest.raises(ValueError, match=r"cal.json:2: a JSON object over several lines, not JSON lines"):
-        read_texts(pretty)
-
-
-def test_csv_errors_name_file_and_line(tmp_path: Path) -> None:
-    path = write(tmp_path / "cal.csv", b"message,label\nhello,ham\n")
-    with pytest.raises(ValueError, match=r"cal.csv:1: no column 'text' in the header row \(has 'message', 'label'\)"):
-        read_texts(path)
-    assert read_texts(path, "message") == ["hello"]
-    write(path, b"text,label\nhello,ham\n\nbye,ham,extra\n")
-    with pytest.raises(ValueError, match=r"cal.csv:4: 3 fields, the header has 2"):
-        read_texts(path)
-    write(path, b"text,label\nhello,ham\n ,ham\n")
-    with pytest.raises(ValueError, match=r"cal.csv:3: field 'text' must be a non-empty string"):
-        read_texts(path)
-    write(path, b"")
-    with pytest.raises(ValueError, match=r"cal.csv: empty file, expected a header row"):
-        read_texts(path)
+@pytest.mark.parametrize(("name", "content", "message"), BAD_FILES)
+def test_bad_files_are_refused_naming_file_and_line(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        read_texts(write(tmp_path / name, content))
 
 
 def test_other_refusals(tmp_path: Path) -> None:

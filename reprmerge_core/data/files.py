@@ -50,9 +50,9 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
                 try:
                     line = data.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    raise ValueError(f"{path}:{number}: not UTF-8 (byte 0x{data[exc.start]:02x} at byte {exc.start + 1} "
-                                     f"of the line); files must be UTF-8: convert it, e.g. `iconv -f latin1 -t utf-8`"
-                                     ) from None
+                    byte = f"byte 0x{data[exc.start]:02x} at byte {exc.start + 1} of the line"
+                    raise ValueError(f"{path}:{number}: not UTF-8 ({byte}); files must be UTF-8: convert it, e.g. "
+                                     "`iconv -f latin1 -t utf-8`") from None
                 yield number, line.removeprefix("\ufeff") if number == 1 else line
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise ValueError(f"{path}:{number + 1}: corrupt or truncated gzip data ({exc})") from None
