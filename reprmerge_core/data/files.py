@@ -85,14 +85,7 @@ def _json_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _csv_records(path: Path, delimiter: str, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     """Rows as header -> cell; a row's line number is the line it starts on (a quoted field may span lines)."""
-    numbers: list[int] = []
-
-    def lines() -> Iterator[str]:
-        for number, line in iter_lines(path):
-            numbers.append(number)
-            yield line
-
-    reader = csv.reader(lines(), delimiter=delimiter)
+    reader = csv.reader((line for _, line in iter_lines(path)), delimiter=delimiter)
     start = 1
     try:
         header = next(reader, None)
