@@ -87,7 +87,7 @@ def test_expert_loads_print_no_transformers_load_reports(tmp_path: Path, tiny_ba
     done = subprocess.run(
         [sys.executable, "-c", CLI, "calibrate", "--backbone", str(tiny_backbone_dir), "--base", str(tiny_backbone_dir),
          "--expert", f"a={expert}", "--calibration", f"a={texts}", "--folds", "2", "--out", str(tmp_path / "bundle")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
     assert done.returncode == 0, done.stderr
     assert "LOAD REPORT" not in done.stderr and "UNEXPECTED" not in done.stderr, done.stderr
     assert "Loading weights" not in done.stderr, done.stderr

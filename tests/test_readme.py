@@ -13,7 +13,7 @@ import torch
 from tests.helpers import make_random_bundle
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), re.S | re.M)
+BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), re.DOTALL | re.MULTILINE)
 # The tasks the blocks name, with the tiny suite's labels; statistics are random (the blocks read shapes, not values).
 TASKS = {"sms_spam": ["ham", "spam"], "trec6": ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"],
          "movie_sentiment": ["negative", "positive"]}
