@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,6 +76,32 @@ def check_output(out: str | Path, inputs: Mapping[str, str | Path], *, overwrite
     return Path(out)
 
 
+def temp_dir_beside(out: Path) -> Path:
+    """A new hidden sibling of `out` to write into, made as any folder is (mode 0o777 less the umask):
+    `tempfile.mkdtemp` makes it owner-only, and the rename would hand that on to the finished output."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(6)}")
+        try:
+            tmp.mkdir()
+        except FileExistsError:
+            continue
+        return tmp
+
+
+def temp_file_beside(out: Path) -> Path:
+    """A new empty hidden sibling of the file `out`, made as any file is (mode 0o666 less the umask; `mkstemp`
+    makes it owner-only, and the rename would hand that on to the finished file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(6)}")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
     """Move a finished directory into place; an old one is moved aside first and removed last."""
     if out.exists():
@@ -96,8 +122,7 @@ def atomic_dir(out: str | Path, *, keep_existing: bool = False) -> Iterator[Path
     twice), its copy wins and ours is discarded; otherwise an existing `out` is replaced.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         yield tmp
         if not keep_existing:
@@ -116,11 +141,7 @@ def atomic_dir(out: str | Path, *, keep_existing: bool = False) -> Iterator[Path
 def atomic_file(out: str | Path) -> Iterator[Path]:
     """A temporary sibling path of the file `out` to write to; moved over `out` when the block ends cleanly,
     removed when it raises, so a reader sees the old file or the whole new one, never part of it."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = temp_file_beside(Path(out))
     try:
         yield tmp
         os.replace(tmp, out)
