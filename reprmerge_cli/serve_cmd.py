@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, field in ServiceSettings.model_fields.items():
         if name != _POSITIONAL:
             p.add_argument(f"--{name.replace('_', '-')}", **_argument(name, field))
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity")
     p.set_defaults(func=run)
 
 
