@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     c = m.correction
     print(f"bundle      {bundle.path}  (id {m.bundle_id}, format v{m.format_version}, reprmerge {m.library_version})")
     print(f"created     {m.created_at}")
-    print(f"backbone    {m.backbone.source}  (pooling {m.backbone.pooling}, max_length {m.backbone.max_length}, d={m.representation_dim})")
+    print(f"backbone    {m.backbone.source}  (pooling {m.backbone.pooling}, max_length {m.backbone.max_length}, "
+          f"d={m.representation_dim})")
     print(f"merge       {m.merge.method} {json.dumps(m.merge.parameters, sort_keys=True)}")
     rho = _rho(bundle.path, m.extra)
     if rho is not None:
@@ -100,5 +101,6 @@ def _beta_lines(beta: float, selection: dict[str, Any] | None) -> list[str]:
     if selection and beta in selection.get("candidates", []):
         i = selection["candidates"].index(beta)
         losses = f"{selection['one_hot'][i]:.3f} at one-hot, {selection['equal'][i]:.3f} at equal preference"
-        lines.append(f"          chosen by {selection['folds']}-fold CV: held-out relative loss {losses} (lower is better)")
+        lines.append(f"          chosen by {selection['folds']}-fold CV: held-out relative loss {losses} "
+                     "(lower is better)")
     return lines

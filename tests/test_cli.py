@@ -48,7 +48,8 @@ def test_ctrl_c_while_reading_inputs_exits_130_with_one_line(tmp_path: Path, tin
             try:
                 writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
             except OSError as exc:
-                assert exc.errno == errno.ENXIO
+                if exc.errno != errno.ENXIO:  # no reader yet is the only error expected here
+                    raise
                 time.sleep(0.05)
         code, out = _interrupted(proc)
     finally:

@@ -31,5 +31,5 @@ def test_readme_python_block_runs(block: str, tmp_path: Path, tiny_backbone_dir:
     monkeypatch.chdir(tmp_path)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(compile(block, str(README), "exec"), {"__name__": "__readme__"})  # noqa: S102 - the README's own code
+        exec(compile(block, str(README), "exec"), {"__name__": "__readme__"})  # the README's own code
     assert printed.getvalue().strip(), "a README block that prints nothing shows the reader nothing"

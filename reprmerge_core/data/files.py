@@ -102,7 +102,7 @@ def _csv_records(path: Path, delimiter: str, required: Sequence[str]) -> Iterato
                 continue
             if len(row) != len(header):
                 raise ValueError(f"{path}:{number}: {len(row)} fields, the header has {len(header)}")
-            yield number, dict(zip(header, row))
+            yield number, dict(zip(header, row, strict=True))
     except csv.Error as exc:
         raise ValueError(f"{path}:{start}: malformed CSV ({exc})") from None
 
