@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from reprmerge_cli import main as cli
-from reprmerge_core.backbone import Backbone
+from reprmerge_core.artifacts import sha256_file
+from reprmerge_core.backbone import Backbone, default_backbone_path
 from reprmerge_core.bundle import load_bundle
+from reprmerge_core.calibration import collect_statistics
 from reprmerge_core.correction import TaskStatistics
 from reprmerge_core.data import load_suite
 from reprmerge_core.evaluation import EvaluationInputs, evaluate_bundle
 from reprmerge_core.evaluation.report import write_report
-from reprmerge_core.pipeline import BuildConfig, build_bundle
+from reprmerge_core.merging import merge_checkpoints
 from reprmerge_core.pipeline.build import suite_from_extra
 from reprmerge_core.training import RECIPES, train_experts
 
@@ -68,22 +70,22 @@ def test_react_one_hot_beats_the_merged_backbone(tiny_bundle: Path, cache: Path,
 
 
 def test_rebuild_reproduces_the_merge_and_the_statistics(tiny_bundle: Path, cache: Path, tmp_path: Path) -> None:
-    """A rebuild merges to the very same weights, and 50 calibration inputs per task (not 500: determinism needs no
-    more) give statistics equal to a float64 computation from the two backbones' features."""
-    config = BuildConfig(suite="tiny", merge="ties", device="cpu", cache_dir=cache, calibration_size=50)
-    first, again = load_bundle(tiny_bundle), load_bundle(build_bundle(config, tmp_path / "again", progress=False))
-    weights = {k: v for k, v in first.manifest.files.items() if k.startswith("backbone/")}
-    assert weights and {k: again.manifest.files.get(k) for k in weights} == weights  # same bytes, same hashes
-    assert all(torch.equal(a.weight, b.weight) for a, b in zip(first.heads, again.heads, strict=True))
-    splits = load_suite(config.resolved_suite())
-    experts = train_experts(splits, config.recipe(), cache_dir=cache, device="cpu", progress=False)
-    merged = Backbone.from_pretrained(again.backbone_path, pooling=config.recipe().pooling,
-                                      max_length=config.recipe().max_length, device="cpu")
-    texts = list(splits[1].calibration)
-    assert len(texts) == 50 and again.manifest.tasks[1].calibration_samples == 50
-    expert = experts[1].backbone(device="cpu")
+    """What a rebuild repeats, without a second whole build: merging the cached experts again gives the bundle's
+    weights bit for bit, and the statistics pass on 50 calibration inputs (determinism needs no more) equals a
+    float64 computation from the two backbones' features."""
+    bundle = load_bundle(tiny_bundle)
+    suite, recipe = suite_from_extra(bundle.manifest.extra)
+    splits = load_suite(suite)
+    experts = train_experts(splits, recipe, cache_dir=cache, device="cpu", progress=False)
+    assert not any(e.trained for e in experts)  # the very experts the bundle was built from
+    merge_checkpoints(default_backbone_path(), {e.task: e.path for e in experts}, "ties", None, None,
+                      tmp_path / "merged", max_length=recipe.max_length, progress=False)
+    assert sha256_file(tmp_path / "merged" / "model.safetensors") == bundle.manifest.files["backbone/model.safetensors"]
+    merged = Backbone.from_pretrained(tmp_path / "merged", pooling=recipe.pooling, max_length=recipe.max_length,
+                                      device="cpu")
+    expert, texts = experts[1].backbone(device="cpu"), list(splits[1].calibration[:50])
+    got = collect_statistics(merged, [expert], [texts], progress=False).folds[0][0]
     want = TaskStatistics.from_features(merged.encode(texts).double(), expert.encode(texts).double())
-    got = again.statistics[1]
     scale = want.A.abs().max()
     assert (got.A - want.A).abs().max() <= 1e-6 * scale and (got.B - want.B).abs().max() <= 1e-6 * scale
     assert got.n == want.n == 50 and abs(got.e - want.e) <= 1e-6 * want.e
