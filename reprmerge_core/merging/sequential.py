@@ -27,6 +27,7 @@ from reprmerge_core.merging.merge import (
     check_state_dicts,
     merge_parameters,
     resolve,
+    resolve_weights,
 )
 from reprmerge_core.merging.params import MergeParams
 
@@ -54,7 +55,7 @@ def merge_sequential(
     if set(batches) != set(experts) or not all(batches[task] for task in experts):
         raise ValueError(f"calibration batches are needed for every expert {sorted(experts)}, got {sorted(batches)}")
     base = {name: tensor.clone() for name, tensor in base.items()}  # it may share storage with `model`
-    report = MergeReport.start(method, checked, experts)
+    report = MergeReport.start(method, checked, experts, resolve_weights(method, None, list(experts)))
     names = changed_parameters(base, experts, checked.freeze)
     candidates = [layer for layer in linear_layers(model) if f"{layer}.weight" in names]
     state = dict(base)
