@@ -40,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "'identity' "
                         "or an identity weight in [0, 1] (a blend)")
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--merge-method", default="unknown", help="recorded in the manifest")
+    p.add_argument("--merge-method", default="unknown",
+                   help="recorded in the manifest when the backbone has no merge_report.json (reprmerge merge "
+                        "writes one; its method, parameters and weights are recorded instead)")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run)

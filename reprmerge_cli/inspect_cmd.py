@@ -32,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"bundle      {bundle.path}  (id {m.bundle_id}, format v{m.format_version}, reprmerge {m.library_version})")
     print(f"created     {m.created_at}")
     print(f"backbone    {m.backbone.source}  (pooling {m.backbone.pooling}, max_length {m.backbone.max_length}, d={m.representation_dim})")
-    print(f"merge       {m.merge.method} {json.dumps(m.merge.parameters, sort_keys=True)}")
+    weights = ", ".join(f"{task} {w:g}" for task, w in m.merge.weights.items())
+    print(f"merge       {m.merge.method} {json.dumps(m.merge.parameters, sort_keys=True)}"
+          + (f"  weights: {weights}" if weights else ""))
     agreement = m.extra.get("head_agreement")
     if agreement:
         print(f"agreement   {agreement['mean']:.3f} of calibration inputs get the expert's class from the merged "

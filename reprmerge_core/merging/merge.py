@@ -215,12 +215,14 @@ def check_state_dicts(base: StateDict, experts: Mapping[str, StateDict]) -> None
 
 def changed_parameters(base: StateDict, experts: Mapping[str, StateDict], freeze: tuple[str, ...]) -> list[str]:
     """Names some expert changed and no freeze pattern matches: the only ones worth merging."""
-    return [
-        name
-        for name in base
-        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in freeze)
-        and not all(torch.equal(sd[name], base[name]) for sd in experts.values())
-    ]
+    names = []
+    for name in base:
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in freeze):
+            continue
+        tensor = base[name]  # once: `base` may read from disk
+        if not all(torch.equal(sd[name], tensor) for sd in experts.values()):
+            names.append(name)
+    return names
 
 
 def _check_grams(grams: Grams, base: StateDict, experts: Mapping[str, StateDict]) -> None:
@@ -332,6 +334,43 @@ def check_merge(
     return spec, checked, resolve_weights(method, weights, tasks)
 
 
+def iter_merge(
+    base: StateDict,
+    experts: Mapping[str, StateDict],
+    method: str,
+    params: Mapping[str, Any] | MergeParams | None = None,
+    grams: Grams | None = None,
+    *,
+    progress: bool = False,
+    weights: Mapping[str, float] | None = None,
+) -> tuple[MergeReport, Iterator[tuple[str, Tensor]]]:
+    """`merge_state_dicts`, one tensor at a time: every base parameter in order, merged or the base's own.
+
+    Everything is checked before this returns; the report is complete once the iterator is exhausted.
+    With lazy mappings (`stream.LazyCheckpoint`) a consumer that writes and drops each tensor holds one
+    parameter's tensors at a time.
+    """
+    spec, checked, resolved = check_merge(method, params, list(experts), weights, has_grams=bool(grams))
+    check_state_dicts(base, experts)
+    if grams:
+        _check_grams(grams, base, experts)
+    report = MergeReport.start(method, checked, experts, resolved)
+    names = changed_parameters(base, experts, checked.freeze)
+
+    def tensors() -> Iterator[tuple[str, Tensor]]:
+        merged = iter_merged(base, experts, spec, checked, names, grams, report, progress, resolved)
+        pending = next(merged, None)
+        for name in base:
+            if pending is not None and pending[0] == name:
+                yield pending
+                pending = next(merged, None)
+            else:
+                yield name, base[name]
+        report.finish(base)
+
+    return report, tensors()
+
+
 def merge_state_dicts(
     base: StateDict,
     experts: Mapping[str, StateDict],
@@ -349,15 +388,9 @@ def merge_state_dicts(
     diagnostics (energy, loss, rho) to the report. `weights[task]` scales expert `task`'s task vector
     (default 1; data-free methods). Unchanged or frozen parameters are the base's tensors.
     """
-    spec, checked, resolved = check_merge(method, params, list(experts), weights, has_grams=bool(grams))
-    check_state_dicts(base, experts)
-    if grams:
-        _check_grams(grams, base, experts)
-    report = MergeReport.start(method, checked, experts, resolved)
-    names = changed_parameters(base, experts, checked.freeze)
-    merged = merge_parameters(base, experts, spec, checked, names, grams, report, progress, resolved)
-    report.finish(base)
-    return MergeResult({name: merged.get(name, base[name]) for name in base}, report)
+    report, tensors = iter_merge(base, experts, method, params, grams, progress=progress, weights=weights)
+    state = dict(tensors)
+    return MergeResult(state, report)
 
 
 def diagnose(
