@@ -238,7 +238,9 @@ def merge_checkpoints(
     if sequential:
         base_model = _load_encoder(base_dir)
         whole = {task: _load_encoder(path).state_dict() for task, path in paths.items()}
-        result = merge_sequential(base_model, base_model.state_dict(), whole, method, checked, batches, progress=progress)
+        result = merge_sequential(
+            base_model, base_model.state_dict(), whole, method, checked, batches, progress=progress
+        )
         report, tensors = result.report, iter(result.state_dict.items())
         del base_model, whole
     else:
@@ -254,7 +256,8 @@ def merge_checkpoints(
     report.timings = {**timings, **report.timings}
     if out_dir is None:
         state: Mapping[str, Tensor] = dict(tensors)
-        report.timings["merge"] = time.perf_counter() - start
+        if not sequential:  # merge_sequential timed its own stages
+            report.timings["merge"] = time.perf_counter() - start
         return MergeResult(state, report)
     _write(out_dir, layout, base, tensors, tokenizer, report, timing="save" if sequential else "merge_and_save")
     return MergeResult(LazyCheckpoint(out_dir, layout), report)

@@ -275,7 +275,7 @@ def iter_merged(
 ) -> Iterator[tuple[str, Tensor]]:
     """Merge `names` (all changed by some expert) one at a time, in float64, cast back to the base's dtype.
 
-    A generator, so a caller can write each merged tensor and free it (`stream.merge_files`); `base` and
+    A generator, so a caller can write each merged tensor and free it (`merge_checkpoints`); `base` and
     `experts` may be lazy mappings that read a tensor from disk when asked. A `name.weight` whose module has
     Grams gets the method's linear rule (data-aware methods) and a diagnostic in `report.layers`; every
     other parameter gets the method's tensor rule with the per-expert `weights`.
@@ -302,21 +302,6 @@ def iter_merged(
             report.layers[layer] = LayerDiagnostics.of(update, deltas, task_grams)
         report.merged_parameters.append(name)
         yield name, (base64 + update).to(original.dtype)
-
-
-def merge_parameters(
-    base: StateDict,
-    experts: Mapping[str, StateDict],
-    spec: Method,
-    params: MergeParams,
-    names: Sequence[str],
-    grams: Grams | None,
-    report: MergeReport,
-    progress: bool = False,
-    weights: Mapping[str, float] | None = None,
-) -> dict[str, Tensor]:
-    """`iter_merged`, collected."""
-    return dict(iter_merged(base, experts, spec, params, names, grams, report, progress, weights))
 
 
 def check_merge(

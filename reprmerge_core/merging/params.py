@@ -59,7 +59,9 @@ class BreadcrumbsParams(MergeParams):
     @model_validator(mode="after")
     def _fractions_fit(self) -> BreadcrumbsParams:
         if self.density + self.gamma > 1.0:
-            raise ValueError(f"density + gamma must be <= 1 (kept + dropped outliers), got {self.density} + {self.gamma}")
+            raise ValueError(
+                f"density + gamma must be <= 1 (kept + dropped outliers), got {self.density} + {self.gamma}"
+            )
         return self
 
 

@@ -25,7 +25,7 @@ from reprmerge_core.merging.merge import (
     StateDict,
     changed_parameters,
     check_state_dicts,
-    merge_parameters,
+    iter_merged,
     resolve,
     resolve_weights,
 )
@@ -62,7 +62,7 @@ def merge_sequential(
     model.load_state_dict(state)
     stages = layer_stages(model, batches[next(iter(experts))][0], candidates) if candidates else []
     staged = {f"{layer}.weight" for stage in stages for layer in stage}  # layers that never run stay data-free
-    state.update(merge_parameters(base, experts, spec, checked, [n for n in names if n not in staged], None, report))
+    state.update(iter_merged(base, experts, spec, checked, [n for n in names if n not in staged], None, report))
     model.load_state_dict(state)
     spent = {"calibration": 0.0, "merge": 0.0}
     for stage in tqdm(stages, desc="sequential merge", unit="stage", disable=not progress):
@@ -70,7 +70,8 @@ def merge_sequential(
         grams = {task: collect_grams(model, batches[task], stage, stop_early=True) for task in experts}
         spent["calibration"] += time.perf_counter() - start
         start = time.perf_counter()
-        merged = merge_parameters(base, experts, spec, checked, [f"{layer}.weight" for layer in stage], grams, report)
+        weights = [f"{layer}.weight" for layer in stage]
+        merged = dict(iter_merged(base, experts, spec, checked, weights, grams, report))
         with torch.no_grad():
             for name, tensor in merged.items():
                 model.get_parameter(name).copy_(tensor)

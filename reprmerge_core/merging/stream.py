@@ -1,5 +1,5 @@
-"""Checkpoints read and written one tensor at a time (safetensors), so a data-free merge holds one parameter's
-K + 1 tensors and their float64 task vectors, never K + 1 models.
+"""Checkpoints read and written one tensor at a time (the safetensors format), so a data-free merge holds one
+parameter's K + 1 tensors and their float64 task vectors, never K + 1 models.
 
 `LazyCheckpoint` maps the encoder's parameter names (those of `AutoModel`, built on the meta device so no
 weights are allocated) to the tensors in a checkpoint's safetensors file(s), lazily: a classification
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
@@ -77,29 +76,65 @@ def _encoder_name(key: str, prefix: str, names: Mapping[str, object]) -> str | N
     return None
 
 
+class SafetensorsFile:
+    """One safetensors file's header, and its tensors read with plain file reads.
+
+    Not `safetensors.safe_open`: that maps the whole file, and every page a read touches stays in the
+    process's resident memory while the handle is open, so reading K + 1 checkpoints through it costs
+    their size in RSS again. A plain read leaves the pages to the OS's file cache.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        self.start = 8 + size
+        self.entries: dict[str, dict] = header
+
+    def dtype_name(self, key: str) -> str:
+        return self.entries[key]["dtype"]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def read(self, key: str) -> Tensor:
+        begin, end = self.entries[key]["data_offsets"]
+        dtype, shape = DTYPES[self.dtype_name(key)], self.shape(key)
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(end - begin)
+        with self.path.open("rb") as f:
+            f.seek(self.start + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise ValueError(f"{self.path}: truncated data for tensor {key}")
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
 class LazyCheckpoint(Mapping[str, Tensor]):
     """The encoder tensors of one checkpoint, each read from disk when asked for (a fresh CPU tensor each time).
 
     Iterates in the layout's order over the parameters the files hold; `meta()` gives shapes and dtypes
-    without reading any data (for compatibility checks). The files stay open while the object lives.
+    without reading any data (for compatibility checks).
     """
 
     def __init__(self, checkpoint: str | Path, layout: EncoderLayout) -> None:
         self.path = Path(checkpoint)
-        self._where: dict[str, tuple[object, str]] = {}
+        self._where: dict[str, tuple[SafetensorsFile, str]] = {}
         for file in weight_files(self.path):
-            handle = safe_open(str(file), framework="pt")
-            for key in handle.keys():
+            stored = SafetensorsFile(file)
+            for key in stored.entries:
                 name = _encoder_name(key, layout.prefix, layout.shapes)
                 if name is not None:
-                    self._where[name] = (handle, key)
+                    self._where[name] = (stored, key)
         self._names = [name for name in layout.shapes if name in self._where]
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in self._where:
             raise KeyError(name)
-        handle, key = self._where[name]
-        return handle.get_tensor(key)  # type: ignore[attr-defined]
+        stored, key = self._where[name]
+        return stored.read(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -108,17 +143,15 @@ class LazyCheckpoint(Mapping[str, Tensor]):
         return len(self._names)
 
     def dtype_name(self, name: str) -> str:
-        handle, key = self._where[name]
-        return handle.get_slice(key).get_dtype()  # type: ignore[attr-defined]
+        stored, key = self._where[name]
+        return stored.dtype_name(key)
 
     def meta(self) -> dict[str, Tensor]:
         """name -> an empty meta tensor of the stored shape and dtype."""
-        result = {}
-        for name in self._names:
-            handle, key = self._where[name]
-            stored = handle.get_slice(key)  # type: ignore[attr-defined]
-            result[name] = torch.empty(stored.get_shape(), dtype=DTYPES[stored.get_dtype()], device="meta")
-        return result
+        return {
+            name: torch.empty(stored.shape(key), dtype=DTYPES[stored.dtype_name(key)], device="meta")
+            for name, (stored, key) in self._where.items()
+        }
 
 
 def layout_problems(layout: EncoderLayout, base: LazyCheckpoint) -> list[str]:
