@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 from reprmerge_cli import main
 from reprmerge_core.merging import REPORT_FILE, collect_grams, merge_checkpoints, merge_state_dicts, text_batches
 from reprmerge_core.merging.calibration import linear_layers
-from reprmerge_core.merging.stream import write_checkpoint
+from reprmerge_core.merging.stream import SafetensorsFile, write_checkpoint
 from tests.test_merge_cli import TEXTS, copy_tokenizer, make_expert, merge_args, state
 
 
@@ -122,6 +122,7 @@ def test_writer_round_trips_every_dtype_and_checks_the_order(tmp_path: Path) -> 
         "d": torch.arange(6).reshape(2, 3),
         "e": torch.tensor(2.5, dtype=torch.float16),
         "f": torch.tensor([True, False, True]),
+        "g": torch.empty(0, 3),
     }
     names = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.int64: "I64",
              torch.float16: "F16", torch.bool: "BOOL"}
@@ -129,9 +130,11 @@ def test_writer_round_trips_every_dtype_and_checks_the_order(tmp_path: Path) -> 
     write_checkpoint(tmp_path / "x.safetensors", entries, iter(tensors.items()))
     loaded = load_file(tmp_path / "x.safetensors")
     assert list(loaded) == list(tensors) and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    ours = SafetensorsFile(tmp_path / "x.safetensors")  # the merge's reader
+    assert all(torch.equal(ours.read(k), v) and ours.read(k).dtype == v.dtype for k, v in tensors.items())
     save_file(tensors, str(tmp_path / "ref.safetensors"))  # the library's own writer reads back the same
     assert all(torch.equal(load_file(tmp_path / "ref.safetensors")[k], loaded[k]) for k in tensors)
-    with pytest.raises(ValueError, match="tensor f .* does not match the header entry a F32"):
+    with pytest.raises(ValueError, match=r"tensor g torch.float32 \(0, 3\) does not match the header entry a F32"):
         write_checkpoint(tmp_path / "y.safetensors", entries, iter(list(tensors.items())[::-1]))
 
 
