@@ -17,14 +17,18 @@ STATISTICS_FILE = "statistics.safetensors"
 HEADS_FILE = "heads.safetensors"
 BACKBONE_DIR = "backbone"
 MANIFEST_FILE = "manifest.json"
+CARD_FILE = "README.md"  # the model card: derived from the manifest, not listed in it (see `card`)
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+TASK_NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"  # task names: letters, digits, _ . - (they key tensors and URLs)
+
+
 class TaskInfo(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(min_length=1, pattern=TASK_NAME_PATTERN)
     labels: list[str] = Field(min_length=2)
     calibration_samples: int = Field(ge=1)
 
