@@ -75,13 +75,15 @@ def write(root: Path, name: str, content: dict[str, object] | str) -> Path:
 
 def test_recipe_builds_what_merge_then_calibrate_build(user: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    config = write(user, "recipe.yaml", recipe())
+    weighted = [{"name": "spam", "path": "spam"}, {"name": "topic", "path": "topic", "weight": 0.5}]
+    config = write(user, "recipe.yaml", recipe(experts=weighted))
     out = tmp_path / "bundle"
     assert cli(["build", "--config", str(config), "--out", str(out), "--device", "cpu"]) == 0
     bundle = load_bundle(out)
     m = bundle.manifest
     assert m.task_names == ["spam", "topic"] and m.tasks[1].labels == ["sport", "food", "tech"]
     assert m.merge.method == "ties" and m.merge.parameters == {"density": 0.5, "lam": 1.0, "freeze": []}
+    assert m.merge.weights == {"spam": 1.0, "topic": 0.5}
     assert m.correction.beta == 0.5 and m.correction.identity_weight == 1.0
     recorded = m.extra["build_recipe"]
     assert recorded["file"] == str(config.resolve()) and recorded["recipe"]["experts"][0]["path"] == str(user / "spam")
@@ -91,7 +93,7 @@ def test_recipe_builds_what_merge_then_calibrate_build(user: Path, tmp_path: Pat
     # the same two steps by hand: merge, then calibrate, give the same backbone and statistics
     merged = tmp_path / "merged"
     merge_checkpoints(user / "base", {"spam": user / "spam", "topic": user / "topic"}, "ties", {"density": 0.5},
-                      None, merged)
+                      None, merged, weights={"topic": 0.5})
     ours, theirs = load_file(str(out / "backbone" / "model.safetensors")), load_file(str(merged / "model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     by_hand = tmp_path / "by_hand"
@@ -130,8 +132,10 @@ BAD = [
     ("bad beta", recipe(correction={"beta": -1}),
      "correction.beta: beta must be a finite positive number or 'auto', got -1"),
     ("two backbones", recipe(backbone="base"), "(top): give exactly one of merge, mergekit and backbone"),
-    ("weight", recipe(experts=[{"name": "spam", "path": "spam"}, {"name": "topic", "path": "topic", "weight": 2}]),
-     "experts[1].weight: per-expert weights other than 1"),
+    ("weight of a data-aware merge",
+     recipe(experts=[{"name": "spam", "path": "spam"}, {"name": "topic", "path": "topic", "weight": 2}],
+            merge={"method": "regmean"}),
+     "experts[1].weight: per-expert weights apply to the data-free methods, not to 'regmean'"),
     ("bad prior", recipe(correction={"prior": 2}), "correction.prior: prior identity weight must be in [0, 1]"),
     ("not YAML", "experts: [unclosed\n", "line 2, column 1: not valid YAML: expected ',' or ']'"),
 ]
