@@ -15,7 +15,7 @@ from transformers import BertModel
 
 from reprmerge_cli import main as cli
 from reprmerge_core.bundle import load_bundle
-from reprmerge_core.merging import merge_checkpoints
+from reprmerge_core.merging import merge_checkpoints, merge_state_dicts
 from reprmerge_core.merging.mergekit import MergekitError, map_mergekit
 from reprmerge_core.pipeline.recipe import RecipeError, build_from_recipe
 from tests.helpers import TOKENIZER_FILES
@@ -239,6 +239,32 @@ def test_mergekit_methods_map_by_their_semantics(method: str, globals_: dict, pe
         models.insert(0, {"model": "base", "parameters": per_model})
     mapped = map_mergekit({"merge_method": method, "base_model": "base", "models": models, "parameters": globals_})
     assert (mapped.method, mapped.params, mapped.models) == (expected_method, expected, ["a", "b"])
+
+
+@pytest.mark.parametrize(("method", "globals_", "base_listed"), [
+    ("task_arithmetic", {"lambda": 0.8}, False),
+    ("task_arithmetic", {"lambda": 0.8, "normalize": True}, False),
+    ("linear", {}, False),
+    ("linear", {}, True),
+])
+def test_mergekit_unequal_weights_become_per_expert_weights(method: str, globals_: dict, base_listed: bool) -> None:
+    # mergekit's weighted sum, written out: theta_0 + lambda * sum_k w_k tau_k, divided by the summed weights
+    # (the base's too, with weight 1, when listed) when normalize
+    w = {"a": 0.5, "b": 1.5}
+    models = [{"model": m, "parameters": {"weight": v}} for m, v in w.items()]
+    if base_listed:
+        models.insert(0, {"model": "base", "parameters": {"weight": 1.0}})
+    mapped = map_mergekit({"merge_method": method, "base_model": "base", "models": models, "parameters": globals_})
+    assert mapped.weights == w
+    g = torch.Generator().manual_seed(0)
+    base = {"x": torch.randn(4, 3, generator=g, dtype=torch.float64)}
+    experts = {m: {"x": base["x"] + torch.randn(4, 3, generator=g, dtype=torch.float64)} for m in w}
+    ours = merge_state_dicts(base, experts, mapped.method, mapped.params, weights=mapped.weights).state_dict["x"]
+    normalize = globals_.get("normalize", method == "linear")
+    total = sum(w.values()) + (1.0 if base_listed else 0.0)
+    summed = sum(v * (experts[m]["x"] - base["x"]) for m, v in w.items())
+    expected = base["x"] + globals_.get("lambda", 1.0) * summed / (total if normalize else 1.0)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
 
 
 REFUSED = [

@@ -152,8 +152,9 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(yaml_path(tuple(err["loc"])), message) from None
 
 
-def _mergekit_merge(recipe: Recipe) -> tuple[Path, str, dict[str, Any]]:
-    """The base, method and parameters of the recipe's mergekit file; its models must be the recipe's experts."""
+def _mergekit_merge(recipe: Recipe) -> tuple[Path, str, dict[str, Any], dict[str, float]]:
+    """The base, method, parameters and per-expert weights (by expert name) of the recipe's mergekit file; its
+    models must be the recipe's experts."""
     assert recipe.mergekit is not None
     file = recipe.mergekit
     try:
@@ -183,7 +184,8 @@ def _mergekit_merge(recipe: Recipe) -> tuple[Path, str, dict[str, Any]]:
     for path, text in models.items():
         if path not in given:
             raise RecipeError(f"mergekit ({file}) models", f"{text!r} is not one of the recipe's experts")
-    return base, mapped.method, mapped.params
+    weights = {e.name: mapped.weights[models[e.path.resolve()]] for e in recipe.experts if mapped.weights}
+    return base, mapped.method, mapped.params, weights
 
 
 def _weights(recipe: Recipe, method: str) -> dict[str, float]:
@@ -220,15 +222,16 @@ def _merge_plan(recipe: Recipe) -> tuple[Path | None, str, dict[str, Any], dict[
     if recipe.backbone is not None:
         return recipe.base, *_merged_elsewhere(recipe.backbone), {}
     if recipe.mergekit is not None:
-        base, method, params = _mergekit_merge(recipe)
+        base, method, params, weights = _mergekit_merge(recipe)
     else:
         assert recipe.merge is not None and recipe.base is not None
         base, method, params = recipe.base, recipe.merge.method, recipe.merge.parameters
+        weights = _weights(recipe, method)
     try:
         _, checked = resolve(method, params)
     except ValueError as exc:
         raise RecipeError("merge.parameters" if recipe.merge else "mergekit", str(exc)) from None
-    return base, method, checked.model_dump(mode="json"), _weights(recipe, method)
+    return base, method, checked.model_dump(mode="json"), weights
 
 
 def _sha256(path: Path) -> str:
