@@ -41,7 +41,7 @@ def parameter_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
 
 
-Sparsifier = Callable[[Tensor, Any, "torch.Generator | None"], Tensor]
+Sparsifier = Callable[[Tensor, Any, torch.Generator | None], Tensor]
 # Each sparsifier reads its own fields from the method's parameters; the generator is DARE's (None otherwise).
 SPARSIFIERS: dict[str, Sparsifier] = {
     "none": lambda delta, _p, _g: delta,
@@ -182,7 +182,9 @@ class MergeReport(BaseModel):
 
 @dataclass
 class MergeResult:
-    state_dict: dict[str, Tensor]
+    """The merged tensors (a dict, or for a checkpoint written by `merge_checkpoints` a lazy reader of it)."""
+
+    state_dict: Mapping[str, Tensor]
     report: MergeReport
 
 

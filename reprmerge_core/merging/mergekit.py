@@ -155,7 +155,7 @@ def map_mergekit(config: Mapping[str, Any]) -> MergekitMerge:
         w = _one(weights, "with sign consensus mergekit elects signs on the weighted vectors, reprmerge on the "
                           "unweighted ones (as PEFT): give every model one weight")
     else:  # a weighted sum: the weights go to the merge as they are, lam carries the rest
-        w, per_expert = 1.0, {name: v for name, (_, v) in zip(names, weights)}
+        w, per_expert = 1.0, {name: v for name, (_, v) in zip(names, weights, strict=True)}
     shown = ", ".join(f"{v:g}" for v in per_expert.values()) if per_expert else f"{w:g}"
     notes = [f"mergekit {method} mapped with weight {shown}, lambda {lam:g}, normalize {str(normalize).lower()}"]
     if method == "linear":
@@ -164,7 +164,7 @@ def map_mergekit(config: Mapping[str, Any]) -> MergekitMerge:
             raise MergekitError("parameters.normalize", f"false with weights summing to {total:g}: the result is "
                                                         "not the base plus task vectors")
         return MergekitMerge("task_arithmetic", {"lam": w / total if normalize else w}, base, names,
-                             notes + [f"base listed among models: {base_listed}"], per_expert)
+                             [*notes, f"base listed among models: {base_listed}"], per_expert)
     if method in ("task_arithmetic", "dare_linear"):
         summed = sum(v for _, v in weights)
         scale = (lam / K if not per_expert else lam / summed) if normalize else lam * w

@@ -187,6 +187,6 @@ def write_checkpoint(path: Path, entries: Mapping[str, tuple[str, tuple[int, ...
             if name != wanted or tensor.dtype != DTYPES[dtype] or tuple(tensor.shape) != tuple(shape):
                 raise ValueError(f"tensor {name} {tensor.dtype} {tuple(tensor.shape)} does not match the header "
                                  f"entry {wanted} {dtype} {shape}")
-            out.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            out.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         if next(expected, None) is not None:
             raise ValueError(f"{path}: fewer tensors than header entries")
