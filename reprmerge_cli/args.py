@@ -53,6 +53,17 @@ def unique(pairs: list[tuple[str, str]], option: str) -> dict[str, str]:
     return dict(pairs)
 
 
+def weights(pairs: list[tuple[str, str]], option: str = "--weight") -> dict[str, float]:
+    """Per-expert merge weights from NAME=W pairs; errors name the option and the expert."""
+    result = {}
+    for name, value in unique(pairs, option).items():
+        try:
+            result[name] = float(value)
+        except ValueError:
+            raise ValueError(f"{option} {name}={value}: the weight must be a number") from None
+    return result
+
+
 def prior_value(text: str) -> float | str:
     """'auto', 'procrustes', 'identity' or an identity weight in [0, 1] (see `choose_correction`)."""
     if text == "auto":

@@ -44,7 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "'identity' "
                         "or an identity weight in [0, 1] (a blend)")
     p.add_argument("--folds", type=int, default=5, help="folds of the beta cross-validation")
-    p.add_argument("--merge-method", default="unknown", help="recorded in the manifest")
+    p.add_argument("--merge-method", default="unknown",
+                   help="recorded in the manifest when the backbone has no merge_report.json (reprmerge merge "
+                        "writes one; its method, parameters and weights are recorded instead)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
     p.set_defaults(func=run)

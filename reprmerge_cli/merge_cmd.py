@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reprmerge_cli import HELP
-from reprmerge_cli.args import json_value, pair, unique
+from reprmerge_cli.args import json_value, pair, unique, weights
 from reprmerge_core.choices import MERGE_METHODS
 from reprmerge_core.data.files import FORMATS
 
@@ -37,6 +38,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         dest="params",
         metavar="KEY=VALUE",
         help="a method parameter (repeat), e.g. lambda=0.3, density=0.2, basis=eigen",
+    )
+    p.add_argument(
+        "--weight",
+        type=pair,
+        action="append",
+        default=[],
+        metavar="NAME=W",
+        help="scale expert NAME's task vector by W (repeat; default 1 each; data-free methods), e.g. a "
+        "preference: theta_0 + lambda * sum_k W_k tau_k",
     )
     p.add_argument(
         "--calibration",
@@ -73,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         experts = unique(args.expert, "--expert")
         check_merge_output(args.out, args.base, experts, overwrite=args.overwrite)  # before reading anything
         params = {key: json_value(value) for key, value in unique(args.params, "--set").items()}
+        expert_weights = weights(args.weight)
         files = unique(args.calibration, "--calibration")
         texts = {name: read_texts(path, args.text_column) for name, path in files.items()} or None
         heads = _heads({name: Path(path) for name, path in experts.items()})
@@ -88,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
             progress=True,
             heads=heads,
             overwrite=args.overwrite,
+            weights=expert_weights,
         )
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"merge failed: {exc}", file=sys.stderr)
@@ -95,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
     report = result.report
     rho = "" if report.rho is None else f", rho {report.rho:.4f} over {len(report.layers)} linear layers"
     print(
-        f"merged {len(experts)} experts with {args.method}{rho}: {len(report.merged_parameters)} parameters merged, "
-        f"{len(report.base_parameters)} kept at the base"
+        f"merged {len(experts)} experts with {args.method} {json.dumps(report.params, sort_keys=True)}, weights "
+        + ", ".join(f"{task} {w:g}" for task, w in report.weights.items())
+        + f"{rho}: {len(report.merged_parameters)} parameters merged, {len(report.base_parameters)} kept at the base"
     )
     check = report.expert_diagnostics
     if check is not None and check.warnings:

@@ -15,7 +15,7 @@ from transformers import BertModel
 
 from reprmerge_cli import main as cli
 from reprmerge_core.bundle import load_bundle
-from reprmerge_core.merging import merge_checkpoints
+from reprmerge_core.merging import merge_checkpoints, merge_state_dicts
 from reprmerge_core.merging.mergekit import MergekitError, map_mergekit
 from reprmerge_core.pipeline.recipe import RecipeError, build_from_recipe
 from tests.helpers import TOKENIZER_FILES
@@ -75,13 +75,15 @@ def write(root: Path, name: str, content: dict[str, object] | str) -> Path:
 
 def test_recipe_builds_what_merge_then_calibrate_build(user: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    config = write(user, "recipe.yaml", recipe())
+    weighted = [{"name": "spam", "path": "spam"}, {"name": "topic", "path": "topic", "weight": 0.5}]
+    config = write(user, "recipe.yaml", recipe(experts=weighted))
     out = tmp_path / "bundle"
     assert cli(["build", "--config", str(config), "--out", str(out), "--device", "cpu"]) == 0
     bundle = load_bundle(out)
     m = bundle.manifest
     assert m.task_names == ["spam", "topic"] and m.tasks[1].labels == ["sport", "food", "tech"]
     assert m.merge.method == "ties" and m.merge.parameters == {"density": 0.5, "lam": 1.0, "freeze": []}
+    assert m.merge.weights == {"spam": 1.0, "topic": 0.5}
     assert m.correction.beta == 0.5 and m.correction.identity_weight == 1.0
     recorded = m.extra["build_recipe"]
     assert recorded["file"] == str(config.resolve()) and recorded["recipe"]["experts"][0]["path"] == str(user / "spam")
@@ -91,7 +93,7 @@ def test_recipe_builds_what_merge_then_calibrate_build(user: Path, tmp_path: Pat
     # the same two steps by hand: merge, then calibrate, give the same backbone and statistics
     merged = tmp_path / "merged"
     merge_checkpoints(user / "base", {"spam": user / "spam", "topic": user / "topic"}, "ties", {"density": 0.5},
-                      None, merged)
+                      None, merged, weights={"topic": 0.5})
     ours, theirs = load_file(str(out / "backbone" / "model.safetensors")), load_file(str(merged / "model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     by_hand = tmp_path / "by_hand"
@@ -130,8 +132,10 @@ BAD = [
     ("bad beta", recipe(correction={"beta": -1}),
      "correction.beta: beta must be a finite positive number or 'auto', got -1"),
     ("two backbones", recipe(backbone="base"), "(top): give exactly one of merge, mergekit and backbone"),
-    ("weight", recipe(experts=[{"name": "spam", "path": "spam"}, {"name": "topic", "path": "topic", "weight": 2}]),
-     "experts[1].weight: per-expert weights other than 1"),
+    ("weight of a data-aware merge",
+     recipe(experts=[{"name": "spam", "path": "spam"}, {"name": "topic", "path": "topic", "weight": 2}],
+            merge={"method": "regmean"}),
+     "experts[1].weight: per-expert weights apply to the data-free methods, not to 'regmean'"),
     ("bad prior", recipe(correction={"prior": 2}), "correction.prior: prior identity weight must be in [0, 1]"),
     ("not YAML", "experts: [unclosed\n", "line 2, column 1: not valid YAML: expected ',' or ']'"),
 ]
@@ -235,6 +239,32 @@ def test_mergekit_methods_map_by_their_semantics(method: str, globals_: dict, pe
         models.insert(0, {"model": "base", "parameters": per_model})
     mapped = map_mergekit({"merge_method": method, "base_model": "base", "models": models, "parameters": globals_})
     assert (mapped.method, mapped.params, mapped.models) == (expected_method, expected, ["a", "b"])
+
+
+@pytest.mark.parametrize(("method", "globals_", "base_listed"), [
+    ("task_arithmetic", {"lambda": 0.8}, False),
+    ("task_arithmetic", {"lambda": 0.8, "normalize": True}, False),
+    ("linear", {}, False),
+    ("linear", {}, True),
+])
+def test_mergekit_unequal_weights_become_per_expert_weights(method: str, globals_: dict, base_listed: bool) -> None:
+    # mergekit's weighted sum, written out: theta_0 + lambda * sum_k w_k tau_k, divided by the summed weights
+    # (the base's too, with weight 1, when listed) when normalize
+    w = {"a": 0.5, "b": 1.5}
+    models = [{"model": m, "parameters": {"weight": v}} for m, v in w.items()]
+    if base_listed:
+        models.insert(0, {"model": "base", "parameters": {"weight": 1.0}})
+    mapped = map_mergekit({"merge_method": method, "base_model": "base", "models": models, "parameters": globals_})
+    assert mapped.weights == w
+    g = torch.Generator().manual_seed(0)
+    base = {"x": torch.randn(4, 3, generator=g, dtype=torch.float64)}
+    experts = {m: {"x": base["x"] + torch.randn(4, 3, generator=g, dtype=torch.float64)} for m in w}
+    ours = merge_state_dicts(base, experts, mapped.method, mapped.params, weights=mapped.weights).state_dict["x"]
+    normalize = globals_.get("normalize", method == "linear")
+    total = sum(w.values()) + (1.0 if base_listed else 0.0)
+    summed = sum(v * (experts[m]["x"] - base["x"]) for m, v in w.items())
+    expected = base["x"] + globals_.get("lambda", 1.0) * summed / (total if normalize else 1.0)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
 
 
 REFUSED = [

@@ -73,8 +73,12 @@ class CorrectionInfo(_Strict):
 
 
 class MergeInfo(_Strict):
+    """The merge that made the backbone: method, its resolved parameters (defaults included) and each expert's
+    weight; empty when unknown (a backbone merged elsewhere without a merge report)."""
+
     method: str = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
+    weights: dict[str, float] = Field(default_factory=dict)
 
 
 class BackboneInfo(_Strict):

@@ -43,7 +43,13 @@ from reprmerge_core.calibration import choose_correction, collect_statistics, he
 from reprmerge_core.calibration.collect import warn_few_inputs
 from reprmerge_core.correction import TaskHead, TaskStatistics
 from reprmerge_core.correction.solver import Normalisation
-from reprmerge_core.merging.checkpoints import check_experts, compatibility_problems, distances_from_base
+from reprmerge_core.merging.checkpoints import (
+    REPORT_FILE,
+    check_experts,
+    compatibility_problems,
+    distances_from_base,
+    read_merge_report,
+)
 from reprmerge_core.merging.diagnostics import ExpertDiagnostics
 
 HEAD_FILE = "head.safetensors"
@@ -144,6 +150,7 @@ def _plan(
         if len(texts) < folds:
             raise ValueError(f"calibration for {name!r} has {len(texts)} inputs; at least {folds} are needed")
     paths = {n: Path(p) for n, p in experts.items()}
+    merge_info(backbone, merge_method)  # a contradicting --merge-method fails here, before any forward pass
     problems = compatibility_problems(backbone, paths)
     if base is not None:
         problems += [f"base: {p}" for p in compatibility_problems(base, paths)]
@@ -158,6 +165,18 @@ def _plan(
                                 None if base is None else distances_from_base(base, paths))
     return CalibrationPlan(backbone, sources, poolings.pop(), max_length, beta, normalisation, folds, merge_method,
                            diagnostics, prior)
+
+
+def merge_info(backbone: Path, merge_method: str) -> MergeInfo:
+    """The merge recorded in the backbone's merge report (`reprmerge merge` writes one: method, every parameter,
+    the experts' weights), else just the method the user named."""
+    report = read_merge_report(backbone)
+    if report is None:
+        return MergeInfo(method=merge_method)
+    if merge_method not in ("unknown", report.method):
+        raise ValueError(f"--merge-method {merge_method!r} contradicts {backbone / REPORT_FILE}, "
+                         f"which records {report.method!r}")
+    return MergeInfo(method=report.method, parameters=report.params, weights=report.weights)
 
 
 def _load_models(plan: CalibrationPlan, device: str) -> tuple[Backbone, list[Backbone]]:
@@ -184,7 +203,7 @@ def _write(plan: CalibrationPlan, fold_stats: Sequence[Sequence[TaskStatistics]]
         heads=[s.head for s in plan.sources],
         backbone_dir=plan.backbone,
         correction=correction,
-        merge=MergeInfo(method=plan.merge_method),
+        merge=merge_info(plan.backbone, plan.merge_method),
         backbone=BackboneInfo(source=str(plan.backbone), pooling=plan.pooling, max_length=plan.max_length),
         extra={"timings": {**timings, "beta_selection": time.perf_counter() - start}, **extra,
                "experts": {s.name: str(s.path) for s in plan.sources}},
