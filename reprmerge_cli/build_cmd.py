@@ -37,11 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reprmerge_core.checks import check_task_names
     from reprmerge_core.pipeline import BuildConfig, build_bundle
 
     try:
+        names = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
         config = BuildConfig(
-            suite=args.suite or tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+            suite=args.suite or tuple(check_task_names(names or [], "--tasks")),
             merge=args.merge, merge_params={k: json_value(v) for k, v in unique(args.params, "--set").items()},
             calibration_size=args.calibration_size, beta=args.beta, prior=args.prior, folds=args.folds,
             device=args.device,

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reprmerge_cli import HELP
-from reprmerge_cli.args import beta_value, pair, prior_value, unique
+from reprmerge_cli.args import beta_value, checkpoints, pair, prior_value, tasks
 from reprmerge_core.choices import POOLINGS
 
 if TYPE_CHECKING:
-    from reprmerge_core.pipeline.calibrate import ShardSpec
+    from reprmerge_core.pipeline.shards import ShardSpec
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,11 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--merge-method", default="unknown", help="recorded in the manifest")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--force", action="store_true",
+                   help="use an expert even when it is far from --base (refused by default: most likely not "
+                   "fine-tuned from it)")
     p.set_defaults(func=run)
 
 
 def _shard(text: str) -> ShardSpec:
-    from reprmerge_core.pipeline.calibrate import ShardSpec
+    from reprmerge_core.pipeline.shards import ShardSpec
 
     try:
         return ShardSpec.parse(text)
@@ -56,16 +59,23 @@ def _shard(text: str) -> ShardSpec:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reprmerge_core.checks import checkpoint_dir
     from reprmerge_core.merging import read_texts
     from reprmerge_core.pipeline.calibrate import calibrate_bundle
+    from reprmerge_core.pipeline.shards import calibrate_shard
 
     try:
-        experts = unique(args.expert, "--expert")
-        calibration = {name: read_texts(path) for name, path in unique(args.calibration, "--calibration").items()}
-        path = calibrate_bundle(args.backbone, experts, calibration, args.out, shard=args.shard, pooling=args.pooling,
-                                max_length=args.max_length, beta=args.beta, prior=args.prior, folds=args.folds,
-                                merge_method=args.merge_method, device=args.device, overwrite=args.overwrite,
-                                base=args.base)
+        checkpoint_dir(args.backbone, "--backbone")
+        if args.base is not None:
+            checkpoint_dir(args.base, "--base")
+        experts = checkpoints(args.expert, "--expert")
+        files = tasks(args.calibration, "--calibration")
+        calibration = {name: read_texts(path) for name, path in files.items()}
+        settings = dict(pooling=args.pooling, max_length=args.max_length, beta=args.beta, prior=args.prior,
+                        folds=args.folds, merge_method=args.merge_method, device=args.device,
+                        overwrite=args.overwrite, base=args.base, force=args.force)
+        path = (calibrate_bundle(args.backbone, experts, calibration, args.out, **settings) if args.shard is None
+                else calibrate_shard(args.backbone, experts, calibration, args.out, args.shard, **settings))
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
         print(f"calibrate failed: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from reprmerge_core.checks import TASK_NAME_PATTERN
 from reprmerge_core.choices import POOLINGS, Normalisation
 from reprmerge_core.diagnostics import ExpertDiagnostics
 
@@ -24,7 +25,7 @@ class _Strict(BaseModel):
 
 
 class TaskInfo(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(min_length=1, pattern=f"^{TASK_NAME_PATTERN}$")
     labels: list[str] = Field(min_length=2)
     calibration_samples: int = Field(ge=1)
 

@@ -53,15 +53,17 @@ class ComparedExpert(Protocol):
 
 @dataclass(frozen=True)
 class CheckpointExpert:
-    """A user's expert checkpoint (head and pooling as `pipeline.calibrate.read_expert` reads them)."""
+    """A user's expert checkpoint (head, pooling and head stage as `experts.read_expert` reads them)."""
 
     path: Path
     head: TaskHead
     pooling: Pooling
     max_length: int
+    stage: torch.nn.Module | None = None
 
     def backbone(self, device: str | torch.device = "auto") -> Backbone:
-        return Backbone.from_pretrained(self.path, pooling=self.pooling, max_length=self.max_length, device=device)
+        return Backbone.from_pretrained(self.path, pooling=self.pooling, max_length=self.max_length, device=device,
+                                        stage=self.stage)
 
 
 @dataclass(frozen=True)
