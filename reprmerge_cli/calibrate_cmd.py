@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the checkpoint the experts were fine-tuned from: adds each expert's distance from it "
                    "to the checks")
     p.add_argument("--expert", type=pair, action="append", required=True, metavar="NAME=DIR",
-                   help="an expert checkpoint with head.safetensors or a sequence-classification head (repeat)")
+                   help="an expert checkpoint (a local safetensors folder) with head.safetensors or a supported "
+                   "sequence classifier: BERT, RoBERTa, DistilBERT, DeBERTa-v2 (repeat)")
     p.add_argument("--calibration", type=pair, action="append", required=True, metavar="NAME=FILE",
                    help="unlabeled inputs of a task: plain text (one per line) or JSON lines with \"text\" (repeat)")
     p.add_argument("--out", type=Path, required=True, help="bundle directory (with --shard: the shard file)")

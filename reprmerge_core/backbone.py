@@ -102,7 +102,7 @@ class Backbone:
         self.tokenizer = tokenizer
         self.pooling: Pooling = pooling
         self.max_length = max_length
-        self.stage = None if stage is None else stage.float().to(self.device).eval()
+        self.set_stage(stage)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: object) -> Backbone:
@@ -112,6 +112,10 @@ class Backbone:
         with quiet_transformers():
             model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
         return cls(model, tokenizer, **kwargs)  # type: ignore[arg-type]
+
+    def set_stage(self, stage: torch.nn.Module | None) -> None:
+        """Run `stage` after pooling from now on (float32, on this device; None: none)."""
+        self.stage: torch.nn.Module | None = None if stage is None else stage.float().to(self.device).eval()
 
     @property
     def dim(self) -> int:

@@ -3,6 +3,7 @@ so that representation + head reproduce the model's own logits; anything else is
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -153,3 +154,38 @@ def test_a_head_file_beside_any_encoder_is_read_with_the_given_pooling(classifie
     source = read_expert("task", path, "mean")  # head.safetensors wins: the user states the representation
     assert source.pooling == "mean" and source.stage is None
     torch.testing.assert_close(source.head.weight, weights["classifier.out_proj.weight"])
+
+
+def test_evaluate_compares_with_a_distilbert_expert_through_its_whole_head(
+    classifiers: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Labels are the expert's own predictions: read where its head reads, the expert (and task arithmetic at
+    the one-hot preference, which is the expert again) scores 1.0."""
+    texts = [f"{t} {i}" for i in range(4) for t in TEXTS]
+    source = classifiers["DistilBertForSequenceClassification"]
+    _, logits = head_input_and_logits(source, "classifier", texts)
+    model = DistilBertForSequenceClassification.from_pretrained(source)
+    with torch.no_grad():  # a bias that splits the inputs between the two classes
+        model.classifier.bias[1] += float((logits[:, 0] - logits[:, 1]).median()) + 1e-3
+    expert, base = tmp_path / "expert", tmp_path / "base"
+    model.save_pretrained(expert)
+    model.distilbert.save_pretrained(base)
+    for out in (expert, base):
+        DistilBertTokenizerFast.from_pretrained(source).save_pretrained(out)
+    _, logits = head_input_and_logits(expert, "classifier", texts)
+    labels = logits.argmax(1).tolist()
+    assert 0 < sum(labels) < len(labels)  # both classes occur: accuracy 1.0 is not a majority vote
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
+                                                 for t, y in zip(texts, labels)))
+    (tmp_path / "inputs.txt").write_text("\n".join(texts) + "\n")
+    bundle = tmp_path / "bundle"
+    tasks = ("a", "b")  # the same expert twice: evaluation needs two tasks
+    assert cli(["calibrate", "--backbone", str(base), "--out", str(bundle), "--folds", "2", "--device", "cpu",
+                *[f"--{option}={t}={path}" for t in tasks
+                  for option, path in (("expert", expert), ("calibration", tmp_path / "inputs.txt"))]]) == 0
+    assert cli(["evaluate", str(bundle), "--out", str(tmp_path / "report"), "--base", str(base), "--device", "cpu",
+                *[f"--{option}={t}={path}" for t in tasks
+                  for option, path in (("expert", expert), ("test", tmp_path / "test.jsonl"))]]) == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["experts"]["accuracy"] == [1.0, 1.0], report["experts"]
+    assert report["grid"]["task_arithmetic"]["normalised"] == [[1.0, 1.0]] * 5

@@ -40,13 +40,17 @@ SIMPLEX_STEPS = 20  # resolution of the 3-task simplex map: 231 preferences
 
 
 class ComparedExpert(Protocol):
-    """What evaluation needs of an expert: its checkpoint (for the task-arithmetic baseline), head and encoder."""
+    """What evaluation needs of an expert: its checkpoint (for the task-arithmetic baseline), head, the stage between
+    pooling and head (`reprmerge_core.experts.architectures`; None for most) and encoder."""
 
     @property
     def path(self) -> Path: ...
 
     @property
     def head(self) -> TaskHead: ...
+
+    @property
+    def stage(self) -> torch.nn.Module | None: ...
 
     def backbone(self, device: str | torch.device = "auto") -> Backbone: ...
 
@@ -323,11 +327,13 @@ def _task_arithmetic_scores(bundle: Bundle, data: EvaluationData, grid: np.ndarr
     backbone = Backbone.from_pretrained(data.base, pooling=m.backbone.pooling, max_length=m.backbone.max_length,
                                         device=data.device)
     base = {k: v.detach().cpu().clone() for k, v in backbone.model.state_dict().items()}
-    expert_states = [AutoModel.from_pretrained(e.path, local_files_only=True).state_dict() for e in data.experts]
+    expert_states = [AutoModel.from_pretrained(e.path, local_files_only=True, use_safetensors=True).state_dict()
+                     for e in data.experts]
     acc, f1 = np.zeros(grid.shape), np.zeros(grid.shape)
     for i, p in enumerate(tqdm(grid, desc="task arithmetic per preference", disable=not progress)):
         backbone.model.load_state_dict(weighted_task_arithmetic(base, expert_states, p.tolist()))
         for t, (e, test) in enumerate(zip(data.experts, data.tests)):
+            backbone.set_stage(e.stage)  # each task keeps its whole head, a stage included
             ev = evaluate_head(backbone, e.head, test.texts, test.labels, batch_size=batch_size)
             acc[i, t], f1[i, t] = ev.accuracy, ev.macro_f1
     return Scores(acc, f1)
