@@ -63,7 +63,6 @@ def run(args: argparse.Namespace) -> int:
     from reprmerge_core.checks import checkpoint_dir
     from reprmerge_core.merging import read_texts
     from reprmerge_core.pipeline.calibrate import calibrate_bundle
-    from reprmerge_core.pipeline.shards import calibrate_shard
 
     try:
         checkpoint_dir(args.backbone, "--backbone")
@@ -72,11 +71,10 @@ def run(args: argparse.Namespace) -> int:
         experts = checkpoints(args.expert, "--expert")
         files = tasks(args.calibration, "--calibration")
         calibration = {name: read_texts(path) for name, path in files.items()}
-        settings = dict(pooling=args.pooling, max_length=args.max_length, beta=args.beta, prior=args.prior,
-                        folds=args.folds, merge_method=args.merge_method, device=args.device,
-                        overwrite=args.overwrite, base=args.base, force=args.force)
-        path = (calibrate_bundle(args.backbone, experts, calibration, args.out, **settings) if args.shard is None
-                else calibrate_shard(args.backbone, experts, calibration, args.out, args.shard, **settings))
+        path = calibrate_bundle(args.backbone, experts, calibration, args.out, shard=args.shard, pooling=args.pooling,
+                                max_length=args.max_length, beta=args.beta, prior=args.prior, folds=args.folds,
+                                merge_method=args.merge_method, device=args.device, overwrite=args.overwrite,
+                                base=args.base, force=args.force)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
         print(f"calibrate failed: {exc}", file=sys.stderr)
         return 2

@@ -74,9 +74,9 @@ def _per_task(pairs: list[tuple[str, str]], option: str, names: list[str]) -> di
 def _user_data(args: argparse.Namespace, bundle: Bundle) -> EvaluationData:
     """The user's test files and expert checkpoints, checked against the bundle's tasks and labels."""
     from reprmerge_core.backbone import select_device
+    from reprmerge_core.checks import checkpoint_dir
     from reprmerge_core.data.files import read_labelled
     from reprmerge_core.evaluation import CheckpointExpert, EvaluationData
-    from reprmerge_core.checks import checkpoint_dir
     from reprmerge_core.experts import read_expert
 
     m = bundle.manifest

@@ -64,8 +64,8 @@ def _heads(experts: dict[str, Path]) -> dict[str, Tensor]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reprmerge_core.merging import REPORT_FILE, merge_checkpoints, read_texts
     from reprmerge_core.checks import checkpoint_dir
+    from reprmerge_core.merging import REPORT_FILE, merge_checkpoints, read_texts
     from reprmerge_core.merging.checkpoints import check_merge_output
 
     try:

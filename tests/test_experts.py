@@ -91,7 +91,8 @@ def head_input_and_logits(path: Path, linear: str, texts: list[str]) -> tuple[to
 @pytest.fixture(scope="module")
 def classifiers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("classifiers")
-    return {arch: save_classifier(build(), root / arch, seed) for seed, (arch, (build, _)) in enumerate(BUILDERS.items())}
+    return {arch: save_classifier(build(), root / arch, seed)
+            for seed, (arch, (build, _)) in enumerate(BUILDERS.items())}
 
 
 def test_every_supported_architecture_has_a_test() -> None:

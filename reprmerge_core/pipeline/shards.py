@@ -1,11 +1,11 @@
 """Calibration beyond one machine: the statistics pass split into shards, and shards added into a bundle.
 
-`calibrate_shard(..., shard=ShardSpec(I, N))` writes the statistics of shard I of N (inputs i with
-i mod N == I) into one safetensors file, and `reduce_shards` adds the shards into a bundle. The statistics
-are sums kept per beta fold (fold of input i: i mod folds, as in one pass), so the reduced bundle equals
-the unsharded one up to float summation order, beta choice included. A shard records the plan (settings,
-heads, label names) and hashes of the backbone, the experts and every task's inputs, so shards of
-different calibrations are refused.
+`calibrate_bundle(..., shard=ShardSpec(I, N))` (`calibrate_shard` here) writes the statistics of shard I
+of N (inputs i with i mod N == I) into one safetensors file, and `reduce_shards` adds the shards into a
+bundle. The statistics are sums kept per beta fold (fold of input i: i mod folds, as in one pass), so the
+reduced bundle equals the unsharded one up to float summation order, beta choice included. A shard records
+the plan (settings, heads, label names) and hashes of the backbone, the experts and every task's inputs, so
+shards of different calibrations are refused.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from reprmerge_core.artifacts import atomic_file
-from reprmerge_core.backbone import Backbone, Pooling
+from reprmerge_core.backbone import Backbone
 from reprmerge_core.bundle.check import sha256_file
 from reprmerge_core.calibration import collect_statistics
 from reprmerge_core.correction import TaskHead, TaskStatistics
 from reprmerge_core.correction.solver import Normalisation
 from reprmerge_core.experts import ExpertSource
 from reprmerge_core.merging.diagnostics import ExpertDiagnostics
-from reprmerge_core.pipeline.calibrate import CalibrationPlan, prepare_calibration, write_calibrated
+from reprmerge_core.pipeline.plan import CalibrationPlan, write_calibrated
 
 SHARD_FORMAT = "reprmerge-calibration-shard"
 # Manifest fields that differ between the shards of one calibration; every other field must agree.
@@ -126,7 +126,7 @@ def _tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _calibrate_shard(plan: CalibrationPlan, merged: Backbone, models: Sequence[Backbone], texts: Sequence[Sequence[str]],
+def calibrate_shard(plan: CalibrationPlan, merged: Backbone, models: Sequence[Backbone], texts: Sequence[Sequence[str]],
                      out: Path, shard: ShardSpec, *, batch_size: int, progress: bool) -> Path:
     """Per-fold statistics of one shard of the inputs, written atomically to the file `out`.
 
@@ -164,36 +164,6 @@ def _calibrate_shard(plan: CalibrationPlan, merged: Backbone, models: Sequence[B
     with atomic_file(out) as tmp:
         save_file(tensors, str(tmp), metadata={"manifest": manifest.model_dump_json()})
     return out
-
-
-def calibrate_shard(
-    backbone: str | Path,
-    experts: Mapping[str, str | Path],
-    calibration: Mapping[str, Sequence[str]],
-    out: str | Path,
-    shard: ShardSpec,
-    *,
-    pooling: Pooling = "mean",
-    max_length: int = 128,
-    beta: float | str = "auto",
-    prior: float | str = "auto",
-    normalisation: Normalisation = Normalisation.ENERGY,
-    folds: int = 5,
-    merge_method: str = "unknown",
-    device: str = "auto",
-    batch_size: int = 32,
-    overwrite: bool = False,
-    progress: bool = True,
-    base: str | Path | None = None,
-    force: bool = False,
-) -> Path:
-    """`calibrate.calibrate_bundle` on shard `shard` of the inputs, written to the shard file `out` for
-    `reduce_shards`; the same checks run first."""
-    plan, merged, models, texts = prepare_calibration(
-        backbone, experts, calibration, out, pooling=pooling, max_length=max_length, beta=beta, prior=prior,
-        normalisation=normalisation, folds=folds, merge_method=merge_method, device=device, overwrite=overwrite,
-        base=base, force=force)
-    return _calibrate_shard(plan, merged, models, texts, Path(out), shard, batch_size=batch_size, progress=progress)
 
 
 def read_shard(path: str | Path) -> Shard:
@@ -238,7 +208,8 @@ def _check_complete(shards: Sequence[Shard]) -> list[Shard]:
     by_index: dict[int, Shard] = {}
     for s in shards:
         if s.manifest.index in by_index:
-            raise ShardError(s.path, f"duplicate shard {s.manifest.index}/{count}, also in {by_index[s.manifest.index].path}")
+            raise ShardError(s.path,
+                             f"duplicate shard {s.manifest.index}/{count}, also in {by_index[s.manifest.index].path}")
         by_index[s.manifest.index] = s
     missing = [f"{i}/{count}" for i in range(count) if i not in by_index]
     if missing:
@@ -259,14 +230,17 @@ def reduce_shards(paths: Sequence[str | Path], out: str | Path, *, backbone: str
     m = shards[0].manifest
     backbone_dir = Path(backbone or m.backbone)
     if not (backbone_dir / "config.json").is_file():
-        raise ValueError(f"backbone {backbone_dir} is not a checkpoint directory; pass --backbone with the one the shards used")
+        raise ValueError(f"backbone {backbone_dir} is not a checkpoint directory; "
+                         "pass --backbone with the one the shards used")
     if _checkpoint_sha256(backbone_dir) != m.backbone_sha256:
-        raise ValueError(f"backbone {backbone_dir} differs from the one the shards were computed with (sha256 mismatch)")
+        raise ValueError(f"backbone {backbone_dir} differs from the one the shards were computed with "
+                         "(sha256 mismatch)")
     fold_stats = [[reduce(add, (s.folds[t][f] for s in shards)) for f in range(m.folds)] for t in range(len(m.tasks))]
     plan = CalibrationPlan(
         backbone=backbone_dir, pooling=m.pooling, max_length=m.max_length, beta=m.beta, normalisation=m.normalisation,
         folds=m.folds, merge_method=m.merge_method, diagnostics=m.expert_diagnostics, prior=m.prior,
-        sources=[ExpertSource(t.name, Path(t.expert), head, t.labels, m.pooling) for t, head in zip(m.tasks, shards[0].heads)],
+        sources=[ExpertSource(t.name, Path(t.expert), head, t.labels, m.pooling)
+                 for t, head in zip(m.tasks, shards[0].heads)],
     )
     return write_calibrated(plan, fold_stats, out, overwrite=overwrite, extra={"shards": m.count},
                   timings={"statistics_forward": sum(s.manifest.statistics_forward_seconds for s in shards)})
