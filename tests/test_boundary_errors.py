@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
 from reprmerge_cli import main as cli
+from reprmerge_core.bundle import load_bundle
 from tests.helpers import TOKENIZER_FILES
+from tests.test_merge_cli import make_expert, with_head
 
 TEXTS = [f"an input sentence about topic {i} and more {i % 3}" for i in range(12)]
 BAD_NAMES = ["my task", "café"]
@@ -118,3 +120,23 @@ def test_pickle_weights_are_refused_everywhere_with_a_conversion_that_works(
     assert converted.keys() == original.keys()
     assert all(torch.equal(converted[k], original[k]) for k in original)
     assert cli(_calibrate(user["base"], "sms", pickled, texts, tmp_path / "b")) == 0
+
+
+def test_calibrate_refuses_an_expert_far_from_the_base_unless_forced(
+    user: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With --base, an expert 100x farther from it than its peers (not fine-tuned from it) used to pass silently."""
+    base = user["base"]
+    experts = {name: with_head(make_expert(base, tmp_path / name, seed, scale=scale), head_seed=10 + seed)
+               for name, seed, scale in (("sms", 1, 0.05), ("movie", 2, 0.05), ("stray", 3, 5.0))}
+    args = ["calibrate", "--backbone", str(base), "--base", str(base), "--out", str(tmp_path / "bundle"),
+            "--folds", "2", "--device", "cpu"]
+    for name, path in experts.items():
+        args += ["--expert", f"{name}={path}", "--calibration", f"{name}={user['root'] / 'texts.txt'}"]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert "expert 'stray' is" in err and "as far from the base as the median of its peers" in err, err
+    assert "--force" in err and "statistics" not in err and not (tmp_path / "bundle").exists()  # before any pass
+    assert cli([*args, "--force"]) == 0
+    check = load_bundle(tmp_path / "bundle").manifest.expert_diagnostics
+    assert check is not None and check.norm_ratios["stray"] > 50 and any("stray" in w for w in check.warnings)
