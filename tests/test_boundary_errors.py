@@ -4,6 +4,7 @@ the one-line conversion to safetensors (which works)."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 
 from reprmerge_cli import main as cli
 from reprmerge_core.bundle import load_bundle
+from reprmerge_core.checks import checkpoint_dir
 from tests.helpers import TOKENIZER_FILES
 from tests.test_merge_cli import make_expert, with_head
 
@@ -140,3 +142,27 @@ def test_calibrate_refuses_an_expert_far_from_the_base_unless_forced(
     assert cli([*args, "--force"]) == 0
     check = load_bundle(tmp_path / "bundle").manifest.expert_diagnostics
     assert check is not None and check.norm_ratios["stray"] > 50 and any("stray" in w for w in check.warnings)
+
+
+def test_sharded_pickle_weights_get_a_conversion_that_works(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=8, num_hidden_layers=1,
+                                                     num_attention_heads=1, intermediate_size=8))
+    path = tmp_path / "sharded"
+    model.save_pretrained(path)
+    weights = load_file(str(path / "model.safetensors"))
+    (path / "model.safetensors").unlink()
+    keys = sorted(weights)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: weights[k] for k in part}, path / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(ValueError, match="pickle weights") as err:
+        checkpoint_dir(path, "--expert x")
+    command = str(err.value).splitlines()[-1].strip()
+    subprocess.run([sys.executable, *shlex.split(command)[1:]], check=True, timeout=120, cwd=tmp_path)
+    assert checkpoint_dir(path, "--expert x") == path
+    converted = BertForSequenceClassification.from_pretrained(path, use_safetensors=True).state_dict()
+    assert all(torch.equal(converted[k], v) for k, v in model.state_dict().items())
