@@ -1,4 +1,4 @@
-"""Argument types shared by the subcommands: NAME=VALUE pairs, task names and checkpoints, JSON-ish values, beta, the prior."""
+"""Argument types shared by the subcommands: NAME=VALUE pairs, task names, checkpoints, JSON-ish values, beta, prior."""
 
 from __future__ import annotations
 

@@ -98,14 +98,13 @@ def check_experts(heads: Mapping[str, Tensor], norms: Mapping[str, float] | None
     """
     diagnostics = diagnose_experts(heads, norms)
     far = {t: r for t, r in diagnostics.norm_ratios.items() if r > diagnostics.norm_ratio_threshold}
-    if far and not force and norms is not None:
+    if far and norms is not None and not force:
         listed = "; ".join(f"expert {t!r} is {r:.1f}x as far from the base as the median of its peers "
                            f"(task-vector norm {norms[t]:.3g})" for t, r in far.items())
         raise ValueError(
             f"{listed}. All norms: {', '.join(f'{t} {v:.3g}' for t, v in norms.items())}; refused above "
             f"{diagnostics.norm_ratio_threshold:g}x. Such an expert was most likely not fine-tuned from this base "
-            "and would swamp the others; "
-            "pass --force (force=True) to use it anyway."
+            "and would swamp the others; pass --force (force=True) to use it anyway."
         )
     for message in diagnostics.warnings:
         logger.warning(message)
