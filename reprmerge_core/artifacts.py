@@ -57,8 +57,8 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_file(out: str | Path) -> Iterator[Path]:
-    """A temporary sibling path of the file `out` to write; renamed to `out` when the block ends cleanly,
-    removed when it raises, so readers see the old file or the whole new one."""
+    """A temporary sibling path of the file `out` to write to; moved over `out` when the block ends cleanly,
+    removed when it raises, so a reader sees the old file or the whole new one, never part of it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
@@ -67,6 +67,5 @@ def atomic_file(out: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, out)
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
