@@ -127,6 +127,7 @@ def test_calibrate_reads_a_distilbert_expert_where_its_head_reads(classifiers: d
                 f"sst={tmp_path / 'inputs.txt'}", "--out", str(out), "--folds", "2", "--device", "cpu"]) == 0
     bundle = load_bundle(out)
     assert bundle.manifest.backbone.pooling == "cls"
+    assert bundle.manifest.extra["head_agreement"] is None  # the head reads the stage output, not [CLS]: not comparable
     zm = Backbone.from_pretrained(merged, pooling="cls", device="cpu").encode(TEXTS * 2).double()
     ze, logits = head_input_and_logits(expert, "classifier", TEXTS * 2)
     torch.testing.assert_close(bundle.statistics[0].B, ze.double().T @ zm, rtol=1e-4, atol=1e-4)

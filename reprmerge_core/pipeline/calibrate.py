@@ -51,8 +51,11 @@ def calibrate_bundle(
         base=base, force=force)
     if shard is not None:
         return calibrate_shard(plan, merged, models, texts, Path(out), shard, batch_size=batch_size, progress=progress)
+    # Head agreement (the expert's head on merged vs expert features) needs both to be the same representation;
+    # an expert whose head has a stage of its own reads its stage output, the merged backbone its [CLS] state.
+    comparable = all(s.stage is None for s in plan.sources)
     stats = collect_statistics(merged, models, texts, folds=folds, batch_size=batch_size, progress=progress,
-                               heads=[s.head for s in plan.sources])
+                               heads=[s.head for s in plan.sources] if comparable else None)
     return write_calibrated(
         plan, stats.folds, out, overwrite=overwrite,
         timings={"statistics_forward": stats.forward_seconds, "statistics_accumulate": stats.accumulate_seconds},
