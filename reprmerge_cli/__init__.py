@@ -18,12 +18,13 @@ from reprmerge_core import __version__
 
 # (name, module under reprmerge_cli, one-line help), in the order `reprmerge --help` lists them.
 COMMANDS: tuple[tuple[str, str, str], ...] = (
-    ("build", "build_cmd", "build a bundle from a built-in suite of real tasks"),
+    ("build", "build_cmd", "build a bundle from a built-in suite of real tasks, or from your recipe file"),
     ("calibrate", "calibrate_cmd", "build a bundle from your own checkpoints"),
     ("reduce", "reduce_cmd", "add calibration shards (calibrate --shard I/N) into one bundle"),
     ("evaluate", "evaluate_cmd", "evaluate a bundle on a built-in suite or on your own labelled data"),
     ("inspect", "inspect_cmd", "summarise and validate a bundle"),
     ("merge", "merge_cmd", "merge expert checkpoints into the base backbone"),
+    ("export", "export_cmd", "write one fixed trade-off of a bundle as a standalone ONNX model"),
     ("serve", "serve_cmd", "serve a bundle over HTTP (/v1 and Open Inference Protocol /v2)"),
     ("bench", "bench_cmd", "benchmarks"),
 )

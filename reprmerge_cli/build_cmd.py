@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--suite", choices=sorted(SUITES), help="a built-in suite")
     which.add_argument("--tasks", help="comma-separated task names instead of a suite")
+    which.add_argument("--config", type=Path, metavar="RECIPE.yaml",
+                       help="your own base, experts, merge (or a mergekit file) and calibration inputs, in one YAML "
+                            "file (see the README's Recipe section); takes only --out, --overwrite and --device")
     p.add_argument("--merge", default="ties", choices=sorted(MERGE_METHODS), help="merge method (default ties)")
     p.add_argument("--set", type=pair, action="append", default=[], dest="params", metavar="KEY=VALUE",
                    help="a merge parameter (repeat), e.g. density=0.2")
@@ -36,10 +39,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# Options a recipe sets itself, with their defaults: given with --config, they would be silently ignored.
+_SUITE_ONLY = {"merge": "ties", "params": [], "calibration_size": None, "beta": "auto", "prior": "auto", "folds": 5,
+               "cache_dir": None}
+
+
+def _run_recipe(args: argparse.Namespace) -> int:
+    from reprmerge_core.pipeline.recipe import build_from_recipe
+
+    given = [f"--{k.replace('_', '-')}" for k, default in _SUITE_ONLY.items() if getattr(args, k) != default]
+    if given:
+        print(f"build failed: {', '.join(given)} cannot be combined with --config: set them in the recipe",
+              file=sys.stderr)
+        return 2
+    try:
+        path = build_from_recipe(args.config, args.out, overwrite=args.overwrite, device=args.device)
+    except (ValueError, FileExistsError, FileNotFoundError, OSError) as exc:
+        print(f"build failed: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote bundle {path}; inspect it with `reprmerge inspect {path}`")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from reprmerge_core.checks import check_task_names
     from reprmerge_core.pipeline import BuildConfig, build_bundle
 
+    if args.config is not None:
+        return _run_recipe(args)
     try:
         names = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
         config = BuildConfig(

@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip preference-weighted task arithmetic (a forward pass per preference)")
     p.add_argument("--sweep-calibration", action="store_true",
                    help="built-in suites: also sweep the calibration size (one more statistics pass)")
+    p.add_argument("--update-card", action="store_true",
+                   help="also write the figures into the bundle's model card (README.md; not covered by its hashes)")
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.set_defaults(func=run)
@@ -139,4 +141,12 @@ def run(args: argparse.Namespace) -> int:
     out = write_report(report, args.out)
     print((out / "report.md").read_text())
     print(f"wrote {out}/report.md, report.json and plots")
+    if args.update_card:
+        from reprmerge_core.bundle.card import write_card
+
+        try:
+            print(f"updated the model card {write_card(bundle.path, bundle.manifest, report)}")
+        except OSError as exc:  # e.g. a read-only bundle: the report itself is written
+            print(f"evaluate: could not update the model card: {exc}", file=sys.stderr)
+            return 2
     return 0

@@ -18,6 +18,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _recipe_lines(recorded: dict) -> list[str]:
+    """What `build --config` was asked for (the recipe as validated, paths resolved) and from which file."""
+    r = recorded["recipe"]
+    how = (f"merge {r['merge']['method']} {json.dumps(r['merge']['parameters'], sort_keys=True)}" if r.get("merge")
+           else f"mergekit file {r['mergekit']}" if r.get("mergekit") else f"already merged backbone {r['backbone']}")
+    experts = ", ".join(f"{e['name']}={e['path']}" + ("" if e.get("weight") is None else f" (weight {e['weight']:g})")
+                        for e in r["experts"])
+    c = r["correction"]
+    return [f"{recorded['file']} (sha256 {recorded['sha256'][:12]})", f"base {r.get('base')}; {how}",
+            f"experts {experts}", "calibration " + ", ".join(f"{k}={v}" for k, v in r["calibration"].items()),
+            f"beta {c['beta']}, prior {c['prior']}, folds {c['folds']}"]
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         bundle = check_bundle(args.bundle)  # every check of load_bundle, without torch
@@ -37,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     if agreement:
         print(f"agreement   {agreement['mean']:.3f} of calibration inputs get the expert's class from the merged "
               "backbone (label-free; " + ", ".join(f"{t} {v:.3f}" for t, v in agreement["per_task"].items()) + ")")
+    recorded = m.extra.get("build_recipe")
+    if recorded:
+        for i, line in enumerate(_recipe_lines(recorded)):
+            print(f"{'recipe' if i == 0 else '':<12}{line}")
     print(f"correction  beta={c.beta:g} normalisation={c.normalisation.value} prior={c.prior}")
     print("tasks")
     width = max(len(t.name) for t in m.tasks)

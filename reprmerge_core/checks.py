@@ -18,17 +18,24 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-TASK_NAME_PATTERN = r"[A-Za-z0-9_.\-]+"
+TASK_NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"  # letters, digits, _ . - (they key tensors, files and URLs)
 _TASK_NAME = re.compile(TASK_NAME_PATTERN)
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+def task_name_problem(name: str) -> str | None:
+    """What is wrong with `name` as a task name (None: nothing)."""
+    if _TASK_NAME.fullmatch(name):
+        return None
+    return f"task name {name!r} may only use ASCII letters, digits, '_', '.' and '-' (it names tensors and files)"
+
+
 def check_task_name(name: str, where: str) -> str:
-    """`name` if it is a valid task name (ASCII letters, digits, '_', '.', '-'); else a ValueError naming `where`."""
-    if not _TASK_NAME.fullmatch(name):
-        raise ValueError(f"{where}: task name {name!r} may only use ASCII letters, digits, '_', '.' and '-' "
-                         "(it names tensors and files in the bundle)")
+    """`name` if it is a valid task name (`task_name_problem`); else a ValueError naming `where`."""
+    problem = task_name_problem(name)
+    if problem is not None:
+        raise ValueError(f"{where}: {problem}")
     return name
 
 
@@ -63,21 +70,28 @@ def _has_classifier(path: Path) -> bool:
     return any(str(a).endswith("ForSequenceClassification") for a in architectures)
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """What keeps `path` from being a local checkpoint directory with safetensors weights (None: nothing)."""
+    if not path.exists():
+        return (f"{path} does not exist (a local checkpoint directory is needed; models are never downloaded "
+                "from the Hugging Face Hub)")
+    if not path.is_dir():
+        return f"{path} is a file, not a checkpoint directory"
+    if not (path / "config.json").is_file():
+        return f"{path} is not a transformers checkpoint (no config.json)"
+    if not any((path / name).is_file() for name in SAFE_WEIGHTS):
+        if any((path / name).is_file() for name in PICKLE_WEIGHTS):
+            return (f"{path} holds pickle weights (pytorch_model.bin), which reprmerge never loads (unpickling runs "
+                    f"code from the file). Convert them once to safetensors:\n    {conversion_command(path)}")
+        return f"{path} has no safetensors weights (model.safetensors)"
+    return None
+
+
 def checkpoint_dir(path: str | Path, role: str) -> Path:
     """`path` as a local checkpoint directory with safetensors weights, else a ValueError naming `role`
     (e.g. "--expert sms=experts/sms", "expert 'sms'", "--base") and what is wrong with the path."""
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{role}: {path} does not exist (a local checkpoint directory is needed; models are never "
-                         "downloaded from the Hugging Face Hub)")
-    if not path.is_dir():
-        raise ValueError(f"{role}: {path} is a file, not a checkpoint directory")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{role}: {path} is not a transformers checkpoint (no config.json)")
-    if not any((path / name).is_file() for name in SAFE_WEIGHTS):
-        if any((path / name).is_file() for name in PICKLE_WEIGHTS):
-            raise ValueError(f"{role}: {path} holds pickle weights (pytorch_model.bin), which reprmerge never loads "
-                             f"(unpickling runs code from the file). Convert them once to safetensors:\n    "
-                             f"{conversion_command(path)}")
-        raise ValueError(f"{role}: {path} has no safetensors weights (model.safetensors)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"{role}: {problem}")
     return path

@@ -46,6 +46,20 @@ class Normalisation(str, Enum):
         return energy / stats.dim
 
 
+def check_beta(beta: float | str) -> float | str:
+    """A beta as configuration files and settings give it: a finite positive number or 'auto' (cross-validated)."""
+    if beta == "auto" or (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 < beta < float("inf")):
+        return beta
+    raise ValueError(f"beta must be a finite positive number or 'auto', got {beta!r}")
+
+
+def check_prior(prior: float | str) -> float | str:
+    """A prior as configuration files give it: 'auto', 'procrustes', 'identity' or an identity weight in [0, 1]."""
+    if prior != "auto":
+        prior_identity_weight(prior)
+    return prior
+
+
 def prior_identity_weight(prior: float | str) -> float:
     """alpha of a prior given by name ("procrustes" 0, "identity" 1) or as a number in [0, 1]."""
     names = {"procrustes": 0.0, "identity": 1.0}
@@ -59,3 +73,6 @@ def prior_identity_weight(prior: float | str) -> float:
     if not 0 <= alpha <= 1:
         raise ValueError(f"prior identity weight must be in [0, 1], got {alpha}")
     return alpha
+
+
+EXPORT_FORMATS: tuple[str, ...] = ("onnx",)  # `reprmerge export --format`

@@ -7,6 +7,12 @@ runs, the heads of that batch are solved on the heads thread and earlier batches
 so a worker starts its next batch as soon as it is free. Several workers (single-threaded passes on
 a CPU) run at once: on a busy CPU, independent passes lose less than one thread team does.
 
+Batches are made of texts, not requests: a request may be split across batches. That keeps every
+pass within the token budget (only a single text wider than the budget runs alone over it), fills a
+batch's tail with the next request's first texts, and lets idle workers share a request: when less is
+queued than would fill every free worker, the work is spread over them (at least `MIN_SHARE` texts
+each), so a 16-text request on an idle 2-core box takes the time of 8 texts, not 16.
+
 Admission refuses work the service cannot finish: draining -> 503; queue full, or an estimated wait
 (queued padded tokens over the measured throughput) past the request's deadline -> 429 with a
 Retry-After from the same estimate. The worker drops jobs whose deadline passed (504) or whose
@@ -32,23 +38,59 @@ from service.heads import Heads
 from service.metrics import Metrics
 
 
+# Fewest texts a free worker is given when idle workers share the queued work: below this a pass's
+# fixed cost (~1 ms) outweighs running in parallel.
+MIN_SHARE = 4
+
+
 @dataclass
 class Job:
-    """One request, tokenised: its texts answered under each of its preferences."""
+    """One request, tokenised: its texts answered under each of its preferences, in one or more parts."""
 
     ids: Sequence[Sequence[int]]  # token ids per text, unpadded
     prefs: Sequence[Preference]
     deadline: float  # time.monotonic()
     future: asyncio.Future[JobResult]
     enqueued: float = field(default_factory=time.monotonic)
+    taken: int = 0  # texts handed to batches so far (texts [0, taken) are on their way)
+    running: int = 0  # parts in batches not finished yet
+    queued: bool = True
+    started: float | None = None  # when its first part's batch started
+    parts: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # first text -> probabilities per preference
+    width: int = field(init=False)  # longest text in tokens
 
-    @property
-    def width(self) -> int:
-        return max(map(len, self.ids), default=1)
+    def __post_init__(self) -> None:
+        self.width = max(map(len, self.ids), default=1)
 
     @property
     def padded_tokens(self) -> int:
         return len(self.ids) * self.width
+
+    @property
+    def remaining_tokens(self) -> int:
+        """Padded tokens still queued (counted at the request's width, as admission estimated them)."""
+        return (len(self.ids) - self.taken) * self.width
+
+    def result(self, finished: float) -> JobResult:
+        """Its parts' probabilities joined in text order."""
+        starts = sorted(self.parts)
+        probs = [torch.cat([self.parts[a][j] for a in starts]) if len(starts) > 1 else self.parts[starts[0]][j]
+                 for j in range(len(self.prefs))]
+        started = self.enqueued if self.started is None else self.started
+        return JobResult(probs, started - self.enqueued, finished - started)
+
+
+@dataclass(frozen=True)
+class Part:
+    """Texts [start, end) of a job, in one batch."""
+
+    job: Job
+    start: int
+    end: int
+
+    @property
+    def rows(self) -> Sequence[Sequence[int]]:
+        return self.job.ids[self.start:self.end]
 
 
 @dataclass(frozen=True)
@@ -108,6 +150,7 @@ class Batcher:
         self._draining = False
         self.throughput = Throughput(tokens=1024, seconds=0.05)  # replaced by measurements from the warm-up on
         self._backbone_free = asyncio.Semaphore(workers)
+        self._free = workers  # workers without a batch: idle ones share small queued work
         self._running = 0  # backbone passes under way
         self._last_done: float | None = None  # when the last pass finished, if the backbone stayed busy since
         # Batches between encoding and answer: bounds the pipeline's memory while every worker runs
@@ -199,58 +242,95 @@ class Batcher:
             self._idle.set()
 
     def _fills_batch(self) -> bool:
-        texts = sum(len(j.ids) for j in self._queue)
+        texts = sum(len(j.ids) - j.taken for j in self._queue)
         return texts >= self._max_batch or self._queued_tokens >= self._max_tokens
 
-    async def _next_batch(self, linger: bool) -> list[Job]:
-        """Wait for work, then take live jobs in order while the batch stays within both budgets."""
+    async def _next_batch(self, linger: bool, free: int) -> list[Part]:
+        """Wait for work, then take live jobs' texts in order while the batch stays within both budgets.
+
+        With `free` workers idle (this one included) and less queued than fills them all, this batch
+        takes its share only, so the other idle workers run the rest at the same time.
+        """
         while not self._queue:
             self._wakeup.clear()
             await self._wakeup.wait()
         if linger and self._max_wait > 0 and not self._fills_batch():
             await asyncio.sleep(self._max_wait)
-        batch: list[Job] = []
+        cap = self._max_batch
+        queued = sum(len(j.ids) - j.taken for j in self._queue)
+        sharing = min(free, queued // MIN_SHARE)  # workers that get at least MIN_SHARE texts each
+        if sharing > 1 and queued < sharing * self._max_batch:
+            cap = math.ceil(queued / sharing)
+        batch: list[Part] = []
         texts = width = 0
         now = time.monotonic()
-        while self._queue:
+        while self._queue and texts < cap:
             job = self._queue[0]
             if not self._live(job, now):
-                self._pop()
+                self._drop(job)
                 continue
-            new_texts, new_width = texts + len(job.ids), max(width, job.width)
-            if batch and (new_texts > self._max_batch or new_texts * new_width > self._max_tokens):
+            end = job.taken
+            while end < len(job.ids) and texts + end - job.taken < cap:
+                wider = max(width, len(job.ids[end]))
+                if (texts or end > job.taken) and (texts + end - job.taken + 1) * wider > self._max_tokens:
+                    break
+                width, end = wider, end + 1
+            if end == job.taken:
                 break
-            batch.append(self._pop())
-            texts, width = new_texts, new_width
+            batch.append(self._take(job, end))
+            texts += end - batch[-1].start
+            if job.taken < len(job.ids):
+                break  # the rest of this job did not fit
         self._metrics.queue_depth.set(len(self._queue))
         return batch
 
-    def _pop(self) -> Job:
-        job = self._queue.popleft()
-        self._queued_tokens -= job.padded_tokens
-        return job
+    def _take(self, job: Job, end: int) -> Part:
+        """Texts [job.taken, end) of the queue's first job, for a batch; the job leaves the queue once all are taken."""
+        part = Part(job, job.taken, end)
+        self._queued_tokens -= (end - job.taken) * job.width
+        job.taken, job.running = end, job.running + 1
+        if end == len(job.ids):
+            self._queue.popleft()
+            job.queued = False
+        return part
+
+    def _drop(self, job: Job) -> None:
+        """Remove a job (dead, or failed by one of its parts) from the queue."""
+        self._queued_tokens -= job.remaining_tokens
+        self._queue.remove(job)
+        job.queued = False
+        self._settle(job)
+
+    def _settle(self, job: Job) -> None:
+        """Count a job answered once its future is resolved and none of its parts is queued or running."""
+        if job.future.done() and not job.queued and job.running == 0:
+            self._answered(job)
 
     def _live(self, job: Job, now: float) -> bool:
-        """Whether a job is still worth running; the others are answered now (504) or dropped (client left)."""
-        if job.future.done():
+        """Whether a job's queued texts are still worth running; else it is answered now (504) or dropped
+        (client left, or a part already failed it)."""
+        if job.future.cancelled():
             self._metrics.rejections.labels("client_gone").inc()
+        elif job.future.done():
+            pass
         elif now > job.deadline:
             self._metrics.rejections.labels("deadline").inc()
-            job.future.set_exception(DeadlineExceeded(f"waited {now - job.enqueued:.3f} s in the queue, past the deadline"))
+            waited = now - job.enqueued
+            job.future.set_exception(DeadlineExceeded(f"waited {waited:.3f} s in the queue, past the deadline"))
         else:
             return True
-        self._answered(job)
         return False
 
     async def _run(self) -> None:
         full = False
         while True:
             await self._backbone_free.acquire()  # a worker is free: the next batch is formed for it now
-            batch = await self._next_batch(linger=full)
+            batch = await self._next_batch(linger=full, free=self._free)
             if not batch:
                 self._backbone_free.release()
                 continue
-            rows = [ids for job in batch for ids in job.ids]
+            self._free -= 1
+            rows = [ids for part in batch for ids in part.rows]
             full = len(rows) >= self._max_batch or len(rows) * max(map(len, rows)) >= self._max_tokens
             await self._in_flight.acquire()
             task = asyncio.create_task(self._run_batch(batch, rows))
@@ -264,22 +344,26 @@ class Batcher:
         self.throughput.observe(padded, now - (start if self._last_done is None else self._last_done))
         self._last_done = now if (self._queue or self._running) else None
 
-    async def _run_batch(self, batch: list[Job], rows: list[Sequence[int]]) -> None:
+    async def _run_batch(self, batch: list[Part], rows: list[Sequence[int]]) -> None:
         """Encode on a free inference worker, apply heads, answer; the worker is released right after encoding."""
         loop = asyncio.get_running_loop()
         start = time.monotonic()
+        for part in batch:
+            if part.job.started is None:
+                part.job.started = start
         padded = len(rows) * max(map(len, rows))
         self._running_tokens += padded
         self._running += 1
         # The heads of this batch are solved on their thread while the backbone encodes it.
-        heads = asyncio.ensure_future(
-            self._heads.get_many([p for job in batch for p in job.prefs], max(j.deadline for j in batch)))
+        heads = asyncio.ensure_future(self._heads.get_many(
+            [p for part in batch for p in part.job.prefs], max(part.job.deadline for part in batch)))
         try:
             try:
                 z = await loop.run_in_executor(self._executor, self._engine.embed, rows)
             finally:
                 self._running_tokens -= padded
                 self._running -= 1
+                self._free += 1
                 self._encoded(padded, start)
                 self._backbone_free.release()
             groups, where = self._group(batch, await heads)
@@ -289,54 +373,62 @@ class Batcher:
                 heads.cancel()
             elif not heads.cancelled():
                 heads.exception()  # retrieved: the batch's error is reported instead
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(exc)
-                self._answered(job)
+            for part in batch:
+                if not part.job.future.done():
+                    part.job.future.set_exception(exc)
+                self._part_done(part.job)
             return
         finally:
             self._in_flight.release()
-        elapsed = time.monotonic() - start
-        self._metrics.inference_duration.observe(elapsed)
+        finished = time.monotonic()
+        self._metrics.inference_duration.observe(finished - start)
         self._metrics.batch_size.observe(len(rows))
         self._metrics.batch_heads.observe(len(groups))
-        for job, places in zip(batch, where):
-            if places is None:  # answered with its solve's error
-                self._answered(job)
-                continue
-            queue_time = start - job.enqueued
-            self._metrics.queue_duration.observe(queue_time)
-            if not job.future.done():
-                job.future.set_result(JobResult([probs[g][a:b] for g, a, b in places], queue_time, elapsed))
-            self._answered(job)
+        for part, places in zip(batch, where):
+            job = part.job
+            if places is not None and not job.future.done():
+                job.parts[part.start] = [probs[g][a:b] for g, a, b in places]
+                if not job.queued and job.running == 1:
+                    self._metrics.queue_duration.observe((job.started or start) - job.enqueued)
+                    job.future.set_result(job.result(finished))
+            self._part_done(job)
+
+    def _part_done(self, job: Job) -> None:
+        """A part of `job` left its batch; a job failed by it (future resolved early) loses its queued texts."""
+        job.running -= 1
+        if job.future.done() and job.queued:
+            self._drop(job)
+        else:
+            self._settle(job)
 
     @staticmethod
-    def _group(batch: list[Job], found: dict[str, Head | ServiceError]
+    def _group(batch: list[Part], found: dict[str, Head | ServiceError]
                ) -> tuple[list[HeadGroup], list[list[tuple[int, int, int]] | None]]:
-        """Rows per distinct head, and for each job and preference its (group, start, end) in that group.
+        """Rows per distinct head, and for each part and preference its (group, start, end) in that group.
 
-        A job with a preference whose solve failed gets that error now and no places (None).
+        A part with a preference whose solve failed fails its job now (None: no places).
         """
         heads = {fp: h for fp, h in found.items() if isinstance(h, Head)}
         index: dict[str, int] = {}  # fingerprint -> group, in order of first use
         rows: list[list[int]] = []
         where: list[list[tuple[int, int, int]] | None] = []
         offset = 0
-        for job in batch:
-            error = next((found[p.fingerprint] for p in job.prefs if p.fingerprint not in heads), None)
+        for part in batch:
+            n = part.end - part.start
+            error = next((found[p.fingerprint] for p in part.job.prefs if p.fingerprint not in heads), None)
             if error is not None:
-                if not job.future.done():
-                    job.future.set_exception(error)
+                if not part.job.future.done():
+                    part.job.future.set_exception(error)
                 where.append(None)
-                offset += len(job.ids)
+                offset += n
                 continue
             places = []
-            for p in job.prefs:
+            for p in part.job.prefs:
                 group = index.setdefault(p.fingerprint, len(index))
                 if group == len(rows):
                     rows.append([])
-                places.append((group, len(rows[group]), len(rows[group]) + len(job.ids)))
-                rows[group].extend(range(offset, offset + len(job.ids)))
+                places.append((group, len(rows[group]), len(rows[group]) + n))
+                rows[group].extend(range(offset, offset + n))
             where.append(places)
-            offset += len(job.ids)
+            offset += n
         return [HeadGroup(heads[fp], rows[group]) for fp, group in index.items()], where

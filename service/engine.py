@@ -16,7 +16,7 @@ import torch
 
 from reprmerge_core.backbone import Backbone
 from reprmerge_core.bundle import Bundle, load_bundle
-from reprmerge_core.correction import CorrectionSolver, HeadFolder
+from reprmerge_core.correction import HeadFolder
 from reprmerge_core.correction.solver import quality_kept
 from reprmerge_core.preference import Preference
 
@@ -94,10 +94,7 @@ class Engine:
         )
         if trace:
             backbone.trace()
-        solver = CorrectionSolver(
-            m.correction.beta, m.correction.normalisation, identity_weight=m.correction.identity_weight,
-            device=backbone.device, dtype=getattr(torch, solve_dtype),
-        ).fit(bundle.statistics)
+        solver = bundle.solver(backbone.device, getattr(torch, solve_dtype))
         return cls(bundle, backbone, HeadFolder(solver, bundle.heads))
 
     @property

@@ -34,7 +34,8 @@ class ServiceSettings(BaseSettings):
     # Batching and admission control.
     max_batch_size: int = Field(32, ge=1, description="most inputs (texts) in one backbone pass")
     max_batch_tokens: int = Field(
-        8192, ge=1, description="most padded tokens (texts x longest text) in one backbone pass; one request may exceed it alone")
+        8192, ge=1, description="most padded tokens (texts x longest text) in one backbone pass; a larger request is "
+                                "split across passes, and only a single text wider than this runs alone over it")
     max_batch_wait: float = Field(0.002, ge=0, le=1, description="seconds a batch may wait to fill while the model is busy")
     queue_limit: int = Field(256, ge=1, description="most requests waiting; more are refused with 429")
     default_timeout: float = Field(30.0, gt=0, description="deadline in seconds when a request sets no X-Request-Timeout")

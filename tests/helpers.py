@@ -39,7 +39,7 @@ def random_statistics(dim: int, n: int, generator: torch.Generator) -> TaskStati
 
 
 def make_random_bundle(out: Path, backbone_dir: Path, generator: torch.Generator,
-                       tasks: dict[str, list[str]] | None = None, n: int = 64) -> Path:
+                       tasks: dict[str, list[str]] | None = None, n: int = 64, pooling: str = "mean") -> Path:
     tasks = tasks or {"alpha": ["no", "yes"], "beta": ["a", "b", "c"], "gamma": ["x", "y"]}
     dim = BertConfig.from_pretrained(backbone_dir).hidden_size
     infos = [TaskInfo(name=t, labels=labels, calibration_samples=n) for t, labels in tasks.items()]
@@ -50,5 +50,5 @@ def make_random_bundle(out: Path, backbone_dir: Path, generator: torch.Generator
         out, tasks=infos, statistics=stats, heads=heads, backbone_dir=backbone_dir,
         correction=CorrectionInfo(beta=0.3, normalisation="energy"),
         merge=MergeInfo(method="task_arithmetic", parameters={"lambda": 0.3}),
-        backbone=BackboneInfo(source="tiny-random-bert", pooling="mean", max_length=32),
+        backbone=BackboneInfo(source="tiny-random-bert", pooling=pooling, max_length=32),
     )

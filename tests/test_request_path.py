@@ -22,7 +22,7 @@ from transformers import BertModel
 from reprmerge_core.backbone import Backbone
 from reprmerge_core.preference import canonical_preference
 from service.batcher import Batcher
-from service.engine import Engine
+from service.engine import Engine, HeadGroup
 from service.heads import Heads
 from service.metrics import Metrics
 from service.server import freeze_startup_objects
@@ -80,37 +80,63 @@ class RecordingEngine(Engine):
         return super().embed(rows)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_batches_respect_the_padded_token_budget_and_text_cap(bundle: Path, workers: int) -> None:
-    engine = RecordingEngine.load(bundle, device="cpu")
-    engine.passes = []
+async def _submit_all(engine: Engine, bundle: Path, jobs: Sequence[Sequence[str]], workers: int, *,
+                      max_batch_size: int, max_batch_tokens: int, stagger: float = 0.0) -> list[torch.Tensor]:
+    """Run `jobs` through a real batcher (heads thread included); each job's probabilities at one preference."""
     pref = canonical_preference([1, 1, 1], engine.tasks)
-    long_text, short_text = " ".join(["word"] * 40), "short"
-
-    async def scenario() -> list[int]:
-        infer, metrics = ThreadPoolExecutor(workers), Metrics()
-        heads = Heads(engine, ServiceSettings(bundle=bundle), metrics)
-        heads.start()
-        batcher = Batcher(engine, heads, infer, metrics, max_batch_size=8, max_batch_tokens=64, workers=workers,
-                          max_wait=0.0, queue_limit=100)
-        batcher.start()
-        jobs = [[long_text] * 3, [short_text] * 2, [short_text] * 5, [long_text], [short_text] * 8, [short_text]]
-        ids = [engine.token_ids(texts) for texts in jobs]
-        results = await asyncio.gather(*(batcher.submit(i, [pref], time.monotonic() + 30) for i in ids))
+    infer, metrics = ThreadPoolExecutor(workers), Metrics()
+    heads = Heads(engine, ServiceSettings(bundle=bundle), metrics)
+    heads.start()
+    batcher = Batcher(engine, heads, infer, metrics, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
+                      workers=workers, max_wait=0.0, queue_limit=100)
+    batcher.start()
+    try:
+        await heads.get_many([pref], time.monotonic() + 30)  # solved before timing matters
+        engine.passes = []
+        tasks = []
+        for texts in jobs:
+            tasks.append(asyncio.ensure_future(batcher.submit(engine.token_ids(texts), [pref], time.monotonic() + 30)))
+            await asyncio.sleep(stagger)
+        return [r.probabilities[0] for r in await asyncio.gather(*tasks)]
+    finally:
         await batcher.stop()
         await heads.stop()
         infer.shutdown()
-        return [r.probabilities[0].shape[0] for r in results]
 
-    sizes = asyncio.run(scenario())
-    assert sizes == [3, 2, 5, 1, 8, 1]
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batches_respect_the_padded_token_budget_and_text_cap(bundle: Path, workers: int) -> None:
+    engine = RecordingEngine.load(bundle, device="cpu")
+    long_text, short_text = " ".join(["word"] * 40), "short"
+    jobs = [[long_text] * 3, [short_text] * 2, [short_text] * 5, [long_text], [short_text] * 8, [short_text]]
+    got = asyncio.run(_submit_all(engine, bundle, jobs, workers, max_batch_size=8, max_batch_tokens=64))
+    assert [p.shape[0] for p in got] == [3, 2, 5, 1, 8, 1]
     widths = {len(engine.token_ids([t])[0]) for t in (long_text, short_text)}
     assert widths == {3, 32}  # [CLS] short [SEP]; the long text truncated at the bundle's max length
     for texts, width in engine.passes:
-        # A pass holds one request alone, or several within both budgets.
-        assert texts <= 8 and (texts * width <= 64 or texts in (1, 3, 8)), engine.passes
+        # Every pass within both budgets: a request over them (3 long texts: 96 tokens) is split.
+        assert texts <= 8 and texts * width <= 64, engine.passes
     assert sum(t for t, _ in engine.passes) == 20
     assert any(t > 1 and w == 3 for t, w in engine.passes), "short requests were never batched together"
+    # Each answer is its texts' own, whatever passes they rode in: the engine's answer to them alone.
+    head = engine.fold([canonical_preference([1, 1, 1], engine.tasks)])[0]
+    for texts, probs in zip(jobs, got):
+        want = engine.apply(engine.encode(texts), [HeadGroup(head, list(range(len(texts))))])[0]
+        torch.testing.assert_close(probs, want, rtol=0, atol=1e-5)
+
+
+def test_idle_workers_share_one_request_and_its_answer_is_unchanged(bundle: Path) -> None:
+    """A 16-text request on two idle workers runs as two 8-text passes at once; answers equal one pass's."""
+    engine = RecordingEngine.load(bundle, device="cpu")
+    texts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(16)]
+    alone = asyncio.run(_submit_all(engine, bundle, [texts], 1, max_batch_size=32, max_batch_tokens=8192))
+    assert engine.passes and [t for t, _ in engine.passes] == [16]
+    shared = asyncio.run(_submit_all(engine, bundle, [texts], 2, max_batch_size=32, max_batch_tokens=8192))
+    assert sorted(t for t, _ in engine.passes) == [8, 8]
+    torch.testing.assert_close(shared[0], alone[0], rtol=0, atol=1e-5)
+    # Small requests are not split below MIN_SHARE texts a pass: a 5-text request runs whole.
+    asyncio.run(_submit_all(engine, bundle, [texts[:5]], 2, max_batch_size=32, max_batch_tokens=8192))
+    assert [t for t, _ in engine.passes] == [5]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,9 @@ Layout of a bundle directory:
     manifest.json            schema in `manifest.py`, sha256 of every other file
     statistics.safetensors   A.<task>, B.<task> (d, d) float64; n (T,) int64; e (T,) float64
     heads.safetensors        weight.<task> (classes, d), bias.<task> (classes,)
-    backbone/                a transformers checkpoint (config, safetensors weights, tokenizer)
+    backbone/                a transformers checkpoint (config, safetensors weights, tokenizer; a mergekit
+                             source's mergekit_config.yml and README.md)
+    README.md                the model card, rendered from the manifest and not listed in it (see `card`)
 Tensors are safetensors only: nothing is ever unpickled.
 """
 
@@ -27,7 +29,9 @@ from safetensors.torch import save_file
 from reprmerge_core import __version__
 from reprmerge_core.artifacts import replace_dir
 from reprmerge_core.correction.heads import TaskHead
+from reprmerge_core.correction.solver import CorrectionSolver
 from reprmerge_core.correction.statistics import TaskStatistics
+from reprmerge_core.bundle.card import MERGEKIT_CONFIG, write_card
 from reprmerge_core.bundle.check import BundleError, check_bundle, sha256_file, validate_content
 from reprmerge_core.diagnostics import ExpertDiagnostics
 from reprmerge_core.bundle.manifest import (
@@ -46,6 +50,8 @@ from reprmerge_core.bundle.manifest import (
 
 # A checkpoint may carry these; anything pickled (.bin, .pt, .pkl) is refused.
 _BACKBONE_SUFFIXES = {".json", ".safetensors", ".txt", ".model"}
+# Carried through as they are: a mergekit output's recipe and card, or the source model's own card.
+_BACKBONE_DOCS = {MERGEKIT_CONFIG, "README.md"}
 
 
 @dataclass(frozen=True)
@@ -65,16 +71,34 @@ class Bundle:
     def task_names(self) -> list[str]:
         return self.manifest.task_names
 
+    def solver(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64) -> CorrectionSolver:
+        """The correction solver as the bundle records it (beta, normalisation, prior), fitted on its statistics:
+        the service and `reprmerge export` fold preferences with it, so both answer the same."""
+        c = self.manifest.correction
+        return CorrectionSolver(c.beta, c.normalisation, identity_weight=c.identity_weight, device=device,
+                                dtype=dtype).fit(self.statistics)
+
 
 def _copy_backbone(src: Path, dst: Path) -> None:
     if not (src / "config.json").is_file():
         raise BundleError(BACKBONE_DIR, None, f"{src} is not a transformers checkpoint (no config.json)")
     dst.mkdir(parents=True)
     for item in sorted(src.iterdir()):
-        if item.is_file() and item.suffix in _BACKBONE_SUFFIXES and item.name != "README.md":
+        if item.is_file() and (item.suffix in _BACKBONE_SUFFIXES or item.name in _BACKBONE_DOCS):
             shutil.copy2(item, dst / item.name)
     if not any(p.suffix == ".safetensors" for p in dst.iterdir()):
         raise BundleError(BACKBONE_DIR, None, f"{src} has no safetensors weights (pickled weights are refused)")
+
+
+def _write_manifest(directory: Path, manifest: Manifest) -> None:
+    """manifest.json (synced, then renamed over any old one) and the card rendered from it."""
+    tmp = directory / f".{MANIFEST_FILE}.tmp"
+    with tmp.open("w") as f:
+        f.write(manifest.model_dump_json(indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / MANIFEST_FILE)
+    write_card(directory, manifest)
 
 
 def write_bundle(
@@ -140,15 +164,30 @@ def write_bundle(
             extra=dict(extra or {}),
             expert_diagnostics=expert_diagnostics,
         )
-        with (tmp / MANIFEST_FILE).open("w") as f:
-            f.write(manifest.model_dump_json(indent=2))
-            f.flush()
-            os.fsync(f.fileno())
+        _write_manifest(tmp, manifest)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def amend_manifest(path: str | Path, *, merge: MergeInfo | None = None, backbone_source: str | None = None,
+                   extra: Mapping[str, Any] | None = None) -> Manifest:
+    """Record in a written bundle what its writer could not know (how the backbone was merged, the recipe), e.g.
+    `build --config` around `calibrate_bundle`. Only the manifest changes (atomically, re-validated), so the
+    files, their hashes and the bundle id stay; the card is rendered again."""
+    path = Path(path)
+    old = check_bundle(path).manifest
+    data = old.model_dump(mode="json")
+    if merge is not None:
+        data["merge"] = merge.model_dump(mode="json")
+    if backbone_source is not None:
+        data["backbone"]["source"] = backbone_source
+    data["extra"] = {**old.extra, **(extra or {})}
+    manifest = Manifest.model_validate(data)
+    _write_manifest(path, manifest)
+    return manifest
 
 
 def load_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:

@@ -18,6 +18,7 @@ STATISTICS_FILE = "statistics.safetensors"
 HEADS_FILE = "heads.safetensors"
 BACKBONE_DIR = "backbone"
 MANIFEST_FILE = "manifest.json"
+CARD_FILE = "README.md"  # the model card: derived from the manifest, not listed in it (see `card`)
 
 
 class _Strict(BaseModel):
@@ -25,7 +26,7 @@ class _Strict(BaseModel):
 
 
 class TaskInfo(_Strict):
-    name: str = Field(min_length=1, pattern=f"^{TASK_NAME_PATTERN}$")
+    name: str = Field(min_length=1, pattern=TASK_NAME_PATTERN)
     labels: list[str] = Field(min_length=2)
     calibration_samples: int = Field(ge=1)
 

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from reprmerge_core.backbone import Backbone, default_backbone_path, select_device
 from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
-from reprmerge_core.calibration import choose_correction, collect_statistics, head_agreement, prior_identity_weight
+from reprmerge_core.calibration import choose_correction, collect_statistics, head_agreement
+from reprmerge_core.choices import check_beta, check_prior
 from reprmerge_core.correction.solver import Normalisation
 from reprmerge_core.data import SuiteConfig, load_suite, resolve_suite
 from reprmerge_core.merging import merge_checkpoints, resolve
@@ -47,18 +48,12 @@ class BuildConfig(BaseModel):
     @field_validator("beta")
     @classmethod
     def _beta(cls, v: float | str) -> float | str:
-        if isinstance(v, str) and v != "auto":
-            raise ValueError("beta must be a positive number or 'auto'")
-        if isinstance(v, float) and not (0 < v < float("inf")):
-            raise ValueError("beta must be a finite positive number")
-        return v
+        return check_beta(v)
 
     @field_validator("prior")
     @classmethod
     def _prior(cls, v: float | str) -> float | str:
-        if v != "auto":
-            prior_identity_weight(v)
-        return v
+        return check_prior(v)
 
     def resolved_suite(self) -> SuiteConfig:
         suite = resolve_suite(self.suite)
