@@ -49,6 +49,9 @@ def user(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> P
     shutil.copytree(tiny_backbone_dir, root / "base")
     make_expert(root / "base", root / "spam", 1, ["ham", "spam"])
     make_expert(root / "base", root / "topic", 2, ["sport", "food", "tech"])
+    pickled = shutil.copytree(root / "spam", root / "pickled")  # the spam expert with pickle weights only
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
     (root / "spam.txt").write_text("\n".join(TEXTS) + "\n")
     (root / "topic.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in reversed(TEXTS)) + "\n")
     return root
@@ -116,7 +119,10 @@ BAD = [
      "experts[1].path: "),
     ("task name with a space", recipe(experts=[{"name": "my spam", "path": "spam"}, {"name": "topic", "path": "topic"}],
                                       calibration={"my spam": "spam.txt", "topic": "topic.jsonl"}),
-     "experts[0].name: String should match pattern"),
+     "experts[0].name: task name 'my spam' may only use ASCII letters, digits, '_', '.' and '-'"),
+    ("pickle expert", recipe(experts=[{"name": "spam", "path": "pickled"}, {"name": "topic", "path": "topic"}]),
+     "experts[0].path: "),
+    ("not a checkpoint", recipe(base="."), "base: "),
     ("repeated expert", recipe(experts=[{"name": "spam", "path": "spam"}, {"name": "spam", "path": "topic"}]),
      "experts[1].name: 'spam' is given twice"),
     ("unknown method", recipe(merge={"method": "slerp"}), "merge.method: Input should be"),
@@ -146,6 +152,10 @@ def test_recipe_errors_name_the_yaml_path(user: Path, tmp_path: Path, capsys: py
     err = capsys.readouterr().err
     assert f"build failed: {config}: {message}" in err, err
     assert not out.exists()
+    if name == "pickle expert":
+        assert "holds pickle weights (pytorch_model.bin)" in err and "model.safetensors" in err
+    if name == "not a checkpoint":
+        assert "is not a transformers checkpoint (no config.json)" in err
 
 
 def test_recipe_refuses_suite_options(user: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

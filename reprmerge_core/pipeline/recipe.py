@@ -23,7 +23,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from reprmerge_core.artifacts import check_output, replace_dir
 from reprmerge_core.bundle.card import MERGEKIT_CONFIG
 from reprmerge_core.bundle.io import amend_manifest
-from reprmerge_core.bundle.manifest import TASK_NAME_PATTERN, MergeInfo
+from reprmerge_core.bundle.manifest import MergeInfo
+from reprmerge_core.checks import checkpoint_problem, task_name_problem
 from reprmerge_core.choices import MERGE_METHODS, POOLINGS, check_beta, check_prior
 from reprmerge_core.merging import merge_checkpoints, read_texts, resolve
 from reprmerge_core.merging.mergekit import MergekitError, map_mergekit
@@ -46,24 +47,34 @@ def yaml_path(loc: tuple[int | str, ...]) -> str:
     return out or "(top)"
 
 
-def _existing(kind: Literal["file", "dir"]) -> Any:
-    """A path resolved against the recipe's folder (validation context `root`) that must exist as `kind`."""
+def _existing(kind: Literal["file", "checkpoint"]) -> Any:
+    """A path resolved against the recipe's folder (validation context `root`) that must exist as `kind`
+    (a checkpoint: a folder with config.json and safetensors weights, see `reprmerge_core.checks`)."""
 
     def check(value: Path, info: ValidationInfo) -> Path:
         root = Path((info.context or {}).get("root", "."))
         path = value if value.is_absolute() else root / value
         if not path.exists():
             raise ValueError(f"{path} does not exist")
-        if kind == "dir" and not path.is_dir():
-            raise ValueError(f"{path} is not a folder")
         if kind == "file" and not path.is_file():
             raise ValueError(f"{path} is not a file")
+        problem = checkpoint_problem(path) if kind == "checkpoint" else None
+        if problem is not None:
+            raise ValueError(problem)
         return path
 
     return AfterValidator(check)
 
 
-ExistingDir = Annotated[Path, _existing("dir")]
+Checkpoint = Annotated[Path, _existing("checkpoint")]
+
+
+def _task_name(name: str) -> str:
+    """The one task-name rule (`reprmerge_core.checks`), as every command applies it."""
+    problem = task_name_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
+    return name
 ExistingFile = Annotated[Path, _existing("file")]
 
 
@@ -72,8 +83,8 @@ class _Strict(BaseModel):
 
 
 class ExpertSpec(_Strict):
-    name: str = Field(pattern=TASK_NAME_PATTERN, description="the task's name (letters, digits, _ . -)")
-    path: ExistingDir
+    name: Annotated[str, AfterValidator(_task_name)] = Field(description="the task's name (letters, digits, _ . -)")
+    path: Checkpoint
     weight: float | None = Field(None, allow_inf_nan=False, description="scales the expert's task vector")
 
 
@@ -92,11 +103,11 @@ class CorrectionSpec(_Strict):
 class Recipe(_Strict):
     """The recipe file's schema; exactly one of `merge`, `mergekit` and `backbone` says how the backbone is made."""
 
-    base: ExistingDir | None = None
+    base: Checkpoint | None = None
     experts: list[ExpertSpec] = Field(min_length=1)
     merge: MergeSpec | None = None
     mergekit: ExistingFile | None = None
-    backbone: ExistingDir | None = None
+    backbone: Checkpoint | None = None
     calibration: dict[str, ExistingFile]
     correction: CorrectionSpec = CorrectionSpec()
     pooling: Literal[POOLINGS] = "mean"  # type: ignore[valid-type]
