@@ -272,3 +272,29 @@ def test_mergekit_settings_that_do_not_map_are_refused(change: dict, message: st
     with pytest.raises(MergekitError) as info:
         map_mergekit(config)
     assert str(info.value).startswith(message)
+
+
+def test_recipe_refuses_an_expert_far_from_the_base_unless_forced(user: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    stray = tmp_path / "stray"
+    model = BertModel.from_pretrained(user / "spam")
+    with torch.no_grad():  # unrelated weights: 100x the fine-tuning-sized changes of the others
+        for name, p in model.named_parameters():
+            if name.startswith("encoder."):
+                p.add_(2.0 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+    model.save_pretrained(stray)
+    for name in ("head.safetensors", "expert.json", *TOKENIZER_FILES):
+        if (user / "spam" / name).exists():
+            shutil.copy(user / "spam" / name, stray / name)
+    experts = [{"name": "spam", "path": "spam"}, {"name": "topic", "path": "topic"},
+               {"name": "stray", "path": str(stray)}]
+    calibration = {"spam": "spam.txt", "topic": "topic.jsonl", "stray": "spam.txt"}
+    config = write(user, "far.yaml", recipe(experts=experts, calibration=calibration))
+    assert cli(["build", "--config", str(config), "--out", str(tmp_path / "bundle")]) == 2
+    err = capsys.readouterr().err
+    assert "expert 'stray' is" in err and "as far from the base" in err and "force: true" in err, err
+    assert not (tmp_path / "bundle").exists()
+    config = write(user, "forced.yaml", recipe(experts=experts, calibration=calibration, force=True))
+    assert cli(["build", "--config", str(config), "--out", str(tmp_path / "bundle")]) == 0
+    check = load_bundle(tmp_path / "bundle").manifest.expert_diagnostics
+    assert check is not None and check.norm_ratios["stray"] > 50

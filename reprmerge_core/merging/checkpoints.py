@@ -104,7 +104,7 @@ def check_experts(heads: Mapping[str, Tensor], norms: Mapping[str, float] | None
         raise ValueError(
             f"{listed}. All norms: {', '.join(f'{t} {v:.3g}' for t, v in norms.items())}; refused above "
             f"{diagnostics.norm_ratio_threshold:g}x. Such an expert was most likely not fine-tuned from this base "
-            "and would swamp the others; pass --force (force=True) to use it anyway."
+            "and would swamp the others; pass --force (a recipe's force: true) to use it anyway."
         )
     for message in diagnostics.warnings:
         logger.warning(message)

@@ -114,6 +114,8 @@ class Recipe(_Strict):
     max_length: int = Field(128, ge=1)
     batch_size: int = Field(32, ge=1)
     base_model: str | None = Field(None, description="the base's model id on a hub, for the model card")
+    force: bool = Field(False, description="use an expert far from the base (refused by default: most likely not "
+                                           "fine-tuned from it)")
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -266,7 +268,8 @@ def build_from_recipe(path: str | Path, out: str | Path, *, overwrite: bool = Fa
             merged = Path(work) / "merged"
             data_aware = resolve(method, params)[0].data_aware
             result = merge_checkpoints(base, experts, method, params, texts if data_aware else None, merged,
-                                       batch_size=recipe.batch_size, max_length=recipe.max_length, progress=progress)
+                                       batch_size=recipe.batch_size, max_length=recipe.max_length, progress=progress,
+                                       force=recipe.force)
             if recipe.mergekit is not None:  # the user's merge recipe travels with the backbone
                 shutil.copy2(recipe.mergekit, merged / MERGEKIT_CONFIG)
             extra["merge_report"] = result.report.model_dump(mode="json")
@@ -274,7 +277,8 @@ def build_from_recipe(path: str | Path, out: str | Path, *, overwrite: bool = Fa
         bundle = calibrate_bundle(merged, experts, texts, Path(work) / "bundle", pooling=recipe.pooling,
                                   max_length=recipe.max_length, beta=recipe.correction.beta,
                                   prior=recipe.correction.prior, folds=recipe.correction.folds, merge_method=method,
-                                  device=device, batch_size=recipe.batch_size, progress=progress, base=base)
+                                  device=device, batch_size=recipe.batch_size, progress=progress, base=base,
+                                  force=recipe.force)
         recorded = recipe.model_dump(mode="json")
         extra["build_recipe"] = {"file": str(path.resolve()), "sha256": _sha256(path), "recipe": recorded}
         if recipe.base_model is not None:
