@@ -14,8 +14,12 @@ from pathlib import Path
 from reprmerge_core.backbone import Pooling
 from reprmerge_core.calibration import collect_statistics, head_agreement
 from reprmerge_core.correction.solver import Normalisation
+from reprmerge_core.experts import ExpertSource, has_head, read_expert
 from reprmerge_core.pipeline.plan import prepare_calibration, write_calibrated
-from reprmerge_core.pipeline.shards import ShardSpec, calibrate_shard
+from reprmerge_core.pipeline.shards import ShardSpec, calibrate_shard, reduce_shards
+
+# Names this module held before the split, importable here still (their homes: `experts`, `shards`).
+__all__ = ["ExpertSource", "ShardSpec", "calibrate_bundle", "has_head", "read_expert", "reduce_shards"]
 
 
 def calibrate_bundle(
