@@ -42,14 +42,17 @@ def default_backbone_path() -> Path:
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Loading an encoder from a checkpoint with a classification head (or the reverse) reports the weights it
-    leaves out; those reports are expected here and would bury the messages that matter."""
-    level = hf_logging.get_verbosity()
+    """Loads without transformers' chatter: an encoder read from an expert's checkpoint prints a load-report
+    table of the classification head it leaves out (expected here), and a progress bar per load."""
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def pool(output: Mapping[str, torch.Tensor], attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
@@ -108,8 +111,8 @@ class Backbone:
     def from_pretrained(cls, path: str | Path, **kwargs: object) -> Backbone:
         """Load a local checkpoint directory (safetensors weights only; never the hub)."""
         path = checkpoint_dir(path, "checkpoint")
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
         return cls(model, tokenizer, **kwargs)  # type: ignore[arg-type]
 

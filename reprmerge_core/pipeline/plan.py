@@ -21,6 +21,7 @@ from reprmerge_core.backbone import Backbone, Pooling, select_device
 from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
 from reprmerge_core.calibration import choose_correction, prior_identity_weight
+from reprmerge_core.calibration.collect import warn_few_inputs
 from reprmerge_core.checks import checkpoint_dir
 from reprmerge_core.correction import TaskStatistics
 from reprmerge_core.correction.solver import Normalisation
@@ -78,6 +79,7 @@ def plan_calibration(
     if problems:
         raise ValueError("experts do not match the backbone:\n  " + "\n  ".join(problems))
     sources = [read_expert(name, path, pooling) for name, path in paths.items()]
+    warn_few_inputs({name: len(texts) for name, texts in calibration.items()}, sources[0].head.weight.shape[1])
     poolings = {s.pooling for s in sources}
     if len(poolings) != 1:
         raise ValueError(f"experts read different representations ({sorted(poolings)}); one bundle needs one pooling")

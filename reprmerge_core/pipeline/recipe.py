@@ -26,7 +26,8 @@ from reprmerge_core.bundle.io import amend_manifest
 from reprmerge_core.bundle.manifest import MergeInfo
 from reprmerge_core.checks import checkpoint_problem, task_name_problem
 from reprmerge_core.choices import MERGE_METHODS, POOLINGS, check_beta, check_prior
-from reprmerge_core.merging import merge_checkpoints, read_texts, resolve
+from reprmerge_core.data.files import read_texts
+from reprmerge_core.merging import merge_checkpoints, resolve
 from reprmerge_core.merging.mergekit import MergekitError, map_mergekit
 from reprmerge_core.pipeline.calibrate import calibrate_bundle
 
