@@ -65,13 +65,15 @@ def _run_recipe(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reprmerge_core.checks import check_task_names
     from reprmerge_core.pipeline import BuildConfig, build_bundle
 
     if args.config is not None:
         return _run_recipe(args)
     try:
+        names = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
         config = BuildConfig(
-            suite=args.suite or tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+            suite=args.suite or tuple(check_task_names(names or [], "--tasks")),
             merge=args.merge, merge_params={k: json_value(v) for k, v in unique(args.params, "--set").items()},
             merge_weights=weights(args.weight),
             calibration_size=args.calibration_size, beta=args.beta, prior=args.prior, folds=args.folds,

@@ -49,6 +49,9 @@ def user(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> P
     shutil.copytree(tiny_backbone_dir, root / "base")
     make_expert(root / "base", root / "spam", 1, ["ham", "spam"])
     make_expert(root / "base", root / "topic", 2, ["sport", "food", "tech"])
+    pickled = shutil.copytree(root / "spam", root / "pickled")  # the spam expert with pickle weights only
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
     (root / "spam.txt").write_text("\n".join(TEXTS) + "\n")
     (root / "topic.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in reversed(TEXTS)) + "\n")
     return root
@@ -118,7 +121,10 @@ BAD = [
      "experts[1].path: "),
     ("task name with a space", recipe(experts=[{"name": "my spam", "path": "spam"}, {"name": "topic", "path": "topic"}],
                                       calibration={"my spam": "spam.txt", "topic": "topic.jsonl"}),
-     "experts[0].name: String should match pattern"),
+     "experts[0].name: task name 'my spam' may only use ASCII letters, digits, '_', '.' and '-'"),
+    ("pickle expert", recipe(experts=[{"name": "spam", "path": "pickled"}, {"name": "topic", "path": "topic"}]),
+     "experts[0].path: "),
+    ("not a checkpoint", recipe(base="."), "base: "),
     ("repeated expert", recipe(experts=[{"name": "spam", "path": "spam"}, {"name": "spam", "path": "topic"}]),
      "experts[1].name: 'spam' is given twice"),
     ("unknown method", recipe(merge={"method": "slerp"}), "merge.method: Input should be"),
@@ -150,6 +156,10 @@ def test_recipe_errors_name_the_yaml_path(user: Path, tmp_path: Path, capsys: py
     err = capsys.readouterr().err
     assert f"build failed: {config}: {message}" in err, err
     assert not out.exists()
+    if name == "pickle expert":
+        assert "holds pickle weights (pytorch_model.bin)" in err and "model.safetensors" in err
+    if name == "not a checkpoint":
+        assert "is not a transformers checkpoint (no config.json)" in err
 
 
 def test_recipe_refuses_suite_options(user: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -292,3 +302,29 @@ def test_mergekit_settings_that_do_not_map_are_refused(change: dict, message: st
     with pytest.raises(MergekitError) as info:
         map_mergekit(config)
     assert str(info.value).startswith(message)
+
+
+def test_recipe_refuses_an_expert_far_from_the_base_unless_forced(user: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    stray = tmp_path / "stray"
+    model = BertModel.from_pretrained(user / "spam")
+    with torch.no_grad():  # unrelated weights: 100x the fine-tuning-sized changes of the others
+        for name, p in model.named_parameters():
+            if name.startswith("encoder."):
+                p.add_(2.0 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+    model.save_pretrained(stray)
+    for name in ("head.safetensors", "expert.json", *TOKENIZER_FILES):
+        if (user / "spam" / name).exists():
+            shutil.copy(user / "spam" / name, stray / name)
+    experts = [{"name": "spam", "path": "spam"}, {"name": "topic", "path": "topic"},
+               {"name": "stray", "path": str(stray)}]
+    calibration = {"spam": "spam.txt", "topic": "topic.jsonl", "stray": "spam.txt"}
+    config = write(user, "far.yaml", recipe(experts=experts, calibration=calibration))
+    assert cli(["build", "--config", str(config), "--out", str(tmp_path / "bundle")]) == 2
+    err = capsys.readouterr().err
+    assert "expert 'stray' is" in err and "as far from the base" in err and "force: true" in err, err
+    assert not (tmp_path / "bundle").exists()
+    config = write(user, "forced.yaml", recipe(experts=experts, calibration=calibration, force=True))
+    assert cli(["build", "--config", str(config), "--out", str(tmp_path / "bundle")]) == 0
+    check = load_bundle(tmp_path / "bundle").manifest.expert_diagnostics
+    assert check is not None and check.norm_ratios["stray"] > 50

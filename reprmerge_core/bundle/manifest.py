@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from reprmerge_core.checks import TASK_NAME_PATTERN
 from reprmerge_core.choices import POOLINGS, Normalisation
 from reprmerge_core.diagnostics import ExpertDiagnostics
 
@@ -22,9 +23,6 @@ CARD_FILE = "README.md"  # the model card: derived from the manifest, not listed
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-TASK_NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"  # task names: letters, digits, _ . - (they key tensors and URLs)
 
 
 class TaskInfo(_Strict):

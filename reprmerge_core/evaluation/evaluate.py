@@ -41,7 +41,8 @@ SIMPLEX_STEPS = 20  # resolution of the 3-task simplex map: 231 preferences
 
 
 class ComparedExpert(Protocol):
-    """What evaluation needs of an expert: its checkpoint (for the task-arithmetic baseline), head and encoder."""
+    """What evaluation needs of an expert: its checkpoint (for the task-arithmetic baseline), head, the stage between
+    pooling and head (`reprmerge_core.experts.architectures`; None for most) and encoder."""
 
     @property
     def path(self) -> Path: ...
@@ -49,20 +50,25 @@ class ComparedExpert(Protocol):
     @property
     def head(self) -> TaskHead: ...
 
+    @property
+    def stage(self) -> torch.nn.Module | None: ...
+
     def backbone(self, device: str | torch.device = "auto") -> Backbone: ...
 
 
 @dataclass(frozen=True)
 class CheckpointExpert:
-    """A user's expert checkpoint (head and pooling as `pipeline.calibrate.read_expert` reads them)."""
+    """A user's expert checkpoint (head, pooling and head stage as `experts.read_expert` reads them)."""
 
     path: Path
     head: TaskHead
     pooling: Pooling
     max_length: int
+    stage: torch.nn.Module | None = None
 
     def backbone(self, device: str | torch.device = "auto") -> Backbone:
-        return Backbone.from_pretrained(self.path, pooling=self.pooling, max_length=self.max_length, device=device)
+        return Backbone.from_pretrained(self.path, pooling=self.pooling, max_length=self.max_length, device=device,
+                                        stage=self.stage)
 
 
 @dataclass(frozen=True)
@@ -315,7 +321,8 @@ def _task_arithmetic_scores(bundle: Bundle, data: EvaluationData, grid: np.ndarr
     base = {k: v.detach().cpu().clone() for k, v in backbone.model.state_dict().items()}
     names = [t.name for t in m.tasks]
     with quiet_transformers():
-        expert_states = {name: AutoModel.from_pretrained(e.path, local_files_only=True).state_dict()
+        expert_states = {name: AutoModel.from_pretrained(e.path, local_files_only=True,
+                                                          use_safetensors=True).state_dict()
                          for name, e in zip(names, data.experts)}
     acc, f1 = np.zeros(grid.shape), np.zeros(grid.shape)
     for i, p in enumerate(tqdm(grid, desc="task arithmetic per preference", disable=not progress)):
@@ -324,6 +331,7 @@ def _task_arithmetic_scores(bundle: Bundle, data: EvaluationData, grid: np.ndarr
                                    weights=dict(zip(names, p.tolist())))
         backbone.model.load_state_dict(merged.state_dict)
         for t, (e, test) in enumerate(zip(data.experts, data.tests)):
+            backbone.set_stage(e.stage)  # each task keeps its whole head, a stage included
             ev = evaluate_head(backbone, e.head, test.texts, test.labels, batch_size=batch_size)
             acc[i, t], f1[i, t] = ev.accuracy, ev.macro_f1
     return Scores(acc, f1)

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, 
 
 from reprmerge_core.artifacts import atomic_dir, check_output
 from reprmerge_core.backbone import quiet_transformers
+from reprmerge_core.checks import check_task_names, checkpoint_dir
 from reprmerge_core.merging.calibration import Batch, collect_grams, text_batches
 from reprmerge_core.merging.diagnostics import ExpertDiagnostics, diagnose_experts, task_vector_norm
 from reprmerge_core.merging.merge import (
@@ -56,11 +57,18 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 logger = logging.getLogger(__name__)
 
 
+def checked_inputs(base_dir: str | Path, expert_dirs: Mapping[str, str | Path]) -> tuple[Path, dict[str, Path]]:
+    """The base and the experts as checkpoint directories, before any loading: task names by the one rule,
+    paths that exist and hold safetensors weights (`reprmerge_core.checks`), each error naming its input."""
+    check_task_names(expert_dirs, "expert")
+    return (checkpoint_dir(base_dir, "base"),
+            {task: checkpoint_dir(path, f"expert {task!r}") for task, path in expert_dirs.items()})
+
+
 def _load_encoder(path: Path) -> PreTrainedModel:
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a transformers checkpoint (no config.json)")
+    path = checkpoint_dir(path, "checkpoint")
     with quiet_transformers():
-        return AutoModel.from_pretrained(path, local_files_only=True)
+        return AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
 
 
 def _vocab(path: Path) -> dict[str, int] | None:
@@ -92,9 +100,24 @@ def compatibility_problems(base_dir: Path, expert_dirs: Mapping[str, Path]) -> l
     return problems
 
 
-def check_experts(heads: Mapping[str, Tensor], norms: Mapping[str, float] | None) -> ExpertDiagnostics:
-    """`diagnose_experts`, with each finding logged as a warning so a user sees it before trusting the merge."""
+def check_experts(heads: Mapping[str, Tensor], norms: Mapping[str, float] | None, *,
+                  force: bool = False) -> ExpertDiagnostics:
+    """`diagnose_experts`, with each finding logged as a warning so a user sees it before trusting the merge.
+
+    An expert farther from the base than the diagnostics' threshold (in multiples of its peers' median
+    distance) was almost surely not fine-tuned from this base and would swamp the others: it is refused
+    (ValueError naming it and the figures) unless `force`, and then only warned about.
+    """
     diagnostics = diagnose_experts(heads, norms)
+    far = {t: r for t, r in diagnostics.norm_ratios.items() if r > diagnostics.norm_ratio_threshold}
+    if far and norms is not None and not force:
+        listed = "; ".join(f"expert {t!r} is {r:.1f}x as far from the base as the median of its peers "
+                           f"(task-vector norm {norms[t]:.3g})" for t, r in far.items())
+        raise ValueError(
+            f"{listed}. All norms: {', '.join(f'{t} {v:.3g}' for t, v in norms.items())}; refused above "
+            f"{diagnostics.norm_ratio_threshold:g}x. Such an expert was most likely not fine-tuned from this base "
+            "and would swamp the others; pass --force (a recipe's force: true) to use it anyway."
+        )
     for message in diagnostics.warnings:
         logger.warning(message)
     return diagnostics
@@ -170,6 +193,7 @@ def merge_checkpoints(
     heads: Mapping[str, Tensor] | None = None,
     overwrite: bool = False,
     weights: Mapping[str, float] | None = None,
+    force: bool = False,
 ) -> MergeResult:
     """Merge expert encoders (the `AutoModel` part; a classification head in an expert directory is ignored)
     into the base, reading every checkpoint's safetensors one tensor at a time (`stream`).
@@ -184,9 +208,12 @@ def merge_checkpoints(
     before any loading). Incompatible checkpoints, bad parameters and bad weights are refused before any
     weights are merged. Before merging, the experts' distances from the base and the alignment of their
     `heads` (task -> head weight (classes, d), where known) are checked and recorded in the report's
-    `expert_diagnostics`; findings are logged as warnings."""
+    `expert_diagnostics`; findings are logged as warnings, and an expert
+    far from the base is refused unless `force` (see `check_experts`). Paths and task names are checked first
+    (`checked_inputs`): a missing path or pickle weights are named with their expert."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    base_dir, paths = checked_inputs(base_dir, expert_dirs)
     if out_dir is not None:
         check_merge_output(out_dir, base_dir, expert_dirs, overwrite=overwrite)
     spec, checked = resolve(method, params)
@@ -204,8 +231,6 @@ def merge_checkpoints(
                 f"calibration texts are needed for exactly the experts {sorted(expert_dirs)}: "
                 f"missing or empty for {missing}, unknown tasks {unknown}"
             )
-    base_dir = Path(base_dir)
-    paths = {task: Path(path) for task, path in expert_dirs.items()}
     problems = compatibility_problems(base_dir, paths)
     layout = encoder_layout(base_dir)
     base = LazyCheckpoint(base_dir, layout)
@@ -214,7 +239,8 @@ def merge_checkpoints(
     problems += state_dict_problems(base.meta(), {task: state.meta() for task, state in states.items()})
     if problems:
         raise ValueError(f"cannot merge into {base_dir}:\n  " + "\n  ".join(problems))
-    diagnostics = check_experts(heads or {}, {task: task_vector_norm(base, state) for task, state in states.items()})
+    diagnostics = check_experts(heads or {}, {task: task_vector_norm(base, state) for task, state in states.items()},
+                                force=force)
     tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
     timings["load_and_check"] = time.perf_counter() - start
 

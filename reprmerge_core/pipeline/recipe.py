@@ -23,7 +23,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from reprmerge_core.artifacts import check_output, replace_dir
 from reprmerge_core.bundle.card import MERGEKIT_CONFIG
 from reprmerge_core.bundle.io import amend_manifest
-from reprmerge_core.bundle.manifest import TASK_NAME_PATTERN, MergeInfo
+from reprmerge_core.bundle.manifest import MergeInfo
+from reprmerge_core.checks import checkpoint_problem, task_name_problem
 from reprmerge_core.choices import MERGE_METHODS, POOLINGS, check_beta, check_prior
 from reprmerge_core.data.files import read_texts
 from reprmerge_core.merging import merge_checkpoints, resolve, resolve_weights
@@ -48,24 +49,34 @@ def yaml_path(loc: tuple[int | str, ...]) -> str:
     return out or "(top)"
 
 
-def _existing(kind: Literal["file", "dir"]) -> Any:
-    """A path resolved against the recipe's folder (validation context `root`) that must exist as `kind`."""
+def _existing(kind: Literal["file", "checkpoint"]) -> Any:
+    """A path resolved against the recipe's folder (validation context `root`) that must exist as `kind`
+    (a checkpoint: a folder with config.json and safetensors weights, see `reprmerge_core.checks`)."""
 
     def check(value: Path, info: ValidationInfo) -> Path:
         root = Path((info.context or {}).get("root", "."))
         path = value if value.is_absolute() else root / value
         if not path.exists():
             raise ValueError(f"{path} does not exist")
-        if kind == "dir" and not path.is_dir():
-            raise ValueError(f"{path} is not a folder")
         if kind == "file" and not path.is_file():
             raise ValueError(f"{path} is not a file")
+        problem = checkpoint_problem(path) if kind == "checkpoint" else None
+        if problem is not None:
+            raise ValueError(problem)
         return path
 
     return AfterValidator(check)
 
 
-ExistingDir = Annotated[Path, _existing("dir")]
+Checkpoint = Annotated[Path, _existing("checkpoint")]
+
+
+def _task_name(name: str) -> str:
+    """The one task-name rule (`reprmerge_core.checks`), as every command applies it."""
+    problem = task_name_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
+    return name
 ExistingFile = Annotated[Path, _existing("file")]
 
 
@@ -74,8 +85,8 @@ class _Strict(BaseModel):
 
 
 class ExpertSpec(_Strict):
-    name: str = Field(pattern=TASK_NAME_PATTERN, description="the task's name (letters, digits, _ . -)")
-    path: ExistingDir
+    name: Annotated[str, AfterValidator(_task_name)] = Field(description="the task's name (letters, digits, _ . -)")
+    path: Checkpoint
     weight: float | None = Field(None, allow_inf_nan=False, description="scales the expert's task vector")
 
 
@@ -94,17 +105,19 @@ class CorrectionSpec(_Strict):
 class Recipe(_Strict):
     """The recipe file's schema; exactly one of `merge`, `mergekit` and `backbone` says how the backbone is made."""
 
-    base: ExistingDir | None = None
+    base: Checkpoint | None = None
     experts: list[ExpertSpec] = Field(min_length=1)
     merge: MergeSpec | None = None
     mergekit: ExistingFile | None = None
-    backbone: ExistingDir | None = None
+    backbone: Checkpoint | None = None
     calibration: dict[str, ExistingFile]
     correction: CorrectionSpec = CorrectionSpec()
     pooling: Literal[POOLINGS] = "mean"  # type: ignore[valid-type]
     max_length: int = Field(128, ge=1)
     batch_size: int = Field(32, ge=1)
     base_model: str | None = Field(None, description="the base's model id on a hub, for the model card")
+    force: bool = Field(False, description="use an expert far from the base (refused by default: most likely not "
+                                           "fine-tuned from it)")
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -264,7 +277,7 @@ def build_from_recipe(path: str | Path, out: str | Path, *, overwrite: bool = Fa
             data_aware = resolve(method, params)[0].data_aware
             result = merge_checkpoints(base, experts, method, params, texts if data_aware else None, merged,
                                        batch_size=recipe.batch_size, max_length=recipe.max_length, progress=progress,
-                                       weights=weights)
+                                       weights=weights, force=recipe.force)
             if recipe.mergekit is not None:  # the user's merge recipe travels with the backbone
                 shutil.copy2(recipe.mergekit, merged / MERGEKIT_CONFIG)
             extra["merge_report"] = result.report.model_dump(mode="json")
@@ -273,7 +286,8 @@ def build_from_recipe(path: str | Path, out: str | Path, *, overwrite: bool = Fa
                                   max_length=recipe.max_length, beta=recipe.correction.beta,
                                   prior=recipe.correction.prior, folds=recipe.correction.folds,
                                   merge_method=method if recipe.backbone is None else "unknown",
-                                  device=device, batch_size=recipe.batch_size, progress=progress, base=base)
+                                  device=device, batch_size=recipe.batch_size, progress=progress, base=base,
+                                  force=recipe.force)
         recorded = recipe.model_dump(mode="json")
         extra["build_recipe"] = {"file": str(path.resolve()), "sha256": _sha256(path), "recipe": recorded}
         if recipe.base_model is not None:
