@@ -89,19 +89,6 @@ def temp_dir_beside(out: Path) -> Path:
         return tmp
 
 
-def temp_file_beside(out: Path) -> Path:
-    """A new empty hidden sibling of the file `out`, made as any file is (mode 0o666 less the umask; `mkstemp`
-    makes it owner-only, and the rename would hand that on to the finished file)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(6)}")
-        try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-        except FileExistsError:
-            continue
-        return tmp
-
-
 def replace_dir(tmp: Path, out: Path) -> None:
     """Move a finished directory into place; an old one is moved aside first and removed last."""
     if out.exists():
@@ -140,8 +127,11 @@ def atomic_dir(out: str | Path, *, keep_existing: bool = False) -> Iterator[Path
 @contextmanager
 def atomic_file(out: str | Path) -> Iterator[Path]:
     """A temporary sibling path of the file `out` to write to; moved over `out` when the block ends cleanly,
-    removed when it raises, so a reader sees the old file or the whole new one, never part of it."""
-    tmp = temp_file_beside(Path(out))
+    removed when it raises, so a reader sees the old file or the whole new one, never part of it. The writer
+    creates the file, so it gets the usual mode (`tempfile.mkstemp` would make it owner-only)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(6)}")
     try:
         yield tmp
         os.replace(tmp, out)

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 Pooling = Literal["mean", "cls", "pooler"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
-MERGE_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare", "regmean", "projection")
+MERGE_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare", "breadcrumbs", "regmean", "projection")
 
 
 class Normalisation(str, Enum):

@@ -18,14 +18,13 @@ if TYPE_CHECKING:
         EvaluationData,
         EvaluationInputs,
         evaluate_bundle,
-        weighted_task_arithmetic,
     )
 
-_EVALUATE = ("CheckpointExpert", "EvaluationData", "EvaluationInputs", "evaluate_bundle", "weighted_task_arithmetic")
+_EVALUATE = ("CheckpointExpert", "EvaluationData", "EvaluationInputs", "evaluate_bundle")
 
 __all__ = [
     "CheckpointExpert", "EvaluationData", "EvaluationInputs", "Scores", "TestSet", "evaluate_bundle", "hypervolume",
-    "macro_f1", "pareto_front", "score", "simplex_grid", "uniformity", "weighted_task_arithmetic",
+    "macro_f1", "pareto_front", "score", "simplex_grid", "uniformity",
 ]
 
 
