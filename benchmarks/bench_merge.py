@@ -88,7 +88,7 @@ def memory(expert_dirs: list[Path], tree: Path, calibration: int) -> None:
     for method, params in MEMORY_METHODS:
         with tempfile.TemporaryDirectory() as work:
             job = {"base": str(default_backbone_path()), "experts": experts, "method": method, "params": params,
-                   "texts": {t: texts for t in experts} if METHODS[method].data_aware else None,
+                   "texts": dict.fromkeys(experts, texts) if METHODS[method].data_aware else None,
                    "out": str(Path(work) / "merged"), "max_length": 128}
             env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
             run = subprocess.run([sys.executable, "-c", MEMORY_CHILD], input=json.dumps(job), env=env, cwd=tree,

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a merge parameter (repeat), e.g. density=0.2")
     p.add_argument("--weight", type=pair, action="append", default=[], metavar="TASK=W",
                    help="scale TASK's task vector by W in the merge (repeat; default 1 each; data-free methods)")
-    p.add_argument("--calibration-size", type=int, default=None, help="calibration inputs per task (default: the suite's)")
+    p.add_argument("--calibration-size", type=int, default=None,
+                   help="calibration inputs per task (default: the suite's)")
     p.add_argument("--beta", type=beta_value, default="auto",
                    help="correction strength, or 'auto' (chosen by k-fold CV)")
     p.add_argument("--prior", type=prior_value, default="auto",
@@ -36,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "or an identity weight in [0, 1] (a blend)")
     p.add_argument("--folds", type=int, default=5, help="folds of the beta cross-validation")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--cache-dir", type=Path, default=None, help="expert cache (default ~/.cache/reprmerge or $REPRMERGE_CACHE)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="expert cache (default ~/.cache/reprmerge or $REPRMERGE_CACHE)")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
     p.set_defaults(func=run)

@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"calibrate failed: {exc}", file=sys.stderr)
         return 2
     if args.shard is not None:
-        print(f"wrote shard {args.shard.index}/{args.shard.count} to {path}; add all {args.shard.count} with `reprmerge reduce`")
+        print(f"wrote shard {args.shard.index}/{args.shard.count} to {path}; "
+              f"add all {args.shard.count} with `reprmerge reduce`")
     else:
         print(f"wrote bundle {path}; inspect it with `reprmerge inspect {path}`")
     return 0

@@ -27,8 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="report directory")
     p.add_argument("--test", type=pair, action="append", default=[], metavar="TASK=FILE",
                    help="your labelled test data of a task, for every task of the bundle (repeat): CSV/TSV with a "
-                   "header or JSON lines, optionally .gz, UTF-8; labels are the bundle's label names (or ids 0..K-1). Without --test, the "
-                   "bundle must come from a built-in suite")
+                   "header or JSON lines, optionally .gz, UTF-8; labels are the bundle's label names (or ids 0..K-1). "
+                   "Without --test, the bundle must come from a built-in suite")
     p.add_argument("--text-column", default="text", help="column / JSON field of the text")
     p.add_argument("--label-column", default="label", help="column / JSON field of the label")
     p.add_argument("--expert", type=pair, action="append", default=[], metavar="TASK=DIR",
@@ -40,8 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--edge", action="append", default=[], metavar="A:B",
                    help="a simplex edge to sweep from task A to task B (repeat; default every pair up to 4 tasks, "
                    "else each task to the next)")
-    p.add_argument("--grid-steps", type=int, default=None, help="preference grid resolution (default 4 for <= 3 tasks, else 2)")
-    p.add_argument("--no-baseline", action="store_true", help="skip preference-weighted task arithmetic (a forward pass per preference)")
+    p.add_argument("--grid-steps", type=int, default=None,
+                   help="preference grid resolution (default 4 for <= 3 tasks, else 2)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip preference-weighted task arithmetic (a forward pass per preference)")
     p.add_argument("--sweep-calibration", action="store_true",
                    help="built-in suites: also sweep the calibration size (one more statistics pass)")
     p.add_argument("--update-card", action="store_true",

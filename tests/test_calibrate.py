@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModel, BertConfig, BertForSequenceClassification
 
+from reprmerge_cli import main as cli
 from reprmerge_core.backbone import Backbone
 from reprmerge_core.bundle import load_bundle
-from reprmerge_cli import main as cli
 from reprmerge_core.correction import CorrectionSolver
 from reprmerge_core.merging.diagnostics import task_vector_norm
 from tests.helpers import TOKENIZER_FILES, make_tiny_backbone
@@ -91,7 +91,8 @@ def test_calibrate_with_a_sequence_classification_expert(checkpoints: dict[str, 
     torch.testing.assert_close(z @ bundle.heads[0].weight.T + bundle.heads[0].bias, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_calibrate_refuses_mismatches(checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_calibrate_refuses_mismatches(checkpoints: dict[str, Path], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
     c = checkpoints
     other = make_tiny_backbone(tmp_path / "wide", hidden=48)
     out = tmp_path / "bundle"

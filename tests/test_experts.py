@@ -7,6 +7,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ from tests.helpers import TOKENIZER_FILES
 
 TEXTS = ["free entry to win a prize now", "are we still meeting at noon?", "a dull , lifeless film",
          "who wrote hamlet", "call me when you land", "an utterly charming story"]
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+SMALL: dict[str, Any] = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 
 
 def _vocab() -> int:
@@ -178,7 +179,7 @@ def test_evaluate_compares_with_a_distilbert_expert_through_its_whole_head(
     labels = logits.argmax(1).tolist()
     assert 0 < sum(labels) < len(labels)  # both classes occur: accuracy 1.0 is not a majority vote
     (tmp_path / "test.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
-                                                 for t, y in zip(texts, labels)))
+                                                 for t, y in zip(texts, labels, strict=True)))
     (tmp_path / "inputs.txt").write_text("\n".join(texts) + "\n")
     bundle = tmp_path / "bundle"
     tasks = ("a", "b")  # the same expert twice: evaluation needs two tasks

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from peft.utils import merge_utils as peft
-from torch import Tensor, nn
 from safetensors.torch import load_file
+from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import BertModel
 
@@ -300,15 +300,15 @@ def layer_problem(seed: int, k: int = 3, m: int = 4, n: int = 5, samples: int = 
 
 def explicit_loss(update: Tensor, deltas: Tensor, inputs: list[Tensor]) -> float:
     """sum_k ||U X_k - Delta_k X_k||^2 from the outputs themselves."""
-    return sum(float(((update - d) @ x).pow(2).sum()) for d, x in zip(deltas, inputs))
+    return sum(float(((update - d) @ x).pow(2).sum()) for d, x in zip(deltas, inputs, strict=True))
 
 
 def brute_force(basis: list[Tensor], deltas: Tensor, inputs: list[Tensor]) -> tuple[Tensor, float]:
     """Least squares over the basis coefficients with explicit outputs (numpy lstsq)."""
     design = np.stack([np.concatenate([(b @ x).numpy().ravel() for x in inputs]) for b in basis], axis=1)
-    target = np.concatenate([(d @ x).numpy().ravel() for d, x in zip(deltas, inputs)])
+    target = np.concatenate([(d @ x).numpy().ravel() for d, x in zip(deltas, inputs, strict=True)])
     coef = np.linalg.lstsq(design, target, rcond=None)[0]
-    update = sum(c * b for c, b in zip(coef.tolist(), basis))
+    update = sum(c * b for c, b in zip(coef.tolist(), basis, strict=True))
     return update, explicit_loss(update, deltas, inputs)
 
 
@@ -338,7 +338,7 @@ def test_diagonal_qp_beats_averaging_and_task_arithmetic() -> None:
 def test_rho_and_optimal_loss() -> None:
     deltas, inputs, grams = layer_problem(6)
     energy = residual_energy(deltas, grams)
-    assert energy == pytest.approx(sum(float((d @ x).pow(2).sum()) for d, x in zip(deltas, inputs)))
+    assert energy == pytest.approx(sum(float((d @ x).pow(2).sum()) for d, x in zip(deltas, inputs, strict=True)))
     for solution in (diagonal_qp(deltas, grams), eigen_qp(deltas, grams), eigen_qp(deltas, grams, rank=2)):
         rho = solution.captured / energy
         assert 0.0 <= rho <= 1.0
@@ -347,7 +347,7 @@ def test_rho_and_optimal_loss() -> None:
 
 def test_eigen_basis_from_grams_equals_explicit_outputs_and_brute_force() -> None:
     deltas, inputs, grams = layer_problem(7)
-    energy_matrix = sum((d @ x) @ (d @ x).T for d, x in zip(deltas, inputs))
+    energy_matrix = sum((d @ x) @ (d @ x).T for d, x in zip(deltas, inputs, strict=True))
     torch.testing.assert_close(residual_energy_matrix(deltas, grams), energy_matrix)
     _, vectors = torch.linalg.eigh(energy_matrix)
     top = vectors[:, -2:]
@@ -367,7 +367,7 @@ def test_regmean_equals_the_formula_and_is_the_unrestricted_optimum() -> None:
         "lin.weight"
     ]
     shrunk = [alpha * g.numpy() + (1 - alpha) * np.diag(np.diag(g.numpy())) for g in grams]
-    numerator = sum(e["lin.weight"].numpy() @ s for e, s in zip(experts.values(), shrunk))
+    numerator = sum(e["lin.weight"].numpy() @ s for e, s in zip(experts.values(), shrunk, strict=True))
     reference = numerator @ np.linalg.inv(sum(shrunk))
     np.testing.assert_allclose(merged.numpy(), reference, rtol=1e-9, atol=1e-10)
     exact = merge_state_dicts(base, experts, "regmean", {"alpha": 1.0, "ridge": 0.0}, per_task).report
@@ -402,15 +402,15 @@ class TokenModel(nn.Module):
         super().__init__()
         self.lin = nn.Linear(3, 2)
 
-    def forward(self, input: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.lin(input)
+    def forward(self, inputs: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.lin(inputs)
 
 
 def test_collect_grams_counts_only_real_tokens() -> None:
     gen = torch.Generator().manual_seed(10)
     x = torch.randn(2, 4, 3, generator=gen)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    grams = collect_grams(TokenModel(), [{"input": x, "attention_mask": mask}], ["lin"])
+    grams = collect_grams(TokenModel(), [{"inputs": x, "attention_mask": mask}], ["lin"])
     real = torch.cat([x[0, :3], x[1, :2]]).to(F64)
     torch.testing.assert_close(grams["lin"], real.T @ real)
 
@@ -454,7 +454,7 @@ def two_layer() -> nn.Sequential:
 
 
 def regmean_numpy(weights: list[Tensor], grams: list[Tensor]) -> Tensor:
-    numerator = sum(w.numpy() @ g.numpy() for w, g in zip(weights, grams))
+    numerator = sum(w.numpy() @ g.numpy() for w, g in zip(weights, grams, strict=True))
     return torch.from_numpy(numerator @ np.linalg.inv(sum(g.numpy() for g in grams)))
 
 

@@ -152,14 +152,14 @@ def _check(bundle: Bundle, data: EvaluationData, baseline: bool, sweep_calibrati
     if [t.name for t in data.tests] != [t.name for t in tasks]:
         raise ValueError(f"test data must follow the bundle's task order {[t.name for t in tasks]}, "
                          f"got {[t.name for t in data.tests]}")
-    for test, info in zip(data.tests, tasks):
+    for test, info in zip(data.tests, tasks, strict=True):
         if list(test.label_names) != list(info.labels):
             raise ValueError(f"task {info.name!r}: test labels {list(test.label_names)} differ from the bundle's "
                              f"{info.labels}")
     if data.experts is not None:
         if len(data.experts) != len(tasks):
             raise ValueError(f"{len(data.experts)} experts for {len(tasks)} tasks: give one per task or none")
-        for e, info in zip(data.experts, tasks):
+        for e, info in zip(data.experts, tasks, strict=True):
             if e.head.num_classes != len(info.labels):
                 raise ValueError(f"expert of {info.name!r} ({e.path}) has {e.head.num_classes} classes, "
                                  f"the bundle's task {len(info.labels)}")
@@ -199,7 +199,7 @@ def evaluate_bundle(
     timings["encode_tests"] = time.perf_counter() - start
     experts_eval = [] if data.experts is None else [
         evaluate_head(e.backbone(device=data.device), e.head, t.texts, t.labels, batch_size=batch_size)
-        for e, t in tqdm(list(zip(data.experts, data.tests)), desc="experts", disable=not progress)]
+        for e, t in tqdm(list(zip(data.experts, data.tests, strict=True)), desc="experts", disable=not progress)]
     expert_acc = np.array([e.accuracy for e in experts_eval]) if experts_eval else np.ones(T)
 
     c = m.correction
@@ -241,7 +241,8 @@ def evaluate_bundle(
     }
     report["one_hot"]["mean_normalised"] = float(np.mean(report["one_hot"]["normalised"]))
     report["priority"] = {
-        "favoured_normalised": float(np.mean([scenarios[f"priority:{n}"]["normalised"][t] for t, n in enumerate(names)])),
+        "favoured_normalised": float(np.mean([scenarios[f"priority:{n}"]["normalised"][t]
+                                              for t, n in enumerate(names)])),
         "others_normalised": float(np.mean([v for t, n in enumerate(names)
                                             for s, v in enumerate(scenarios[f"priority:{n}"]["normalised"]) if s != t]))
                              if T > 1 else None,
@@ -323,14 +324,14 @@ def _task_arithmetic_scores(bundle: Bundle, data: EvaluationData, grid: np.ndarr
     with quiet_transformers():
         expert_states = {name: AutoModel.from_pretrained(e.path, local_files_only=True,
                                                           use_safetensors=True).state_dict()
-                         for name, e in zip(names, data.experts)}
+                         for name, e in zip(names, data.experts, strict=True)}
     acc, f1 = np.zeros(grid.shape), np.zeros(grid.shape)
     for i, p in enumerate(tqdm(grid, desc="task arithmetic per preference", disable=not progress)):
         # theta_0 + sum_t p_t tau_t: one expert at a one-hot preference, their average at equal
         merged = merge_state_dicts(base, expert_states, "task_arithmetic", {"lam": 1.0},
-                                   weights=dict(zip(names, p.tolist())))
+                                   weights=dict(zip(names, p.tolist(), strict=True)))
         backbone.model.load_state_dict(merged.state_dict)
-        for t, (e, test) in enumerate(zip(data.experts, data.tests)):
+        for t, (e, test) in enumerate(zip(data.experts, data.tests, strict=True)):
             backbone.set_stage(e.stage)  # each task keeps its whole head, a stage included
             ev = evaluate_head(backbone, e.head, test.texts, test.labels, batch_size=batch_size)
             acc[i, t], f1[i, t] = ev.accuracy, ev.macro_f1
