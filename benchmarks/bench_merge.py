@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -144,7 +145,7 @@ def main() -> None:
     gram_seconds = time.perf_counter() - start
     print(f"one-shot Grams of {len(layers)} linear layers: {gram_seconds:.1f}s")
 
-    def accuracies(state: dict[str, torch.Tensor]) -> list[float]:
+    def accuracies(state: Mapping[str, torch.Tensor]) -> list[float]:
         base_model.load_state_dict(state)
         backbone = Backbone(base_model, tokenizer, pooling=recipe.pooling, max_length=recipe.max_length, device="cpu")
         return [evaluate_head(backbone, e.head, s.test.texts, s.test.labels).accuracy

@@ -45,8 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # Options a recipe sets itself, with their defaults: given with --config, they would be silently ignored.
-_SUITE_ONLY = {"merge": "ties", "params": [], "calibration_size": None, "beta": "auto", "prior": "auto", "folds": 5,
-               "cache_dir": None}
+_SUITE_ONLY: dict[str, object] = {"merge": "ties", "params": [], "calibration_size": None, "beta": "auto",
+                                  "prior": "auto", "folds": 5, "cache_dir": None}
 
 
 def _run_recipe(args: argparse.Namespace) -> int:

@@ -78,6 +78,7 @@ def test_calibrate_with_a_sequence_classification_expert(checkpoints: dict[str, 
     bundle = load_bundle(out)
     assert bundle.manifest.backbone.pooling == "pooler"
     correction = bundle.manifest.correction  # the prior asked for, with the CV curve recorded beside it
+    assert correction.prior_selection is not None
     assert correction.identity_weight == 1.0 and not correction.prior_selection["chosen"]
     assert correction.prior_selection["candidates"][-1] == 1.0
     assert bundle.manifest.tasks[0].labels == ["neg", "pos"]

@@ -39,6 +39,11 @@ TEXTS = ["free entry to win a prize now", "are we still meeting at noon?", "a du
 SMALL: dict[str, Any] = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 
 
+def _labels(n: int) -> dict[str, Any]:
+    """`num_labels`, which every config takes through **kwargs (their typed signatures leave it out)."""
+    return {"num_labels": n}
+
+
 def _vocab() -> int:
     return sum(1 for _ in (default_backbone_path() / "vocab.txt").open())
 
@@ -46,16 +51,16 @@ def _vocab() -> int:
 # architecture -> (a tiny random classifier, the dotted name of the Linear that produces the logits)
 BUILDERS: dict[str, tuple[Callable[[], PreTrainedModel], str]] = {
     "BertForSequenceClassification": (
-        lambda: BertForSequenceClassification(BertConfig(vocab_size=_vocab(), num_labels=3, **SMALL)), "classifier"),
+        lambda: BertForSequenceClassification(BertConfig(vocab_size=_vocab(), **SMALL, **_labels(3))), "classifier"),
     "RobertaForSequenceClassification": (
         lambda: RobertaForSequenceClassification(RobertaConfig(vocab_size=_vocab(), max_position_embeddings=130,
-                                                               num_labels=3, **SMALL)), "classifier.out_proj"),
+                                                               **SMALL, **_labels(3))), "classifier.out_proj"),
     "DistilBertForSequenceClassification": (
         lambda: DistilBertForSequenceClassification(DistilBertConfig(vocab_size=_vocab(), dim=32, n_layers=2, n_heads=2,
-                                                                     hidden_dim=64, num_labels=2)), "classifier"),
+                                                                     hidden_dim=64, **_labels(2))), "classifier"),
     "DebertaV2ForSequenceClassification": (
         lambda: DebertaV2ForSequenceClassification(DebertaV2Config(vocab_size=_vocab(), max_position_embeddings=128,
-                                                                   pooler_hidden_act="gelu", num_labels=3, **SMALL)),
+                                                                   pooler_hidden_act="gelu", **SMALL, **_labels(3))),
         "classifier"),
 }
 
@@ -137,7 +142,7 @@ def test_calibrate_reads_a_distilbert_expert_where_its_head_reads(classifiers: d
 
 def test_other_architectures_are_refused_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = save_classifier(AlbertForSequenceClassification(
-        AlbertConfig(vocab_size=_vocab(), embedding_size=16, num_labels=2, **SMALL)), tmp_path / "albert", 0)
+        AlbertConfig(vocab_size=_vocab(), embedding_size=16, **SMALL, **_labels(2))), tmp_path / "albert", 0)
     with pytest.raises(ValueError, match="architecture AlbertForSequenceClassification is not supported") as err:
         read_expert("spam", path, "mean")
     assert "expert 'spam'" in str(err.value) and all(name in str(err.value) for name in SUPPORTED)

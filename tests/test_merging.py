@@ -3,7 +3,9 @@ the RegMean formula in numpy, and a hand-propagated two-layer network."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -94,7 +96,7 @@ def peft_merged(
     return {n: base[n] + fn([e[n] - base[n] for e in experts.values()], weights, **kwargs) for n in base}
 
 
-def assert_states_close(ours: dict[str, Tensor], reference: dict[str, Tensor]) -> None:
+def assert_states_close(ours: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> None:
     for name, value in reference.items():
         torch.testing.assert_close(ours[name], value, rtol=0, atol=1e-12, msg=name)
 
@@ -165,7 +167,7 @@ def test_incompatible_state_dicts_name_the_parameter() -> None:
 
 
 GOLDEN = Path(__file__).parent / "data" / "merge_golden.safetensors"
-GOLDEN_CASES = {
+GOLDEN_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "task_arithmetic": ("task_arithmetic", {"lam": 0.4}),
     "ties": ("ties", {"density": 0.3, "lam": 0.8}),
     "dare_linear": ("dare", {"drop_rate": 0.3, "lam": 0.6, "seed": 7}),
@@ -385,7 +387,7 @@ def test_data_aware_report_and_nonlinear_rule() -> None:
     mean = {n: (experts["t0"][n] + experts["t1"][n]) / 2 for n in base}
     torch.testing.assert_close(result.state_dict["lin.bias"], mean["lin.bias"])  # lam None: the average
     assert torch.equal(result.state_dict["emb.weight"], base["emb.weight"])
-    assert 0.0 <= result.report.rho <= 1.0 and set(result.report.layers) == {"lin"}
+    assert result.report.rho is not None and 0.0 <= result.report.rho <= 1.0 and set(result.report.layers) == {"lin"}
     again = diagnose(base, experts, result.state_dict, grams)["lin"]  # any merged state, measured afterwards
     assert again.loss == pytest.approx(result.report.layers["lin"].loss, rel=1e-12)
     with pytest.raises(ValueError, match="data-aware"):

@@ -123,7 +123,7 @@ def layer_stages(model: nn.Module, batch: Batch, layers: Sequence[str]) -> list[
 
 
 def text_batches(
-    tokenizer: object, texts: Sequence[str], batch_size: int = 32, max_length: int = 128
+    tokenizer: Callable[..., Mapping[str, Tensor]], texts: Sequence[str], batch_size: int = 32, max_length: int = 128
 ) -> list[dict[str, Tensor]]:
     """Tokenised batches, texts sorted by length so batches carry little padding (Grams ignore order)."""
     if batch_size < 1:

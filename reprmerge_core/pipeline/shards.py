@@ -33,7 +33,7 @@ from reprmerge_core.experts import ExpertSource
 from reprmerge_core.merging.diagnostics import ExpertDiagnostics
 from reprmerge_core.pipeline.plan import CalibrationPlan, write_calibrated
 
-SHARD_FORMAT = "reprmerge-calibration-shard"
+SHARD_FORMAT: Literal["reprmerge-calibration-shard"] = "reprmerge-calibration-shard"
 # Manifest fields that differ between the shards of one calibration; every other field must agree.
 _PER_SHARD = {"index", "tensors_sha256", "statistics_forward_seconds"}
 
