@@ -90,6 +90,16 @@ def prior_value(text: str) -> float | str:
     return text if text in ("procrustes", "identity") else float(text)
 
 
+def add_correction_options(p: argparse.ArgumentParser) -> None:
+    """--beta, --prior and --folds: how `build` and `calibrate` choose the correction (one home of their help)."""
+    p.add_argument("--beta", type=beta_value, default="auto",
+                   help="correction strength, or 'auto' (chosen by k-fold CV)")
+    p.add_argument("--prior", type=prior_value, default="auto",
+                   help="prior of the correction: 'auto' (chosen with beta by k-fold CV), 'procrustes', 'identity' "
+                        "or an identity weight in [0, 1] (a blend)")
+    p.add_argument("--folds", type=int, default=5, help="folds of the beta cross-validation")
+
+
 def beta_value(text: str) -> float | str:
     if text == "auto":
         return text

@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from reprmerge_cli import HELP
-from reprmerge_cli.args import beta_value, json_value, pair, prior_value, unique, weights
+from reprmerge_cli.args import add_correction_options, json_value, pair, unique, weights
 from reprmerge_core.choices import MERGE_METHODS
 from reprmerge_core.data import SUITES
 
@@ -29,13 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="scale TASK's task vector by W in the merge (repeat; default 1 each; data-free methods)")
     p.add_argument("--calibration-size", type=int, default=None,
                    help="calibration inputs per task (default: the suite's)")
-    p.add_argument("--beta", type=beta_value, default="auto",
-                   help="correction strength, or 'auto' (chosen by k-fold CV)")
-    p.add_argument("--prior", type=prior_value, default="auto",
-                   help="prior of the correction: 'auto' (chosen with beta by k-fold CV), 'procrustes', "
-                        "'identity' "
-                        "or an identity weight in [0, 1] (a blend)")
-    p.add_argument("--folds", type=int, default=5, help="folds of the beta cross-validation")
+    add_correction_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="expert cache (default ~/.cache/reprmerge or $REPRMERGE_CACHE)")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reprmerge_cli import HELP
-from reprmerge_cli.args import beta_value, checkpoints, pair, prior_value, tasks
+from reprmerge_cli.args import add_correction_options, checkpoints, pair, tasks
 from reprmerge_core.choices import POOLINGS
 from reprmerge_core.data.files import FORMATS
 
@@ -38,13 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="compute only shard I of N (inputs i with i mod N == I); add shards with `reprmerge reduce`")
     p.add_argument("--pooling", choices=POOLINGS, default="mean", help="representation for head.safetensors experts")
     p.add_argument("--max-length", type=int, default=128, help="longest input in tokens (longer ones are truncated)")
-    p.add_argument("--beta", type=beta_value, default="auto",
-                   help="correction strength, or 'auto' (chosen by k-fold CV)")
-    p.add_argument("--prior", type=prior_value, default="auto",
-                   help="prior of the correction: 'auto' (chosen with beta by k-fold CV), 'procrustes', "
-                        "'identity' "
-                        "or an identity weight in [0, 1] (a blend)")
-    p.add_argument("--folds", type=int, default=5, help="folds of the beta cross-validation")
+    add_correction_options(p)
     p.add_argument("--merge-method", default="unknown",
                    help="recorded in the manifest when the backbone has no merge_report.json (reprmerge merge "
                         "writes one; its method, parameters and weights are recorded instead)")
