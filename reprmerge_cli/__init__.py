@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from reprmerge_cli.args import Parser
 from reprmerge_core import __version__
 
 # (name, module under reprmerge_cli, one-line help), in the order `reprmerge --help` lists them.
@@ -38,8 +39,7 @@ def _chosen(argv: Sequence[str]) -> str | None:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with `command`'s full options (its module imported) and every other subcommand help-only."""
-    parser = argparse.ArgumentParser(prog="reprmerge",
-                                     description="Merge task experts and serve per-request trade-offs.")
+    parser = Parser(prog="reprmerge", description="Merge task experts and serve per-request trade-offs.")
     parser.add_argument("--version", action="version", version=f"reprmerge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module, text in COMMANDS:
@@ -51,11 +51,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; its exit status. Ctrl-C ends any command with one line and 130 (128 + SIGINT), as a
+    shell reports it; outputs are written atomically, so nothing half-written is left behind."""
     # Every model comes from a local directory; an accidental hub call must fail fast, not hang.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(_chosen(argv)).parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        args = build_parser(_chosen(argv)).parse_args(argv)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Argument types shared by the subcommands: NAME=VALUE pairs, JSON-ish values, beta, the prior."""
+"""The parser every subcommand gets (one help format), and argument types shared by the subcommands:
+NAME=VALUE pairs, JSON-ish values, beta, the prior."""
 
 from __future__ import annotations
 
@@ -6,6 +7,27 @@ import argparse
 import json
 
 from reprmerge_core.choices import prior_identity_weight
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows every option's default, except where there is none to show (None, a flag's False, an
+    empty list) or the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default == [] or default is argparse.SUPPRESS \
+                or not action.option_strings or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser with `HelpFormatter`; its subparsers are Parsers too (argparse makes them of the
+    parent's class), so every subcommand, nested ones included, gets the same help."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
 
 def pair(text: str) -> tuple[str, str]:

@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="connections of the saturating closed loop (0: 4 x batch size / texts per request, at least 8)")
     s.add_argument("--device", default="cpu", help="cpu or cuda, for the engine cases and the server")
     s.add_argument("--solve-dtype", choices=["float64", "float32"], default="float32",
-                   help="precision of head solves (the server's default: float32 with a float64 fallback)")
+                   help="precision of head solves (float32 falls back to float64 where ill-conditioned, as the "
+                   "server does)")
     s.add_argument("--server-log", type=Path, help="server log file (default: a temporary file, kept on failure)")
     s.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, 3 s per HTTP run")
     s.add_argument("--out", type=Path, help="also write the results as JSON here")

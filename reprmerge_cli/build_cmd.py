@@ -22,13 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--config", type=Path, metavar="RECIPE.yaml",
                        help="your own base, experts, merge (or a mergekit file) and calibration inputs, in one YAML "
                             "file (see the README's Recipe section); takes only --out, --overwrite and --device")
-    p.add_argument("--merge", default="ties", choices=sorted(MERGE_METHODS), help="merge method (default ties)")
+    p.add_argument("--merge", default="ties", choices=sorted(MERGE_METHODS), help="merge method")
     p.add_argument("--set", type=pair, action="append", default=[], dest="params", metavar="KEY=VALUE",
                    help="a merge parameter (repeat), e.g. density=0.2")
     p.add_argument("--calibration-size", type=int, default=None, help="calibration inputs per task (default: the suite's)")
-    p.add_argument("--beta", type=beta_value, default="auto", help="correction strength, or 'auto' (k-fold CV, default)")
+    p.add_argument("--beta", type=beta_value, default="auto",
+                   help="correction strength, or 'auto' (chosen by k-fold CV)")
     p.add_argument("--prior", type=prior_value, default="auto",
-                   help="prior of the correction: 'auto' (chosen with beta by k-fold CV, default), 'procrustes', "
+                   help="prior of the correction: 'auto' (chosen with beta by k-fold CV), 'procrustes', "
                         "'identity' "
                         "or an identity weight in [0, 1] (a blend)")
     p.add_argument("--folds", type=int, default=5, help="folds of the beta cross-validation")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from reprmerge_cli import HELP
 from reprmerge_cli.args import beta_value, pair, prior_value, unique
 from reprmerge_core.choices import POOLINGS
+from reprmerge_core.data.files import FORMATS
 
 if TYPE_CHECKING:
     from reprmerge_core.pipeline.calibrate import ShardSpec
@@ -28,21 +29,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert", type=pair, action="append", required=True, metavar="NAME=DIR",
                    help="an expert checkpoint with head.safetensors or a sequence-classification head (repeat)")
     p.add_argument("--calibration", type=pair, action="append", required=True, metavar="NAME=FILE",
-                   help="unlabeled inputs of a task: plain text (one per line) or JSON lines with \"text\" (repeat)")
+                   help=f"unlabeled inputs of a task (repeat): {FORMATS}; UTF-8. More inputs than the "
+                   "representation has dimensions, or the statistics are not full rank")
+    p.add_argument("--text-column", default="text", help="column / JSON field of the text in CSV, TSV and JSON lines")
     p.add_argument("--out", type=Path, required=True, help="bundle directory (with --shard: the shard file)")
     p.add_argument("--shard", type=_shard, metavar="I/N",
                    help="compute only shard I of N (inputs i with i mod N == I); add shards with `reprmerge reduce`")
     p.add_argument("--pooling", choices=POOLINGS, default="mean", help="representation for head.safetensors experts")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--beta", type=beta_value, default="auto")
+    p.add_argument("--max-length", type=int, default=128, help="longest input in tokens (longer ones are truncated)")
+    p.add_argument("--beta", type=beta_value, default="auto",
+                   help="correction strength, or 'auto' (chosen by k-fold CV)")
     p.add_argument("--prior", type=prior_value, default="auto",
-                   help="prior of the correction: 'auto' (chosen with beta by k-fold CV, default), 'procrustes', "
+                   help="prior of the correction: 'auto' (chosen with beta by k-fold CV), 'procrustes', "
                         "'identity' "
                         "or an identity weight in [0, 1] (a blend)")
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--folds", type=int, default=5, help="folds of the beta cross-validation")
     p.add_argument("--merge-method", default="unknown", help="recorded in the manifest")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
     p.set_defaults(func=run)
 
 
@@ -56,12 +60,13 @@ def _shard(text: str) -> ShardSpec:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reprmerge_core.merging import read_texts
+    from reprmerge_core.data.files import read_texts
     from reprmerge_core.pipeline.calibrate import calibrate_bundle
 
     try:
         experts = unique(args.expert, "--expert")
-        calibration = {name: read_texts(path) for name, path in unique(args.calibration, "--calibration").items()}
+        files = unique(args.calibration, "--calibration")
+        calibration = {name: read_texts(path, args.text_column) for name, path in files.items()}
         path = calibrate_bundle(args.backbone, experts, calibration, args.out, shard=args.shard, pooling=args.pooling,
                                 max_length=args.max_length, beta=args.beta, prior=args.prior, folds=args.folds,
                                 merge_method=args.merge_method, device=args.device, overwrite=args.overwrite,

@@ -27,10 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="report directory")
     p.add_argument("--test", type=pair, action="append", default=[], metavar="TASK=FILE",
                    help="your labelled test data of a task, for every task of the bundle (repeat): CSV/TSV with a "
-                   "header or JSON lines; labels are the bundle's label names (or ids 0..K-1). Without --test, the "
+                   "header or JSON lines, optionally .gz, UTF-8; labels are the bundle's label names (or ids 0..K-1). Without --test, the "
                    "bundle must come from a built-in suite")
-    p.add_argument("--text-column", default="text", help="column / JSON field of the text (default: text)")
-    p.add_argument("--label-column", default="label", help="column / JSON field of the label (default: label)")
+    p.add_argument("--text-column", default="text", help="column / JSON field of the text")
+    p.add_argument("--label-column", default="label", help="column / JSON field of the label")
     p.add_argument("--expert", type=pair, action="append", default=[], metavar="TASK=DIR",
                    help="with --test: an expert checkpoint to compare with (head.safetensors or a "
                    "sequence-classification head), for every task or none (repeat)")
@@ -46,8 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="built-in suites: also sweep the calibration size (one more statistics pass)")
     p.add_argument("--update-card", action="store_true",
                    help="also write the figures into the bundle's model card (README.md; not covered by its hashes)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="built-in suites: expert cache (default ~/.cache/reprmerge or $REPRMERGE_CACHE)")
     p.set_defaults(func=run)
 
 

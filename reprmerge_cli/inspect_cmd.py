@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from reprmerge_cli import HELP
 from reprmerge_core.bundle import BundleError, check_bundle
@@ -46,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"created     {m.created_at}")
     print(f"backbone    {m.backbone.source}  (pooling {m.backbone.pooling}, max_length {m.backbone.max_length}, d={m.representation_dim})")
     print(f"merge       {m.merge.method} {json.dumps(m.merge.parameters, sort_keys=True)}")
+    rho = _rho(bundle.path, m.extra)
+    if rho is not None:
+        print(f"  rho       {rho:.3f}: share of the experts' changes to layer outputs on calibration inputs that the "
+              "merged\n            weights reproduce (1: all of it, 0: no better than the base)")
     agreement = m.extra.get("head_agreement")
     if agreement:
         print(f"agreement   {agreement['mean']:.3f} of calibration inputs get the expert's class from the merged "
@@ -55,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         for i, line in enumerate(_recipe_lines(recorded)):
             print(f"{'recipe' if i == 0 else '':<12}{line}")
     print(f"correction  beta={c.beta:g} normalisation={c.normalisation.value} prior={c.prior}")
+    for line in _beta_lines(c.beta, c.beta_selection):
+        print(f"  {line}")
     print("tasks")
     width = max(len(t.name) for t in m.tasks)
     for t in m.tasks:
@@ -66,7 +73,32 @@ def run(args: argparse.Namespace) -> int:
               + f"{len(check.warnings)} warning(s)")
         for message in check.warnings:
             print(f"  WARNING {message}")
+    print("trade-off   a preference p gets W_p; `/v1/tradeoff` gives each task's loss L_t(W_p), its `best` (at its own "
+          "one-hot)\n            and `uncorrected` (W = I) loss; "
+          "quality_kept = (uncorrected - loss) / (uncorrected - best)")
     total = sum((bundle.path / f).stat().st_size for f in m.files)
     print(f"files       {len(m.files)} files, {total / 1e6:.1f} MB, sha256 verified")
     print("VALID")
     return 0
+
+
+def _rho(path: Path, extra: dict[str, Any]) -> float | None:
+    """The whole-model rho of a data-aware merge: from a built bundle's record, or the merge report that
+    `reprmerge merge` wrote beside the backbone (None for data-free merges, which measure none)."""
+    report = extra.get("merge_report")
+    file = path / "backbone" / "merge_report.json"
+    if report is None and file.is_file():
+        report = json.loads(file.read_text())
+    return report.get("rho") if isinstance(report, dict) else None
+
+
+def _beta_lines(beta: float, selection: dict[str, Any] | None) -> list[str]:
+    """What beta means and, when cross-validated, what it scored."""
+    lines = ["beta      the ridge of each task's correction W, which minimises |W z_m - z_e|^2 over the calibration",
+             "          inputs + beta |W - O_t|^2: small fits the statistics, large keeps W near the prior O_t",
+             "          (statistics are energy-normalised, so one beta suits every task)"]
+    if selection and beta in selection.get("candidates", []):
+        i = selection["candidates"].index(beta)
+        losses = f"{selection['one_hot'][i]:.3f} at one-hot, {selection['equal'][i]:.3f} at equal preference"
+        lines.append(f"          chosen by {selection['folds']}-fold CV: held-out relative loss {losses} (lower is better)")
+    return lines

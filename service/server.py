@@ -59,6 +59,8 @@ class DrainingServer(uvicorn.Server):
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/playground/"
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGINT and not self._captured_signals:  # uvicorn raises it again once shut down, so
+            self._captured_signals.append(sig)  # Ctrl-C ends `reprmerge serve` like any command: 130, one line
         if self._drain is not None or self._loop is None or self.should_exit:
             self.force_exit = self.should_exit = True
             return

@@ -118,3 +118,38 @@ def test_calibrate_with_base_records_the_experts_distances(checkpoints: dict[str
     expected = task_vector_norm(base, AutoModel.from_pretrained(c["linear"]).state_dict())
     assert check.task_vector_norms == pytest.approx({"topic": expected, "same": 0.0}, rel=1e-9)
     assert expected > 10
+
+
+def test_calibrate_reads_a_csv_column_and_warns_below_the_dimension(
+        checkpoints: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A CSV's named column only (not its header or labels); 24 inputs for d = 32 are not full rank: a warning."""
+    c = checkpoints
+    table = tmp_path / "cal.csv"
+    table.write_text("label,body\n" + "".join(f'pos,"{t}"\n' for t in TEXTS))
+    out = tmp_path / "bundle"
+    args = ["calibrate", "--backbone", str(c["backbone"]), "--expert", f"topic={c['linear']}", "--folds", "2",
+            "--out", str(out)]
+    assert cli([*args, "--calibration", f"topic={table}"]) == 2  # the default column is `text`
+    assert f"{table}:1: no column 'text' in the header row (has 'label', 'body')" in capsys.readouterr().err
+    with caplog.at_level("WARNING"):
+        assert cli([*args, "--calibration", f"topic={table}", "--text-column", "body"]) == 0
+    assert ("task 'topic' has 24 calibration inputs for a 32-dimensional representation: the statistics need more "
+            "inputs than dimensions to be full rank (at least 33") in caplog.text
+    bundle = load_bundle(out)
+    assert bundle.manifest.tasks[0].calibration_samples == 24
+    zm = Backbone.from_pretrained(c["backbone"], max_length=128, device="cpu").encode(TEXTS).double()
+    torch.testing.assert_close(bundle.statistics[0].A, zm.T @ zm, rtol=1e-4, atol=1e-4)
+
+
+def test_calibrate_names_a_latin1_file_and_line_before_loading(checkpoints: dict[str, Path], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    c = checkpoints
+    latin = tmp_path / "cal.txt"
+    latin.write_bytes("first input\ncaf\u00e9 au lait\n".encode("latin-1"))
+    out = tmp_path / "bundle"
+    assert cli(["calibrate", "--backbone", str(c["backbone"]), "--expert", f"topic={c['linear']}",
+                "--calibration", f"topic={latin}", "--out", str(out)]) == 2
+    assert f"calibrate failed: {latin}:2: not UTF-8 (byte 0xe9 at byte 4 of the line); files must be UTF-8" in \
+        capsys.readouterr().err
+    assert not out.exists()

@@ -21,7 +21,6 @@ from reprmerge_cli import main as cli
 from reprmerge_core.data import SplitConfig, Task, TaskSplits
 from reprmerge_core.data.files import label_index, read_labelled
 from reprmerge_core.evaluation.metrics import simplex_grid
-from reprmerge_core.merging import read_texts
 from reprmerge_core.training import TrainRecipe, train_expert
 
 MAX_LENGTH = 16
@@ -227,7 +226,7 @@ def test_evaluate_without_experts_reports_plain_accuracy_and_a_simplex_map(
         ("spam.csv", "message,label\nwin cash now,spam\nlunch at noon,HAM\nfree prize,junk\n",
          "spam.csv:4: unknown label 'junk' for task 'spam'; allowed: ham, spam, or ids 0-1"),
         ("spam.csv", "message,label\nwin cash now,spam,extra\n", "spam.csv:2: 3 fields, the header has 2"),
-        ("spam.csv", "text,label\nwin cash now,spam\n", "spam.csv:2: no field 'message'"),
+        ("spam.csv", "text,label\nwin cash now,spam\n", "spam.csv:1: no column 'message' in the header row"),
         ("spam.jsonl", '{"message": "hi", "label": "ham"}\n\n{"message": "x", "label": \n',
          "spam.jsonl:3: not a JSON line"),
         ("spam.jsonl", '{"message": "", "label": "ham"}\n', "spam.jsonl:1: field 'message' must be a non-empty string"),
@@ -279,14 +278,6 @@ def test_label_matching() -> None:
     # names that are numbers other than their own id make ids ambiguous: only names count
     assert label_index("1", ["5", "1"]) == 1 and label_index("0", ["5", "1"]) is None
     assert label_index("1", ["0", "1"]) == 1  # names equal to their ids: either reading agrees
-
-
-def test_read_texts_names_the_line_of_a_bad_json_line(tmp_path: Path) -> None:
-    """Blank lines count: the error points at the line an editor shows."""
-    path = tmp_path / "cal.jsonl"
-    path.write_text('{"text": "one"}\n\n{"text": 2}\n')
-    with pytest.raises(ValueError, match=r"cal.jsonl:3: expected an object with a string \"text\" field"):
-        read_texts(path)
 
 
 def test_read_labelled_tsv_with_multiline_quoted_text(tmp_path: Path) -> None:

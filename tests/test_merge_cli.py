@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -261,3 +262,29 @@ def test_merge_never_damages_what_the_user_owns(
     assert main(merge_args(tiny_backbone_dir, experts, existing, "ties", "--overwrite")) == 0  # replaced whole
     assert not (existing / "keep.txt").exists() and (existing / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
+
+
+def test_merge_reads_calibration_by_format(
+    tiny_backbone_dir: Path, experts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gzipped CSV's named column gives the merge the texts a plain text file does (its header and labels
+    are no inputs); a latin-1 file is refused naming file and line before any model loads."""
+    (tmp_path / "spam.txt").write_text("\n".join(TEXTS[:4]) + "\n")
+    (tmp_path / "trec.txt").write_text("\n".join(TEXTS[3:]) + "\n")
+    rows = "label,body\n" + "".join(f'ham,"{t}"\n' for t in TEXTS[3:])
+    (tmp_path / "trec.csv.gz").write_bytes(gzip.compress(rows.encode()))
+    plain, table = tmp_path / "plain", tmp_path / "table"
+    common = ["--calibration", f"spam={tmp_path / 'spam.txt'}"]
+    assert main(merge_args(tiny_backbone_dir, experts, plain, "regmean", *common,
+                           "--calibration", f"trec={tmp_path / 'trec.txt'}")) == 0
+    assert main(merge_args(tiny_backbone_dir, experts, table, "regmean", *common, "--text-column", "body",
+                           "--calibration", f"trec={tmp_path / 'trec.csv.gz'}")) == 0
+    a, b = state(plain), state(table)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("ok\nna\u00efve\n".encode("latin-1"))
+    capsys.readouterr()
+    assert main(merge_args(tiny_backbone_dir, experts, tmp_path / "never", "regmean", *common,
+                           "--calibration", f"trec={latin}")) == 2
+    assert f"merge failed: {latin}:2: not UTF-8 (byte 0xef at byte 3 of the line)" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

@@ -97,6 +97,34 @@ def test_bad_inputs_get_their_documented_problem(client: TestClient, name: str, 
         assert r.headers["www-authenticate"] == "Bearer"
 
 
+def test_truncate_cuts_texts_over_the_limit_instead_of_refusing_them(roomy: TestClient) -> None:
+    """As text-embeddings-inference's `truncate`: without it 413 names the text and the field that would cut it;
+    with it (/v1 field, /v2 parameter) the text is answered as its first `max_text_chars` (50 here) characters."""
+    long = "the quick brown fox jumps over the lazy dog and on " * 4  # 204 characters
+    refused = roomy.post("/v1/predict", json={"texts": ["short", long]})
+    assert refused.status_code == 413 and refused.json()["field"] == "texts[1]"
+    assert "204 characters, at most 50; set `truncate` to true" in refused.json()["detail"]
+    v2_refused = roomy.post("/v2/models/reprmerge/infer", json=_v2(["short", long]))
+    assert v2_refused.status_code == 413 and v2_refused.json()["field"] == "inputs[0].data[1]"
+    assert "set `parameters.truncate` to true" in v2_refused.json()["detail"]
+
+    def v1(body: dict[str, object]) -> list[list[float]]:
+        r = roomy.post("/v1/predict", json={"preference": [1, 2, 3], **body})
+        assert r.status_code == 200, r.text
+        return [list(p["beta"]["probabilities"].values()) for p in r.json()["results"][0]["predictions"]]
+
+    cut = v1({"texts": ["short", long[:50]]})
+    assert v1({"texts": ["short", long], "truncate": True}) == cut
+    assert cut[1] != v1({"texts": [long[:40]]})[0]  # the cut length matters: the test can tell
+    r = roomy.post("/v2/models/reprmerge/infer", json=_v2(["short", long], parameters={"truncate": True,
+                                                                                     "preference": "[1, 2, 3]"}))
+    assert r.status_code == 200, r.text
+    beta = next(o for o in r.json()["outputs"] if o["name"] == "beta_probabilities")
+    np.testing.assert_allclose(np.array(beta["data"]).reshape(2, 3), np.array(cut), rtol=1e-6, atol=1e-7)
+    bad = roomy.post("/v2/models/reprmerge/infer", json=_v2([long], parameters={"truncate": "yes"}))
+    assert bad.status_code == 422 and bad.json()["field"] == "parameters.truncate"
+
+
 def _v2(data: object = ("a fine day",), **extra: object) -> dict[str, object]:
     return {"inputs": [{"name": "text", "shape": [len(data)], "datatype": "BYTES", "data": list(data)}], **extra}  # type: ignore[arg-type]
 

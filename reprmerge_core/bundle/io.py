@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from reprmerge_core import __version__
-from reprmerge_core.artifacts import replace_dir
+from reprmerge_core.artifacts import replace_dir, temp_dir_beside
 from reprmerge_core.correction.heads import TaskHead
 from reprmerge_core.correction.solver import CorrectionSolver
 from reprmerge_core.correction.statistics import TaskStatistics
@@ -139,8 +138,7 @@ def write_bundle(
     validate_content(tasks, dim, {k: v.numpy() for k, v in stats_tensors.items()},
                      {k: v.numpy() for k, v in head_tensors.items()})
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         save_file(stats_tensors, str(tmp / STATISTICS_FILE))
         save_file(head_tensors, str(tmp / HEADS_FILE))

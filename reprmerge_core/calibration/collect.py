@@ -11,8 +11,9 @@ merge diagnostic a bundle reports.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from functools import reduce
@@ -24,6 +25,8 @@ from tqdm.auto import tqdm
 from reprmerge_core.backbone import Backbone, batched
 from reprmerge_core.correction.heads import TaskHead
 from reprmerge_core.correction.statistics import StatisticsAccumulator, TaskStatistics
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +51,18 @@ def _agreements(head: TaskHead, merged: torch.Tensor, expert: torch.Tensor) -> i
     zm, ze = merged.double(), expert.double()
     weight, bias = head.weight.to(zm), head.bias.to(zm)
     return int(((zm @ weight.T + bias).argmax(1) == (ze @ weight.T + bias).argmax(1)).sum())
+
+
+def warn_few_inputs(counts: Mapping[str, int], dim: int) -> list[str]:
+    """A warning (logged, and returned) per task with no more calibration inputs than the representation has
+    dimensions: A_t = sum z z^T then has rank below d, and beta and the prior alone fill the missing directions."""
+    messages = [f"task {task!r} has {n} calibration inputs for a {dim}-dimensional representation: the statistics "
+                f"need more inputs than dimensions to be full rank (at least {dim + 1}; several times that is "
+                "better); with fewer, the correction in the missing directions comes from beta and the prior alone"
+                for task, n in counts.items() if n <= dim]
+    for message in messages:
+        logger.warning(message)
+    return messages
 
 
 def head_agreement(tasks: Sequence[str], agreement: Sequence[float] | None) -> dict[str, Any] | None:

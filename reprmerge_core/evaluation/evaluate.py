@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel
 
-from reprmerge_core.backbone import Backbone, Pooling, default_backbone_path
+from reprmerge_core.backbone import Backbone, Pooling, default_backbone_path, quiet_transformers
 from reprmerge_core.bundle import Bundle
 from reprmerge_core.calibration import DEFAULT_BETAS, collect_statistics
 from reprmerge_core.correction import CorrectionSolver, HeadFolder, TaskHead, TaskStatistics
@@ -321,7 +321,8 @@ def _task_arithmetic_scores(bundle: Bundle, data: EvaluationData, grid: np.ndarr
     backbone = Backbone.from_pretrained(data.base, pooling=m.backbone.pooling, max_length=m.backbone.max_length,
                                         device=data.device)
     base = {k: v.detach().cpu().clone() for k, v in backbone.model.state_dict().items()}
-    expert_states = [AutoModel.from_pretrained(e.path, local_files_only=True).state_dict() for e in data.experts]
+    with quiet_transformers():
+        expert_states = [AutoModel.from_pretrained(e.path, local_files_only=True).state_dict() for e in data.experts]
     acc, f1 = np.zeros(grid.shape), np.zeros(grid.shape)
     for i, p in enumerate(tqdm(grid, desc="task arithmetic per preference", disable=not progress)):
         backbone.model.load_state_dict(weighted_task_arithmetic(base, expert_states, p.tolist()))

@@ -19,7 +19,7 @@ dtype, so lam = 0 returns the base and one expert with lam = 1 returns that expe
 difference of two float32 values is exact unless their magnitudes differ by more than 2^29).
 """
 
-from reprmerge_core.merging.calibration import collect_grams, layer_stages, read_texts, text_batches
+from reprmerge_core.merging.calibration import collect_grams, layer_stages, text_batches
 from reprmerge_core.merging.checkpoints import REPORT_FILE, merge_checkpoints
 from reprmerge_core.merging.merge import (
     METHODS,
@@ -46,7 +46,6 @@ __all__ = [
     "merge_sequential",
     "merge_state_dicts",
     "overall_rho",
-    "read_texts",
     "resolve",
     "text_batches",
 ]

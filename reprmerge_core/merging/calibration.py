@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from reprmerge_core.backbone import batched
-from reprmerge_core.data.files import JSON_SUFFIXES, iter_records
 
 Batch = Mapping[str, Tensor]
 DTYPE = torch.float64
@@ -135,15 +133,3 @@ def text_batches(
         for chunk in batched(sorted(texts, key=len), batch_size)
     ]
 
-
-def read_texts(path: str | Path) -> list[str]:
-    """Calibration inputs: JSON lines with a "text" field (.jsonl/.json) or plain text, one input per line."""
-    path = Path(path)
-    if path.suffix not in JSON_SUFFIXES:
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    texts = []
-    for number, record in iter_records(path):
-        if not isinstance(record.get("text"), str):
-            raise ValueError(f'{path}:{number}: expected an object with a string "text" field')
-        texts.append(record["text"])
-    return texts

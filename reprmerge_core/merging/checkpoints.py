@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
-from transformers.utils import logging as hf_logging
 
 from reprmerge_core.artifacts import atomic_dir, check_output
+from reprmerge_core.backbone import quiet_transformers
 from reprmerge_core.merging.calibration import collect_grams, linear_layers, text_batches
 from reprmerge_core.merging.diagnostics import ExpertDiagnostics, diagnose_experts, task_vector_norm
 from reprmerge_core.merging.merge import (
@@ -45,21 +44,10 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 logger = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Loading an encoder from a checkpoint with a classification head warns about the unused head."""
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 def _load_encoder(path: Path) -> PreTrainedModel:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a transformers checkpoint (no config.json)")
-    with _quiet_transformers():
+    with quiet_transformers():
         return AutoModel.from_pretrained(path, local_files_only=True)
 
 

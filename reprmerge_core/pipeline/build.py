@@ -19,6 +19,7 @@ from reprmerge_core.backbone import Backbone, default_backbone_path, select_devi
 from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
 from reprmerge_core.calibration import choose_correction, collect_statistics, head_agreement
+from reprmerge_core.calibration.collect import warn_few_inputs
 from reprmerge_core.choices import check_beta, check_prior
 from reprmerge_core.correction.solver import Normalisation
 from reprmerge_core.data import SuiteConfig, load_suite, resolve_suite
@@ -84,6 +85,7 @@ def build_bundle(config: BuildConfig, out: str | Path, *, overwrite: bool = Fals
     timings["experts"] = time.perf_counter() - start
 
     calibration = {s.name: list(s.calibration) for s in splits}
+    warn_few_inputs({task: len(texts) for task, texts in calibration.items()}, experts[0].head.weight.shape[1])
     with tempfile.TemporaryDirectory(prefix="reprmerge-merge-") as work:
         start = time.perf_counter()
         result = merge_checkpoints(

@@ -35,11 +35,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from reprmerge_core.artifacts import check_output
-from reprmerge_core.backbone import Backbone, Pooling, select_device
+from reprmerge_core.backbone import Backbone, Pooling, quiet_transformers, select_device
 from reprmerge_core.bundle import write_bundle
 from reprmerge_core.bundle.check import sha256_file
 from reprmerge_core.bundle.manifest import BackboneInfo, MergeInfo, TaskInfo
 from reprmerge_core.calibration import choose_correction, collect_statistics, head_agreement, prior_identity_weight
+from reprmerge_core.calibration.collect import warn_few_inputs
 from reprmerge_core.correction import TaskHead, TaskStatistics
 from reprmerge_core.correction.solver import Normalisation
 from reprmerge_core.merging.checkpoints import check_experts, compatibility_problems, distances_from_base
@@ -96,7 +97,8 @@ def read_expert(name: str, path: str | Path, pooling: Pooling) -> ExpertSource:
         return ExpertSource(name, path, head, _label_names(path, head.num_classes), pooling)
     if not has_head(path):
         raise ValueError(f"expert {name!r}: {path} has neither {HEAD_FILE} nor a sequence-classification head")
-    model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+    with quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
     classifier = getattr(model, "classifier", None)
     if not isinstance(classifier, torch.nn.Linear):
         raise ValueError(f"expert {name!r}: its classification head is not a single linear layer; "
@@ -148,6 +150,7 @@ def _plan(
     if problems:
         raise ValueError("experts do not match the backbone:\n  " + "\n  ".join(problems))
     sources = [read_expert(name, path, pooling) for name, path in experts.items()]
+    warn_few_inputs({name: len(texts) for name, texts in calibration.items()}, sources[0].head.weight.shape[1])
     poolings = {s.pooling for s in sources}
     if len(poolings) != 1:
         raise ValueError(f"experts read different representations ({sorted(poolings)}); one bundle needs one pooling")

@@ -25,7 +25,8 @@ from reprmerge_core.bundle.card import MERGEKIT_CONFIG
 from reprmerge_core.bundle.io import amend_manifest
 from reprmerge_core.bundle.manifest import TASK_NAME_PATTERN, MergeInfo
 from reprmerge_core.choices import MERGE_METHODS, POOLINGS, check_beta, check_prior
-from reprmerge_core.merging import merge_checkpoints, read_texts, resolve
+from reprmerge_core.data.files import read_texts
+from reprmerge_core.merging import merge_checkpoints, resolve
 from reprmerge_core.merging.mergekit import MergekitError, map_mergekit
 from reprmerge_core.pipeline.calibrate import calibrate_bundle
 

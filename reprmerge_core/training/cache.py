@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 import transformers
 
 import reprmerge_core
+from reprmerge_core.artifacts import temp_dir_beside
 
 CACHE_ENV = "REPRMERGE_CACHE"
 
@@ -74,8 +74,7 @@ def build_once(entry: Path, write: Callable[[Path], None]) -> bool:
     """
     if entry.is_dir():
         return False
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+    tmp = temp_dir_beside(entry)
     try:
         write(tmp)
         try:
