@@ -7,13 +7,24 @@ calibration Grams (each expert's own activations on its task's calibration input
 comparable across methods, including the sequential ones.
 
     python benchmarks/bench_merge.py [--suite tiny|text6] [--calibration N]
+
+`--memory` instead measures the peak resident memory of `merge_checkpoints` writing a merged checkpoint, each
+method in a fresh process (its import-only peak printed beside it), over the suite's experts in the expert cache (or
+`--experts DIR...`); `--tree PATH` runs another checkout's code (e.g. main, for a before/after figure):
+
+    nice -n 10 python benchmarks/bench_merge.py --memory --suite text6 [--tree /path/to/checkout]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -24,6 +35,7 @@ from transformers import AutoModel
 
 from reprmerge_bench.merges import load_setup, spearman
 from reprmerge_core.backbone import Backbone, default_backbone_path
+from reprmerge_core.data import resolve_suite
 from reprmerge_core.merging import (
     METHODS,
     collect_grams,
@@ -34,7 +46,56 @@ from reprmerge_core.merging import (
 )
 from reprmerge_core.merging.calibration import linear_layers
 from reprmerge_core.merging.merge import changed_parameters
-from reprmerge_core.training import evaluate_head
+from reprmerge_core.training import cache_root, evaluate_head
+
+# One merge in a fresh process: its peak RSS (ru_maxrss) after imports and after the merge, and the merge time.
+MEMORY_CHILD = """
+import json, resource, sys, time
+import torch
+from reprmerge_core.merging import merge_checkpoints
+torch.set_num_threads(1)
+a = json.loads(sys.stdin.read())
+imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+start = time.perf_counter()
+merge_checkpoints(a["base"], a["experts"], a["method"], a["params"], a["texts"], a["out"], max_length=a["max_length"])
+print(json.dumps({"imports_mb": imports, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "seconds": time.perf_counter() - start}))
+"""
+MEMORY_METHODS = [("task_arithmetic", {"lam": 0.3}), ("ties", {}), ("dare", {"combine": "ties"}), ("regmean", {})]
+
+
+def cached_experts(suite: str) -> list[Path]:
+    """The expert cache's checkpoints of `suite`: one per task, trained on the suite's split."""
+    config = resolve_suite(suite)
+    found = {}
+    for info in sorted(cache_root().glob("*/expert.json")):
+        record = json.loads(info.read_text())
+        if record["task"] in config.tasks and record["split"] == config.split.model_dump(mode="json"):
+            found[record["task"]] = info.parent
+    missing = sorted(set(config.tasks) - set(found))
+    if missing:
+        raise SystemExit(f"no cached experts of {suite} for {missing}: run `reprmerge build --suite {suite}` first")
+    return [found[task] for task in config.tasks]
+
+
+def memory(expert_dirs: list[Path], tree: Path, calibration: int) -> None:
+    """Peak RSS of each method's checkpoint merge (see the module docstring)."""
+    experts = {f"{i}-{path.name.split('-')[0]}": str(path) for i, path in enumerate(expert_dirs)}
+    texts = [f"calibration input {i}: " + " ".join(["merged experts keep one backbone"] * (1 + i % 6))
+             for i in range(calibration)]
+    print(f"{len(experts)} experts ({', '.join(experts)}), code from {tree}, {calibration} calibration inputs each")
+    print(f"{'method':<16} {'peak MB':>8} {'imports MB':>10} {'merge MB':>8} {'time s':>7}")
+    for method, params in MEMORY_METHODS:
+        with tempfile.TemporaryDirectory() as work:
+            job = {"base": str(default_backbone_path()), "experts": experts, "method": method, "params": params,
+                   "texts": {t: texts for t in experts} if METHODS[method].data_aware else None,
+                   "out": str(Path(work) / "merged"), "max_length": 128}
+            env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+            run = subprocess.run([sys.executable, "-c", MEMORY_CHILD], input=json.dumps(job), env=env, cwd=tree,
+                                 capture_output=True, text=True, check=True)
+            r = json.loads(run.stdout.strip().splitlines()[-1])
+        print(f"{method:<16} {r['peak_mb']:8.0f} {r['imports_mb']:10.0f} {r['peak_mb'] - r['imports_mb']:8.0f} "
+              f"{r['seconds']:7.1f}")
 
 
 def configs(k: int) -> list[tuple[str, str, dict]]:
@@ -58,7 +119,14 @@ def main() -> None:
     parser.add_argument(
         "--calibration", type=int, default=128, help="calibration inputs per task (at most the split's)"
     )
+    parser.add_argument("--memory", action="store_true", help="peak RSS of checkpoint merges instead (see above)")
+    parser.add_argument("--experts", type=Path, nargs="*", help="expert directories for --memory (default: the cache)")
+    parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1],
+                        help="checkout whose code --memory runs")
     args = parser.parse_args()
+    if args.memory:
+        memory(args.experts or cached_experts(args.suite), args.tree, args.calibration)
+        return
     start = time.perf_counter()
     base_dir = default_backbone_path()
     setup = load_setup(args.suite, progress=True)

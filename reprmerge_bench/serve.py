@@ -42,7 +42,7 @@ from reprmerge_core.bundle.manifest import BackboneInfo, CorrectionInfo, MergeIn
 from reprmerge_core.correction import StatisticsAccumulator, TaskHead
 from reprmerge_core.data.splits import SUITES
 from reprmerge_core.data.tasks import TASK_NAMES, load_task
-from reprmerge_core.merging.arithmetic import task_arithmetic
+from reprmerge_core.merging import resolve
 from reprmerge_core.preference import Preference, canonical_preference
 from service.client import Client, ClientError
 from service.engine import Engine, Head, HeadGroup, torch_executor
@@ -248,12 +248,13 @@ class EngineBench:
         deltas = {k: 0.01 * torch.randn((len(self.engine.tasks), *base[k].shape), generator=g).to(base[k].device)
                   for k in tuned}
         T = len(self.engine.tasks)
+        rule, params = resolve("task_arithmetic", {"lam": 0.3})  # the registry's rule, in the model's dtype
         texts = self.texts[0][:preferences]
         try:
             start = time.perf_counter()
             for text, pref in zip(texts, self._fresh(len(texts))):
                 coef = torch.tensor(pref.weights, dtype=torch.float32, device=model.device) * T
-                merged = {k: base[k] + task_arithmetic(deltas[k] * coef.view(-1, *[1] * base[k].ndim), 0.3) for k in tuned}
+                merged = {k: base[k] + rule.tensor_rule(deltas[k], params, k, coef) for k in tuned}
                 model.load_state_dict(merged, strict=False)
                 self.engine.encode([text])
             return len(texts) / (time.perf_counter() - start)

@@ -1,11 +1,13 @@
 """The parser every subcommand gets (one help format), and argument types shared by the subcommands:
-NAME=VALUE pairs, JSON-ish values, beta, the prior."""
+NAME=VALUE pairs, task names, checkpoints, JSON-ish values, beta, the prior."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+from reprmerge_core.checks import check_task_name, checkpoint_dir
 from reprmerge_core.choices import prior_identity_weight
 
 
@@ -51,6 +53,30 @@ def unique(pairs: list[tuple[str, str]], option: str) -> dict[str, str]:
     if repeated:
         raise ValueError(f"{option} names must be unique; repeated: {', '.join(repeated)}")
     return dict(pairs)
+
+
+def weights(pairs: list[tuple[str, str]], option: str = "--weight") -> dict[str, float]:
+    """Per-expert merge weights from NAME=W pairs; errors name the option and the expert."""
+    result = {}
+    for name, value in unique(pairs, option).items():
+        try:
+            result[name] = float(value)
+        except ValueError:
+            raise ValueError(f"{option} {name}={value}: the weight must be a number") from None
+    return result
+
+
+def tasks(pairs: list[tuple[str, str]], option: str) -> dict[str, str]:
+    """TASK=VALUE pairs: unique task names, each valid by the one rule (`reprmerge_core.checks`)."""
+    given = unique(pairs, option)
+    for name, value in given.items():
+        check_task_name(name, f"{option} {name}={value}")
+    return given
+
+
+def checkpoints(pairs: list[tuple[str, str]], option: str) -> dict[str, Path]:
+    """TASK=DIR pairs of local checkpoints, checked before any work; an error names the option and pair."""
+    return {name: checkpoint_dir(path, f"{option} {name}={path}") for name, path in tasks(pairs, option).items()}
 
 
 def prior_value(text: str) -> float | str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from reprmerge_cli import HELP
-from reprmerge_cli.args import beta_value, json_value, pair, prior_value, unique
+from reprmerge_cli.args import beta_value, json_value, pair, prior_value, unique, weights
 from reprmerge_core.choices import MERGE_METHODS
 from reprmerge_core.data import SUITES
 
@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--merge", default="ties", choices=sorted(MERGE_METHODS), help="merge method")
     p.add_argument("--set", type=pair, action="append", default=[], dest="params", metavar="KEY=VALUE",
                    help="a merge parameter (repeat), e.g. density=0.2")
+    p.add_argument("--weight", type=pair, action="append", default=[], metavar="TASK=W",
+                   help="scale TASK's task vector by W in the merge (repeat; default 1 each; data-free methods)")
     p.add_argument("--calibration-size", type=int, default=None, help="calibration inputs per task (default: the suite's)")
     p.add_argument("--beta", type=beta_value, default="auto",
                    help="correction strength, or 'auto' (chosen by k-fold CV)")
@@ -63,14 +65,17 @@ def _run_recipe(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reprmerge_core.checks import check_task_names
     from reprmerge_core.pipeline import BuildConfig, build_bundle
 
     if args.config is not None:
         return _run_recipe(args)
     try:
+        names = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
         config = BuildConfig(
-            suite=args.suite or tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+            suite=args.suite or tuple(check_task_names(names or [], "--tasks")),
             merge=args.merge, merge_params={k: json_value(v) for k, v in unique(args.params, "--set").items()},
+            merge_weights=weights(args.weight),
             calibration_size=args.calibration_size, beta=args.beta, prior=args.prior, folds=args.folds,
             device=args.device,
             cache_dir=args.cache_dir,

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reprmerge_cli import HELP
-from reprmerge_cli.args import beta_value, pair, prior_value, unique
+from reprmerge_cli.args import beta_value, checkpoints, pair, prior_value, tasks
 from reprmerge_core.choices import POOLINGS
 from reprmerge_core.data.files import FORMATS
 
 if TYPE_CHECKING:
-    from reprmerge_core.pipeline.calibrate import ShardSpec
+    from reprmerge_core.pipeline.shards import ShardSpec
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the checkpoint the experts were fine-tuned from: adds each expert's distance from it "
                    "to the checks")
     p.add_argument("--expert", type=pair, action="append", required=True, metavar="NAME=DIR",
-                   help="an expert checkpoint with head.safetensors or a sequence-classification head (repeat)")
+                   help="an expert checkpoint (a local safetensors folder) with head.safetensors or a supported "
+                   "sequence classifier: BERT, RoBERTa, DistilBERT, DeBERTa-v2 (repeat)")
     p.add_argument("--calibration", type=pair, action="append", required=True, metavar="NAME=FILE",
                    help=f"unlabeled inputs of a task (repeat): {FORMATS}; UTF-8. More inputs than the "
                    "representation has dimensions, or the statistics are not full rank")
@@ -44,14 +45,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "'identity' "
                         "or an identity weight in [0, 1] (a blend)")
     p.add_argument("--folds", type=int, default=5, help="folds of the beta cross-validation")
-    p.add_argument("--merge-method", default="unknown", help="recorded in the manifest")
+    p.add_argument("--merge-method", default="unknown",
+                   help="recorded in the manifest when the backbone has no merge_report.json (reprmerge merge "
+                        "writes one; its method, parameters and weights are recorded instead)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
+    p.add_argument("--force", action="store_true",
+                   help="use an expert even when it is far from --base (refused by default: most likely not "
+                   "fine-tuned from it)")
     p.set_defaults(func=run)
 
 
 def _shard(text: str) -> ShardSpec:
-    from reprmerge_core.pipeline.calibrate import ShardSpec
+    from reprmerge_core.pipeline.shards import ShardSpec
 
     try:
         return ShardSpec.parse(text)
@@ -60,17 +66,21 @@ def _shard(text: str) -> ShardSpec:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reprmerge_core.checks import checkpoint_dir
     from reprmerge_core.data.files import read_texts
     from reprmerge_core.pipeline.calibrate import calibrate_bundle
 
     try:
-        experts = unique(args.expert, "--expert")
-        files = unique(args.calibration, "--calibration")
+        checkpoint_dir(args.backbone, "--backbone")
+        if args.base is not None:
+            checkpoint_dir(args.base, "--base")
+        experts = checkpoints(args.expert, "--expert")
+        files = tasks(args.calibration, "--calibration")
         calibration = {name: read_texts(path, args.text_column) for name, path in files.items()}
         path = calibrate_bundle(args.backbone, experts, calibration, args.out, shard=args.shard, pooling=args.pooling,
                                 max_length=args.max_length, beta=args.beta, prior=args.prior, folds=args.folds,
                                 merge_method=args.merge_method, device=args.device, overwrite=args.overwrite,
-                                base=args.base)
+                                base=args.base, force=args.force)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
         print(f"calibrate failed: {exc}", file=sys.stderr)
         return 2

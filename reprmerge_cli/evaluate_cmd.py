@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reprmerge_cli import HELP
-from reprmerge_cli.args import pair, unique
+from reprmerge_cli.args import checkpoints, pair, tasks
 from reprmerge_core.bundle import BundleError
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def _edges(specs: list[str], names: list[str]) -> list[tuple[int, int]] | None:
 
 def _per_task(pairs: list[tuple[str, str]], option: str, names: list[str]) -> dict[str, str]:
     """NAME=VALUE pairs naming exactly the bundle's tasks."""
-    given = unique(pairs, option)
+    given = tasks(pairs, option)
     unknown = sorted(set(given) - set(names))
     if unknown:
         raise ValueError(f"{option} names unknown tasks {unknown}; the bundle's tasks are {names}")
@@ -77,24 +77,32 @@ def _per_task(pairs: list[tuple[str, str]], option: str, names: list[str]) -> di
 def _user_data(args: argparse.Namespace, bundle: Bundle) -> EvaluationData:
     """The user's test files and expert checkpoints, checked against the bundle's tasks and labels."""
     from reprmerge_core.backbone import select_device
+    from reprmerge_core.checks import checkpoint_dir
     from reprmerge_core.data.files import read_labelled
     from reprmerge_core.evaluation import CheckpointExpert, EvaluationData
-    from reprmerge_core.pipeline.calibrate import read_expert
+    from reprmerge_core.experts import read_expert
 
     m = bundle.manifest
+    if args.base is not None:
+        checkpoint_dir(args.base, "--base")
+    paths = checkpoints(args.expert, "--expert")  # every path checked before the test files are read
     files = _per_task(args.test, "--test", m.task_names)
     tests = [read_labelled(files[t.name], t.name, t.labels, text_field=args.text_column, label_field=args.label_column)
              for t in m.tasks]
     experts = None
     if args.expert:
-        paths = _per_task(args.expert, "--expert", m.task_names)
+        _per_task(args.expert, "--expert", m.task_names)
         experts = []
         for t in m.tasks:
             source = read_expert(t.name, paths[t.name], m.backbone.pooling)
             if source.labels != t.labels and source.labels != [str(i) for i in range(len(source.labels))]:
                 raise ValueError(f"expert {t.name!r} ({paths[t.name]}): labels {source.labels} differ from the "
                                  f"bundle's {t.labels}")
-            experts.append(CheckpointExpert(source.path, source.head, source.pooling, m.backbone.max_length))
+            if source.pooling != m.backbone.pooling:
+                raise ValueError(f"expert {t.name!r} ({paths[t.name]}): its head reads the {source.pooling} "
+                                 f"representation; the bundle's backbone uses {m.backbone.pooling}")
+            experts.append(CheckpointExpert(source.path, source.head, source.pooling, m.backbone.max_length,
+                                            source.stage))
     return EvaluationData(tests, select_device(args.device), experts, args.base)
 
 

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preference", type=_preference, required=True,
                    help='the trade-off to fold in: JSON task -> weight (tasks left out weigh 0), e.g. '
                         '\'{"sms_spam": 2, "trec6": 1}\', or a list of one weight per task')
-    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx", help="output format (default onnx)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx", help="output format")
     p.add_argument("--out", type=Path, required=True, help="output folder (model.onnx, tokenizer, export.json)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically)")
     p.set_defaults(func=run)

@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"bundle      {bundle.path}  (id {m.bundle_id}, format v{m.format_version}, reprmerge {m.library_version})")
     print(f"created     {m.created_at}")
     print(f"backbone    {m.backbone.source}  (pooling {m.backbone.pooling}, max_length {m.backbone.max_length}, d={m.representation_dim})")
-    print(f"merge       {m.merge.method} {json.dumps(m.merge.parameters, sort_keys=True)}")
+    weights = ", ".join(f"{task} {w:g}" for task, w in m.merge.weights.items())
+    print(f"merge       {m.merge.method} {json.dumps(m.merge.parameters, sort_keys=True)}"
+          + (f"  weights: {weights}" if weights else ""))
     rho = _rho(bundle.path, m.extra)
     if rho is not None:
         print(f"  rho       {rho:.3f}: share of the experts' changes to layer outputs on calibration inputs that the "

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reprmerge_core.pipeline.calibrate import reduce_shards
+    from reprmerge_core.pipeline.shards import reduce_shards
 
     try:
         path = reduce_shards(args.shards, args.out, backbone=args.backbone, overwrite=args.overwrite)

@@ -65,3 +65,18 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def atomic_file(out: str | Path) -> Iterator[Path]:
+    """A temporary sibling path of the file `out` to write to; moved over `out` when the block ends cleanly,
+    removed when it raises, so a reader sees the old file or the whole new one, never part of it. The writer
+    creates the file, so it gets the usual mode (`tempfile.mkstemp` would make it owner-only)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(6)}")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from reprmerge_core.checks import checkpoint_dir
 from reprmerge_core.choices import POOLINGS
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,12 @@ def batched(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
 
 
 class Backbone:
-    """Encoder + tokenizer + pooling, in inference mode on one device."""
+    """Encoder + tokenizer + pooling, in inference mode on one device.
+
+    `stage` (a module on pooled features, e.g. an expert's pre_classifier + ReLU; see
+    `reprmerge_core.experts.architectures`) runs after pooling, in float32, so an expert's representation is
+    what its head reads.
+    """
 
     def __init__(
         self,
@@ -87,6 +93,7 @@ class Backbone:
         pooling: Pooling = "mean",
         max_length: int = 128,
         device: str | torch.device = "auto",
+        stage: torch.nn.Module | None = None,
     ) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -98,17 +105,20 @@ class Backbone:
         self.tokenizer = tokenizer
         self.pooling: Pooling = pooling
         self.max_length = max_length
+        self.set_stage(stage)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: object) -> Backbone:
         """Load a local checkpoint directory (safetensors weights only; never the hub)."""
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a transformers checkpoint (no config.json)")
+        path = checkpoint_dir(path, "checkpoint")
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
         return cls(model, tokenizer, **kwargs)  # type: ignore[arg-type]
+
+    def set_stage(self, stage: torch.nn.Module | None) -> None:
+        """Run `stage` after pooling from now on (float32, on this device; None: none)."""
+        self.stage: torch.nn.Module | None = None if stage is None else stage.float().to(self.device).eval()
 
     @property
     def dim(self) -> int:
@@ -141,7 +151,11 @@ class Backbone:
     def embed_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pooled representations (batch, d) of an already tokenised batch."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        return pool(self.forward(**batch), batch["attention_mask"], self.pooling)
+        return self._represent(self.forward(**batch), batch["attention_mask"])
+
+    def _represent(self, output: Mapping[str, torch.Tensor], attention_mask: torch.Tensor) -> torch.Tensor:
+        z = pool(output, attention_mask, self.pooling)
+        return z if self.stage is None else self.stage(z.float())
 
     def encode(self, texts: Sequence[str], batch_size: int = 32, progress: bool | str = False) -> torch.Tensor:
         """Pooled representations (len(texts), d), float32, on the backbone's device."""
@@ -174,7 +188,7 @@ class Backbone:
                 for batch in checks:
                     mask = batch["attention_mask"].to(self.device)
                     want = self.embed_tokens(batch)
-                    got = pool(traced(**{k: v.to(self.device) for k, v in batch.items()}), mask, self.pooling)
+                    got = self._represent(traced(**{k: v.to(self.device) for k, v in batch.items()}), mask)
                     if not torch.allclose(got, want, atol=tolerance, rtol=tolerance):
                         raise ValueError(f"traced encoder differs from eager by {(got - want).abs().max().item():.2e}")
         except Exception as exc:  # any model the tracer cannot handle keeps its eager forward

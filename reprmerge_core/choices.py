@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from reprmerge_core.correction.statistics import TaskStatistics
 
 POOLINGS: tuple[str, ...] = ("mean", "cls", "pooler")
-MERGE_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare", "regmean", "projection")
+MERGE_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare", "breadcrumbs", "regmean", "projection")
 
 
 class Normalisation(str, Enum):

@@ -106,7 +106,7 @@ def test_projection_merge_writes_a_loadable_checkpoint_and_report(
     assert len(report["layers"]) == 2 * 6 + 1  # six linear layers per block and the pooler
     assert all(0.0 <= layer["rho"] <= 1.0 + 1e-9 for layer in report["layers"].values())
     assert 0.0 <= report["rho"] <= 1.0
-    assert {"load_and_check", "calibration", "merge", "save"} <= set(report["timings"])
+    assert {"load_and_check", "calibration", "merge_and_save"} <= set(report["timings"])  # streamed: one pass
 
 
 def test_ties_merge_matches_peft(tiny_backbone_dir: Path, experts: dict[str, Path], tmp_path: Path) -> None:
@@ -202,21 +202,27 @@ def with_head(expert: Path, head_seed: int) -> Path:
     return expert
 
 
-def test_merge_warns_on_heads_from_one_seed_and_on_an_expert_far_from_the_base(
+def test_merge_refuses_an_expert_far_from_the_base_unless_forced_and_warns_on_heads_from_one_seed(
     tiny_backbone_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
     shared = {name: with_head(make_expert(tiny_backbone_dir, tmp_path / name, seed), head_seed=0)
               for name, seed in (("sms", 1), ("movie", 2))}
     shared["stray"] = with_head(make_expert(tiny_backbone_dir, tmp_path / "stray", 3, scale=5.0), head_seed=7)
+    assert main(merge_args(tiny_backbone_dir, shared, tmp_path / "bad", "ties")) == 2  # it used to merge silently
+    err = capsys.readouterr().err
+    base = state(tiny_backbone_dir)
+    stray_norm = task_vector_norm(base, state(shared["stray"]))
+    sms_norm, movie_norm = (task_vector_norm(base, state(shared[n])) for n in ("sms", "movie"))
+    ratio = stray_norm / ((sms_norm + movie_norm) / 2)  # the median of two peers is their mean
+    assert f"expert 'stray' is {ratio:.1f}x as far from the base" in err and f"norm {stray_norm:.3g}" in err
+    assert "--force" in err and not (tmp_path / "bad").exists()
     with caplog.at_level("WARNING"):
-        assert main(merge_args(tiny_backbone_dir, shared, tmp_path / "bad", "ties")) == 0
+        assert main(merge_args(tiny_backbone_dir, shared, tmp_path / "bad", "ties", "--force")) == 0
     messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("sms~movie" in m and "initialisation" in m for m in messages), messages
     assert any("stray" in m and "far from the base" in m for m in messages), messages
     assert "WARNING: 2 expert check(s) failed" in capsys.readouterr().out
     check = json.loads((tmp_path / "bad" / REPORT_FILE).read_text())["expert_diagnostics"]
-    base = state(tiny_backbone_dir)
-    stray_norm = task_vector_norm(base, state(shared["stray"]))
     assert check["task_vector_norms"]["stray"] == pytest.approx(stray_norm, rel=1e-9)
     assert check["norm_ratios"]["stray"] > 50  # 5.0 vs 0.05 per parameter
     pairs = {tuple(p["tasks"]): p for p in check["head_pairs"]}

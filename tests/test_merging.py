@@ -3,15 +3,18 @@ the RegMean formula in numpy, and a hand-propagated two-layer network."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from peft.utils import merge_utils as peft
 from torch import Tensor, nn
+from safetensors.torch import load_file
 from torch.nn import functional as F
 from transformers import BertModel
 
-from reprmerge_core.merging import collect_grams, diagnose, layer_stages, merge_sequential, merge_state_dicts
+from reprmerge_core.merging import METHODS, collect_grams, diagnose, layer_stages, merge_sequential, merge_state_dicts
 from reprmerge_core.merging.diagnostics import diagnose_experts, task_vector_norm
 from reprmerge_core.merging.merge import parameter_seed
 from reprmerge_core.merging.projection import (
@@ -146,6 +149,7 @@ def test_dare_drop_statistics_and_seed() -> None:
         ("task_arithmetic", {"lamda": 1}, "lamda"),
         ("projection", {"rank": 2}, "rank"),
         ("regmean", {"alpha": -1}, "alpha"),
+        ("breadcrumbs", {"density": 0.995, "gamma": 0.01}, "density \\+ gamma"),
     ],
 )
 def test_bad_parameters_name_the_field(method: str, params: dict, field: str) -> None:
@@ -158,6 +162,123 @@ def test_incompatible_state_dicts_name_the_parameter() -> None:
     base = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
     with pytest.raises(ValueError, match=r"parameter w: base shape \(2, 2\) vs expert 'a' shape \(3, 2\)"):
         merge_state_dicts(base, {"a": {"w": torch.ones(3, 2), "b": torch.zeros(2)}}, "task_arithmetic")
+
+
+GOLDEN = Path(__file__).parent / "data" / "merge_golden.safetensors"
+GOLDEN_CASES = {
+    "task_arithmetic": ("task_arithmetic", {"lam": 0.4}),
+    "ties": ("ties", {"density": 0.3, "lam": 0.8}),
+    "dare_linear": ("dare", {"drop_rate": 0.3, "lam": 0.6, "seed": 7}),
+    "dare_ties": ("dare", {"drop_rate": 0.3, "lam": 0.6, "seed": 7, "combine": "ties"}),
+    "regmean": ("regmean", {"alpha": 0.9}),
+    "projection": ("projection", {}),
+    "projection_eigen": ("projection", {"basis": "eigen", "rank": 4}),
+}
+
+
+def golden_inputs() -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]], dict[str, dict[str, Tensor]]]:
+    """The float32 base, 3 experts (embeddings frozen) and per-task Grams of `lin` the golden file was made from."""
+    gen = torch.Generator().manual_seed(11)
+    base = random_state(gen)
+    experts = make_experts(base, gen, 3)
+    grams = {}
+    for task in experts:
+        x = torch.randn(5, 40, generator=gen, dtype=F64)
+        grams[task] = {"lin": x @ x.T}
+    return base, experts, grams
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_registry_reproduces_the_previous_methods_bit_for_bit(case: str) -> None:
+    # tests/data/merge_golden.safetensors holds merge_state_dicts' outputs from main at 0f1387d, before the
+    # methods became sparsifier + consensus compositions; every result must be identical, not just close.
+    method, params = GOLDEN_CASES[case]
+    base, experts, grams = golden_inputs()
+    merged = merge_state_dicts(base, experts, method, params, grams if METHODS[method].data_aware else None)
+    golden = load_file(GOLDEN)
+    for name in base:
+        assert torch.equal(merged.state_dict[name], golden[f"{case}/{name}"]), name
+
+
+def test_preference_weighted_task_arithmetic_is_the_registry_call() -> None:
+    # The paper's baseline (theta_0 + sum_t p_t tau_t), formerly evaluation.weighted_task_arithmetic, saved from main.
+    base, experts, _ = golden_inputs()
+    p = {"t0": 0.2, "t1": 0.5, "t2": 0.3}
+    merged = merge_state_dicts(base, experts, "task_arithmetic", {"lam": 1.0}, weights=p)
+    golden = load_file(GOLDEN)
+    for name in base:
+        assert torch.equal(merged.state_dict[name], golden[f"weighted_task_arithmetic/{name}"]), name
+    assert merged.report.weights == p and merged.report.params == {"freeze": [], "lam": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "peft_fn", "kwargs"),
+    [
+        ("task_arithmetic", {"lam": 0.7}, peft.task_arithmetic, {}),
+        ("ties", {"density": 0.4, "lam": 0.9}, peft.ties, {"density": 0.4, "majority_sign_method": "total"}),
+        ("dare", {"drop_rate": 0.3, "lam": 0.5, "seed": 2}, peft.dare_linear, {"density": 0.7}),
+        ("dare", {"drop_rate": 0.3, "lam": 0.5, "seed": 2, "combine": "ties"}, peft.dare_ties, {"density": 0.7}),
+    ],
+)
+def test_per_expert_weights_match_peft(method: str, params: dict, peft_fn, kwargs: dict) -> None:
+    # PEFT takes one weight per task vector; ours is weight_k * lam.
+    gen = torch.Generator().manual_seed(5)
+    base = random_state(gen, F64)
+    experts = make_experts(base, gen, 3, frozen=())
+    weights = {"t0": 1.5, "t1": -0.5, "t2": 0.25}
+    ours = merge_state_dicts(base, experts, method, params, weights=weights).state_dict
+    scaled = torch.tensor([w * params["lam"] for w in weights.values()], dtype=F64)
+    for name in base:
+        torch.manual_seed(parameter_seed(params.get("seed", 0), name))  # DARE: the same masks (see above)
+        reference = base[name] + peft_fn([e[name] - base[name] for e in experts.values()], scaled, **kwargs)
+        torch.testing.assert_close(ours[name], reference, rtol=0, atol=1e-12, msg=name)
+
+
+def breadcrumbs_reference(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Entries whose magnitude rank (numpy, ascending) lies in [n - top - keep, n - top)."""
+    flat = delta.reshape(-1).numpy()
+    n = flat.size
+    keep, top = int(density * n), int(gamma * n)
+    rank = np.empty(n, dtype=int)
+    rank[np.argsort(np.abs(flat), kind="stable")] = np.arange(n)
+    mask = (rank >= n - top - keep) & (rank < n - top)
+    return torch.from_numpy(np.where(mask, flat, 0.0)).reshape(delta.shape)
+
+
+@pytest.mark.parametrize("combine", ["linear", "ties"])
+def test_breadcrumbs_drops_outliers_and_the_smallest(combine: str) -> None:
+    gen = torch.Generator().manual_seed(6)
+    base = random_state(gen, F64)
+    experts = make_experts(base, gen, 3, frozen=())
+    weights = {"t0": 1.0, "t1": 2.0, "t2": 0.5}
+    params = {"density": 0.5, "gamma": 0.1, "lam": 0.7, "combine": combine}
+    ours = merge_state_dicts(base, experts, "breadcrumbs", params, weights=weights).state_dict
+    w = torch.tensor(list(weights.values()), dtype=F64)
+    for name in base:
+        pruned = torch.stack([breadcrumbs_reference(e[name] - base[name], 0.5, 0.1) for e in experts.values()])
+        weighted = pruned * w.view(-1, *[1] * base[name].ndim)
+        if combine == "ties":  # PEFT's order: signs elected on the unweighted vectors
+            update = 0.7 * peft.disjoint_merge(weighted, peft.calculate_majority_sign_mask(pruned, "total"))
+        else:
+            update = 0.7 * weighted.sum(0)
+        torch.testing.assert_close(ours[name], base[name] + update, rtol=0, atol=1e-12, msg=name)
+    # lin.weight has 30 entries: 15 kept, the 3 largest dropped
+    kept = breadcrumbs_reference(experts["t0"]["lin.weight"] - base["lin.weight"], 0.5, 0.1)
+    assert int((kept != 0).sum()) == 15
+
+
+@pytest.mark.parametrize(
+    ("method", "weights", "message"),
+    [
+        ("ties", {"t9": 1.0}, r"unknown experts \['t9'\]"),
+        ("ties", {"t0": float("nan")}, "finite"),
+        ("regmean", {"t0": 2.0}, "data-free methods, not to 'regmean'"),
+    ],
+)
+def test_bad_weights_are_refused(method: str, weights: dict, message: str) -> None:
+    base, experts, grams = golden_inputs()
+    with pytest.raises(ValueError, match=message):
+        merge_state_dicts(base, experts, method, {}, grams, weights=weights)
 
 
 # ---- one linear layer: output-space projection and RegMean ----

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reprmerge_core.artifacts import atomic_dir
+from reprmerge_core.artifacts import atomic_dir, atomic_file
 from reprmerge_core.training.cache import build_once
 from tests.helpers import make_random_bundle
 
@@ -40,4 +40,7 @@ def test_bundle_merged_checkpoint_and_cache_folders_follow_the_umask(tmp_path: P
     assert mode(tmp_path / "merged") == expected
     assert build_once(tmp_path / "cache" / "entry", lambda tmp: (tmp / "x").write_text("1"))
     assert mode(tmp_path / "cache" / "entry") == expected
+    with atomic_file(tmp_path / "shard.safetensors") as tmp:  # what `calibrate --shard` writes through
+        tmp.write_bytes(b"x")
+    assert mode(tmp_path / "shard.safetensors") == 0o666 & ~umask
     assert not [p.name for p in tmp_path.rglob(".*tmp-*")]  # no temporary sibling left behind

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from reprmerge_core.export import export_onnx
 from tests.helpers import make_random_bundle
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -28,6 +29,8 @@ def test_readme_python_block_runs(block: str, tmp_path: Path, tiny_backbone_dir:
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Each block in a fresh namespace (so a missing import fails), from a folder holding `bundle/`."""
     make_random_bundle(tmp_path / "bundle", tiny_backbone_dir, torch.Generator().manual_seed(0), tasks=TASKS)
+    if "exported/" in block:  # the export section's block reads what `reprmerge export` wrote
+        export_onnx(tmp_path / "bundle", {"sms_spam": 2, "trec6": 1}, tmp_path / "exported")
     monkeypatch.chdir(tmp_path)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):

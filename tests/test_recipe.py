@@ -15,7 +15,7 @@ from transformers import BertModel
 
 from reprmerge_cli import main as cli
 from reprmerge_core.bundle import load_bundle
-from reprmerge_core.merging import merge_checkpoints
+from reprmerge_core.merging import merge_checkpoints, merge_state_dicts
 from reprmerge_core.merging.mergekit import MergekitError, map_mergekit
 from reprmerge_core.pipeline.recipe import RecipeError, build_from_recipe
 from tests.helpers import TOKENIZER_FILES
@@ -49,6 +49,9 @@ def user(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> P
     shutil.copytree(tiny_backbone_dir, root / "base")
     make_expert(root / "base", root / "spam", 1, ["ham", "spam"])
     make_expert(root / "base", root / "topic", 2, ["sport", "food", "tech"])
+    pickled = shutil.copytree(root / "spam", root / "pickled")  # the spam expert with pickle weights only
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
     (root / "spam.txt").write_text("\n".join(TEXTS) + "\n")
     (root / "topic.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in reversed(TEXTS)) + "\n")
     return root
@@ -75,13 +78,15 @@ def write(root: Path, name: str, content: dict[str, object] | str) -> Path:
 
 def test_recipe_builds_what_merge_then_calibrate_build(user: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    config = write(user, "recipe.yaml", recipe())
+    weighted = [{"name": "spam", "path": "spam"}, {"name": "topic", "path": "topic", "weight": 0.5}]
+    config = write(user, "recipe.yaml", recipe(experts=weighted))
     out = tmp_path / "bundle"
     assert cli(["build", "--config", str(config), "--out", str(out), "--device", "cpu"]) == 0
     bundle = load_bundle(out)
     m = bundle.manifest
     assert m.task_names == ["spam", "topic"] and m.tasks[1].labels == ["sport", "food", "tech"]
     assert m.merge.method == "ties" and m.merge.parameters == {"density": 0.5, "lam": 1.0, "freeze": []}
+    assert m.merge.weights == {"spam": 1.0, "topic": 0.5}
     assert m.correction.beta == 0.5 and m.correction.identity_weight == 1.0
     recorded = m.extra["build_recipe"]
     assert recorded["file"] == str(config.resolve()) and recorded["recipe"]["experts"][0]["path"] == str(user / "spam")
@@ -91,7 +96,7 @@ def test_recipe_builds_what_merge_then_calibrate_build(user: Path, tmp_path: Pat
     # the same two steps by hand: merge, then calibrate, give the same backbone and statistics
     merged = tmp_path / "merged"
     merge_checkpoints(user / "base", {"spam": user / "spam", "topic": user / "topic"}, "ties", {"density": 0.5},
-                      None, merged)
+                      None, merged, weights={"topic": 0.5})
     ours, theirs = load_file(str(out / "backbone" / "model.safetensors")), load_file(str(merged / "model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     by_hand = tmp_path / "by_hand"
@@ -116,7 +121,10 @@ BAD = [
      "experts[1].path: "),
     ("task name with a space", recipe(experts=[{"name": "my spam", "path": "spam"}, {"name": "topic", "path": "topic"}],
                                       calibration={"my spam": "spam.txt", "topic": "topic.jsonl"}),
-     "experts[0].name: String should match pattern"),
+     "experts[0].name: task name 'my spam' may only use ASCII letters, digits, '_', '.' and '-'"),
+    ("pickle expert", recipe(experts=[{"name": "spam", "path": "pickled"}, {"name": "topic", "path": "topic"}]),
+     "experts[0].path: "),
+    ("not a checkpoint", recipe(base="."), "base: "),
     ("repeated expert", recipe(experts=[{"name": "spam", "path": "spam"}, {"name": "spam", "path": "topic"}]),
      "experts[1].name: 'spam' is given twice"),
     ("unknown method", recipe(merge={"method": "slerp"}), "merge.method: Input should be"),
@@ -130,8 +138,10 @@ BAD = [
     ("bad beta", recipe(correction={"beta": -1}),
      "correction.beta: beta must be a finite positive number or 'auto', got -1"),
     ("two backbones", recipe(backbone="base"), "(top): give exactly one of merge, mergekit and backbone"),
-    ("weight", recipe(experts=[{"name": "spam", "path": "spam"}, {"name": "topic", "path": "topic", "weight": 2}]),
-     "experts[1].weight: per-expert weights other than 1"),
+    ("weight of a data-aware merge",
+     recipe(experts=[{"name": "spam", "path": "spam"}, {"name": "topic", "path": "topic", "weight": 2}],
+            merge={"method": "regmean"}),
+     "experts[1].weight: per-expert weights apply to the data-free methods, not to 'regmean'"),
     ("bad prior", recipe(correction={"prior": 2}), "correction.prior: prior identity weight must be in [0, 1]"),
     ("not YAML", "experts: [unclosed\n", "line 2, column 1: not valid YAML: expected ',' or ']'"),
 ]
@@ -146,6 +156,10 @@ def test_recipe_errors_name_the_yaml_path(user: Path, tmp_path: Path, capsys: py
     err = capsys.readouterr().err
     assert f"build failed: {config}: {message}" in err, err
     assert not out.exists()
+    if name == "pickle expert":
+        assert "holds pickle weights (pytorch_model.bin)" in err and "model.safetensors" in err
+    if name == "not a checkpoint":
+        assert "is not a transformers checkpoint (no config.json)" in err
 
 
 def test_recipe_refuses_suite_options(user: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -237,6 +251,32 @@ def test_mergekit_methods_map_by_their_semantics(method: str, globals_: dict, pe
     assert (mapped.method, mapped.params, mapped.models) == (expected_method, expected, ["a", "b"])
 
 
+@pytest.mark.parametrize(("method", "globals_", "base_listed"), [
+    ("task_arithmetic", {"lambda": 0.8}, False),
+    ("task_arithmetic", {"lambda": 0.8, "normalize": True}, False),
+    ("linear", {}, False),
+    ("linear", {}, True),
+])
+def test_mergekit_unequal_weights_become_per_expert_weights(method: str, globals_: dict, base_listed: bool) -> None:
+    # mergekit's weighted sum, written out: theta_0 + lambda * sum_k w_k tau_k, divided by the summed weights
+    # (the base's too, with weight 1, when listed) when normalize
+    w = {"a": 0.5, "b": 1.5}
+    models = [{"model": m, "parameters": {"weight": v}} for m, v in w.items()]
+    if base_listed:
+        models.insert(0, {"model": "base", "parameters": {"weight": 1.0}})
+    mapped = map_mergekit({"merge_method": method, "base_model": "base", "models": models, "parameters": globals_})
+    assert mapped.weights == w
+    g = torch.Generator().manual_seed(0)
+    base = {"x": torch.randn(4, 3, generator=g, dtype=torch.float64)}
+    experts = {m: {"x": base["x"] + torch.randn(4, 3, generator=g, dtype=torch.float64)} for m in w}
+    ours = merge_state_dicts(base, experts, mapped.method, mapped.params, weights=mapped.weights).state_dict["x"]
+    normalize = globals_.get("normalize", method == "linear")
+    total = sum(w.values()) + (1.0 if base_listed else 0.0)
+    summed = sum(v * (experts[m]["x"] - base["x"]) for m, v in w.items())
+    expected = base["x"] + globals_.get("lambda", 1.0) * summed / (total if normalize else 1.0)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+
+
 REFUSED = [
     ({"merge_method": "slerp"}, "merge_method: 'slerp' does not map"),
     ({"models": [{"model": "a", "parameters": {"weight": 1, "density": 0.2}},
@@ -262,3 +302,29 @@ def test_mergekit_settings_that_do_not_map_are_refused(change: dict, message: st
     with pytest.raises(MergekitError) as info:
         map_mergekit(config)
     assert str(info.value).startswith(message)
+
+
+def test_recipe_refuses_an_expert_far_from_the_base_unless_forced(user: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    stray = tmp_path / "stray"
+    model = BertModel.from_pretrained(user / "spam")
+    with torch.no_grad():  # unrelated weights: 100x the fine-tuning-sized changes of the others
+        for name, p in model.named_parameters():
+            if name.startswith("encoder."):
+                p.add_(2.0 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+    model.save_pretrained(stray)
+    for name in ("head.safetensors", "expert.json", *TOKENIZER_FILES):
+        if (user / "spam" / name).exists():
+            shutil.copy(user / "spam" / name, stray / name)
+    experts = [{"name": "spam", "path": "spam"}, {"name": "topic", "path": "topic"},
+               {"name": "stray", "path": str(stray)}]
+    calibration = {"spam": "spam.txt", "topic": "topic.jsonl", "stray": "spam.txt"}
+    config = write(user, "far.yaml", recipe(experts=experts, calibration=calibration))
+    assert cli(["build", "--config", str(config), "--out", str(tmp_path / "bundle")]) == 2
+    err = capsys.readouterr().err
+    assert "expert 'stray' is" in err and "as far from the base" in err and "force: true" in err, err
+    assert not (tmp_path / "bundle").exists()
+    config = write(user, "forced.yaml", recipe(experts=experts, calibration=calibration, force=True))
+    assert cli(["build", "--config", str(config), "--out", str(tmp_path / "bundle")]) == 0
+    check = load_bundle(tmp_path / "bundle").manifest.expert_diagnostics
+    assert check is not None and check.norm_ratios["stray"] > 50

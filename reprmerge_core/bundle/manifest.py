@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from reprmerge_core.checks import TASK_NAME_PATTERN
 from reprmerge_core.choices import POOLINGS, Normalisation
 from reprmerge_core.diagnostics import ExpertDiagnostics
 
@@ -22,9 +23,6 @@ CARD_FILE = "README.md"  # the model card: derived from the manifest, not listed
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-TASK_NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"  # task names: letters, digits, _ . - (they key tensors and URLs)
 
 
 class TaskInfo(_Strict):
@@ -73,8 +71,12 @@ class CorrectionInfo(_Strict):
 
 
 class MergeInfo(_Strict):
+    """The merge that made the backbone: method, its resolved parameters (defaults included) and each expert's
+    weight; empty when unknown (a backbone merged elsewhere without a merge report)."""
+
     method: str = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
+    weights: dict[str, float] = Field(default_factory=dict)
 
 
 class BackboneInfo(_Strict):

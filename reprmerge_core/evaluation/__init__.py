@@ -5,12 +5,11 @@ from reprmerge_core.evaluation.evaluate import (
     EvaluationData,
     EvaluationInputs,
     evaluate_bundle,
-    weighted_task_arithmetic,
 )
 from reprmerge_core.evaluation.metrics import hypervolume, pareto_front, simplex_grid, uniformity
 from reprmerge_core.evaluation.scoring import Scores, TestSet, score
 
 __all__ = [
     "CheckpointExpert", "EvaluationData", "EvaluationInputs", "Scores", "TestSet", "evaluate_bundle", "hypervolume",
-    "pareto_front", "score", "simplex_grid", "uniformity", "weighted_task_arithmetic",
+    "pareto_front", "score", "simplex_grid", "uniformity",
 ]

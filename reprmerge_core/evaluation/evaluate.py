@@ -32,6 +32,7 @@ from reprmerge_core.correction import CorrectionSolver, HeadFolder, TaskHead, Ta
 from reprmerge_core.data import Task, TaskSplits
 from reprmerge_core.evaluation.metrics import hypervolume, pareto_front, simplex_grid, uniformity
 from reprmerge_core.evaluation.scoring import Scores, TestSet, score
+from reprmerge_core.merging import merge_state_dicts
 from reprmerge_core.training import Expert, evaluate_head
 
 CALIBRATION_FOLDS = 10
@@ -40,7 +41,8 @@ SIMPLEX_STEPS = 20  # resolution of the 3-task simplex map: 231 preferences
 
 
 class ComparedExpert(Protocol):
-    """What evaluation needs of an expert: its checkpoint (for the task-arithmetic baseline), head and encoder."""
+    """What evaluation needs of an expert: its checkpoint (for the task-arithmetic baseline), head, the stage between
+    pooling and head (`reprmerge_core.experts.architectures`; None for most) and encoder."""
 
     @property
     def path(self) -> Path: ...
@@ -48,20 +50,25 @@ class ComparedExpert(Protocol):
     @property
     def head(self) -> TaskHead: ...
 
+    @property
+    def stage(self) -> torch.nn.Module | None: ...
+
     def backbone(self, device: str | torch.device = "auto") -> Backbone: ...
 
 
 @dataclass(frozen=True)
 class CheckpointExpert:
-    """A user's expert checkpoint (head and pooling as `pipeline.calibrate.read_expert` reads them)."""
+    """A user's expert checkpoint (head, pooling and head stage as `experts.read_expert` reads them)."""
 
     path: Path
     head: TaskHead
     pooling: Pooling
     max_length: int
+    stage: torch.nn.Module | None = None
 
     def backbone(self, device: str | torch.device = "auto") -> Backbone:
-        return Backbone.from_pretrained(self.path, pooling=self.pooling, max_length=self.max_length, device=device)
+        return Backbone.from_pretrained(self.path, pooling=self.pooling, max_length=self.max_length, device=device,
+                                        stage=self.stage)
 
 
 @dataclass(frozen=True)
@@ -137,15 +144,6 @@ def _encode_tests(backbone: Backbone, tests: Sequence[Task], batch_size: int, de
         TestSet(backbone.encode(list(t.texts), batch_size=batch_size).cpu(), torch.tensor(t.labels))
         for t in tqdm(tests, desc=desc, disable=desc is None, unit="task")
     ]
-
-
-def weighted_task_arithmetic(base: dict[str, torch.Tensor], experts: Sequence[dict[str, torch.Tensor]],
-                             weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """theta_0 + sum_t p_t (theta_t - theta_0): one expert at a one-hot preference, their average at equal."""
-    return {
-        name: (tensor.double() + sum(w * (e[name].double() - tensor.double()) for w, e in zip(weights, experts))).to(tensor.dtype)
-        for name, tensor in base.items()
-    }
 
 
 def _check(bundle: Bundle, data: EvaluationData, baseline: bool, sweep_calibration: bool) -> None:
@@ -321,12 +319,19 @@ def _task_arithmetic_scores(bundle: Bundle, data: EvaluationData, grid: np.ndarr
     backbone = Backbone.from_pretrained(data.base, pooling=m.backbone.pooling, max_length=m.backbone.max_length,
                                         device=data.device)
     base = {k: v.detach().cpu().clone() for k, v in backbone.model.state_dict().items()}
+    names = [t.name for t in m.tasks]
     with quiet_transformers():
-        expert_states = [AutoModel.from_pretrained(e.path, local_files_only=True).state_dict() for e in data.experts]
+        expert_states = {name: AutoModel.from_pretrained(e.path, local_files_only=True,
+                                                          use_safetensors=True).state_dict()
+                         for name, e in zip(names, data.experts)}
     acc, f1 = np.zeros(grid.shape), np.zeros(grid.shape)
     for i, p in enumerate(tqdm(grid, desc="task arithmetic per preference", disable=not progress)):
-        backbone.model.load_state_dict(weighted_task_arithmetic(base, expert_states, p.tolist()))
+        # theta_0 + sum_t p_t tau_t: one expert at a one-hot preference, their average at equal
+        merged = merge_state_dicts(base, expert_states, "task_arithmetic", {"lam": 1.0},
+                                   weights=dict(zip(names, p.tolist())))
+        backbone.model.load_state_dict(merged.state_dict)
         for t, (e, test) in enumerate(zip(data.experts, data.tests)):
+            backbone.set_stage(e.stage)  # each task keeps its whole head, a stage included
             ev = evaluate_head(backbone, e.head, test.texts, test.labels, batch_size=batch_size)
             acc[i, t], f1[i, t] = ev.accuracy, ev.macro_f1
     return Scores(acc, f1)

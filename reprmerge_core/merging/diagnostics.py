@@ -45,10 +45,12 @@ def head_pair(names: tuple[str, str], a: Tensor, b: Tensor, threshold: float = C
 def task_vector_norm(base: Mapping[str, Tensor], expert: Mapping[str, Tensor]) -> float:
     """Euclidean norm of expert - base over the floating-point parameters both hold with the same shape."""
     total = 0.0
-    for name, b in base.items():
+    for name, b in base.items():  # `base` and `expert` may read each tensor from disk (stream.LazyCheckpoint)
         e = expert.get(name)
-        if e is not None and e.shape == b.shape and b.is_floating_point():
-            total += float((e.detach().to(torch.float64) - b.detach().to(torch.float64)).pow(2).sum())
+        if e is not None and e.shape == b.shape and b.is_floating_point() and not torch.equal(e, b):
+            diff = e.detach().to(torch.float64)
+            diff -= b.detach().to(torch.float64)  # in place: one float64 copy of a (possibly huge) embedding
+            total += float(diff.pow_(2).sum())
     return total ** 0.5
 
 

@@ -4,8 +4,7 @@ mergekit's generalized task arithmetic (mergekit/merge_methods/generalized_task_
 tau_k = theta_k - theta_0 per tensor as: sparsify each tau_k (`density`), weight it (`weight`, per model),
 combine (a plain sum, or TIES' sign consensus summing the agreeing entries), divide by the summed weights
 when `normalize`, scale by `lambda`. reprmerge's methods (`merging.arithmetic`) are the same steps with
-a disjoint *mean* for TIES. So, with every model's weight w equal (unequal weights are refused until
-merges take per-expert weights):
+a disjoint *mean* for TIES. So, with every model's weight w equal:
 
 | mergekit                                     | reprmerge                                           |
 | `task_arithmetic` (normalize false, default) | task_arithmetic, lam = lambda * w                   |
@@ -15,8 +14,12 @@ merges take per-expert weights):
 | `dare_ties` with normalize true              | dare combine=ties, drop_rate = 1 - density, lam = lambda |
 | `linear` (normalize true, default)           | task_arithmetic, lam = w / (summed weights, the base's too if listed) |
 
+Unequal weights map for the methods without sign consensus (`task_arithmetic`, `dare_linear`, `linear`):
+they become reprmerge's per-expert weights, with w = 1 above (normalize divides lam by the summed weights).
 Refused, naming the field: other methods (slerp, della, breadcrumbs, model_stock, ...), `ties` or
-`dare_ties` summing the agreeing entries (normalize false: reprmerge averages them), `rescale: false`,
+`dare_ties` summing the agreeing entries (normalize false: reprmerge averages them), unequal weights with
+`ties`/`dare_ties` (mergekit elects signs on the weighted vectors, reprmerge as PEFT on the unweighted ones),
+`rescale: false`,
 densities that differ between models (reprmerge's density is one number), gradients (lists) as values,
 and keys that change what is merged (slices, tokenizer sources, a dtype other than float32).
 Random masks (DARE) are drawn by reprmerge's seeded generator, so they differ from mergekit's draw.
@@ -54,6 +57,7 @@ class MergekitMerge:
     base: str
     models: list[str]
     notes: list[str] = field(default_factory=list)
+    weights: dict[str, float] = field(default_factory=dict)  # per model (as written), when they differ
 
 
 def _number(value: object, where: str) -> float:
@@ -145,18 +149,25 @@ def map_mergekit(config: Mapping[str, Any]) -> MergekitMerge:
     if globals_.get("rescale", True) is not True:
         raise MergekitError("parameters.rescale", "false (DARE without rescaling) has no reprmerge equivalent")
     weights = _per_model(experts, globals_, "weight", None if method != "linear" else 1.0)
-    w = _one(weights, "reprmerge's merges take one weight for every expert in this build")
-    notes = [f"mergekit {method} mapped with weight {w:g}, lambda {lam:g}, normalize {str(normalize).lower()}"]
     K, names = len(experts), [m["model"] for _, m in experts]
+    per_expert: dict[str, float] = {}
+    if method in ("ties", "dare_ties") or len({v for _, v in weights}) == 1:
+        w = _one(weights, "with sign consensus mergekit elects signs on the weighted vectors, reprmerge on the "
+                          "unweighted ones (as PEFT): give every model one weight")
+    else:  # a weighted sum: the weights go to the merge as they are, lam carries the rest
+        w, per_expert = 1.0, {name: v for name, (_, v) in zip(names, weights, strict=True)}
+    shown = ", ".join(f"{v:g}" for v in per_expert.values()) if per_expert else f"{w:g}"
+    notes = [f"mergekit {method} mapped with weight {shown}, lambda {lam:g}, normalize {str(normalize).lower()}"]
     if method == "linear":
         total = sum(v for _, v in _per_model(list(enumerate(models)), globals_, "weight", 1.0))
         if not normalize and not math.isclose(total, 1.0):
             raise MergekitError("parameters.normalize", f"false with weights summing to {total:g}: the result is "
                                                         "not the base plus task vectors")
         return MergekitMerge("task_arithmetic", {"lam": w / total if normalize else w}, base, names,
-                             notes + [f"base listed among models: {base_listed}"])
+                             [*notes, f"base listed among models: {base_listed}"], per_expert)
     if method in ("task_arithmetic", "dare_linear"):
-        scale = lam / K if normalize else lam * w
+        summed = sum(v for _, v in weights)
+        scale = (lam / K if not per_expert else lam / summed) if normalize else lam * w
         params: dict[str, Any] = {"lam": scale}
     else:  # ties, dare_ties: sign consensus
         if not normalize:
@@ -172,4 +183,4 @@ def map_mergekit(config: Mapping[str, Any]) -> MergekitMerge:
             if not 0 < density <= 1:
                 raise MergekitError(densities[0][0], f"must be in (0, 1], got {density:g}")
             params.update(drop_rate=1.0 - density, combine="linear" if method == "dare_linear" else "ties")
-    return MergekitMerge("dare" if method.startswith("dare") else method, params, base, names, notes)
+    return MergekitMerge("dare" if method.startswith("dare") else method, params, base, names, notes, per_expert)

@@ -45,6 +45,26 @@ class DareParams(MergeParams):
     seed: int = Field(0, ge=0)
 
 
+class BreadcrumbsParams(MergeParams):
+    """Model Breadcrumbs (mergekit `breadcrumbs`, `breadcrumbs_ties` with combine=ties): per tau_k drop the
+    `gamma` fraction of largest magnitudes (outliers) and the smallest, keeping the `density` fraction, then
+    combine linearly (lam * sum) or with TIES sign election and disjoint mean (times lam).
+    Defaults: mergekit's gamma 0.01; density 0.9 and lam 0.3 as a mild trim of task arithmetic."""
+
+    density: float = Field(0.9, ge=0.0, le=1.0)
+    gamma: float = Field(0.01, ge=0.0, le=1.0)
+    lam: float = Field(0.3, validation_alias=LAMBDA, allow_inf_nan=False)
+    combine: Literal["linear", "ties"] = "linear"
+
+    @model_validator(mode="after")
+    def _fractions_fit(self) -> BreadcrumbsParams:
+        if self.density + self.gamma > 1.0:
+            raise ValueError(
+                f"density + gamma must be <= 1 (kept + dropped outliers), got {self.density} + {self.gamma}"
+            )
+        return self
+
+
 class DataAwareParams(MergeParams):
     """Options of the methods that use calibration inputs.
 

@@ -25,8 +25,9 @@ from reprmerge_core.merging.merge import (
     StateDict,
     changed_parameters,
     check_state_dicts,
-    merge_parameters,
+    iter_merged,
     resolve,
+    resolve_weights,
 )
 from reprmerge_core.merging.params import MergeParams
 
@@ -54,14 +55,14 @@ def merge_sequential(
     if set(batches) != set(experts) or not all(batches[task] for task in experts):
         raise ValueError(f"calibration batches are needed for every expert {sorted(experts)}, got {sorted(batches)}")
     base = {name: tensor.clone() for name, tensor in base.items()}  # it may share storage with `model`
-    report = MergeReport.start(method, checked, experts)
+    report = MergeReport.start(method, checked, experts, resolve_weights(method, None, list(experts)))
     names = changed_parameters(base, experts, checked.freeze)
     candidates = [layer for layer in linear_layers(model) if f"{layer}.weight" in names]
     state = dict(base)
     model.load_state_dict(state)
     stages = layer_stages(model, batches[next(iter(experts))][0], candidates) if candidates else []
     staged = {f"{layer}.weight" for stage in stages for layer in stage}  # layers that never run stay data-free
-    state.update(merge_parameters(base, experts, spec, checked, [n for n in names if n not in staged], None, report))
+    state.update(iter_merged(base, experts, spec, checked, [n for n in names if n not in staged], None, report))
     model.load_state_dict(state)
     spent = {"calibration": 0.0, "merge": 0.0}
     for stage in tqdm(stages, desc="sequential merge", unit="stage", disable=not progress):
@@ -69,7 +70,8 @@ def merge_sequential(
         grams = {task: collect_grams(model, batches[task], stage, stop_early=True) for task in experts}
         spent["calibration"] += time.perf_counter() - start
         start = time.perf_counter()
-        merged = merge_parameters(base, experts, spec, checked, [f"{layer}.weight" for layer in stage], grams, report)
+        weights = [f"{layer}.weight" for layer in stage]
+        merged = dict(iter_merged(base, experts, spec, checked, weights, grams, report))
         with torch.no_grad():
             for name, tensor in merged.items():
                 model.get_parameter(name).copy_(tensor)

@@ -23,7 +23,7 @@ from reprmerge_core.calibration.collect import warn_few_inputs
 from reprmerge_core.choices import check_beta, check_prior
 from reprmerge_core.correction.solver import Normalisation
 from reprmerge_core.data import SuiteConfig, load_suite, resolve_suite
-from reprmerge_core.merging import merge_checkpoints, resolve
+from reprmerge_core.merging import merge_checkpoints, resolve, resolve_weights
 from reprmerge_core.training import RECIPES, TrainRecipe, train_experts
 
 DEFAULT_CALIBRATION_SIZE = 500
@@ -37,6 +37,7 @@ class BuildConfig(BaseModel):
     suite: str | tuple[str, ...]
     merge: str = "ties"
     merge_params: dict[str, Any] = Field(default_factory=dict)
+    merge_weights: dict[str, float] = Field(default_factory=dict)  # task -> weight of its task vector (default 1)
     calibration_size: int | None = Field(None, ge=2)
     beta: float | str = "auto"
     prior: float | str = "auto"  # see `choose_correction`
@@ -73,6 +74,7 @@ def build_bundle(config: BuildConfig, out: str | Path, *, overwrite: bool = Fals
     suite = config.resolved_suite()
     recipe = config.recipe()
     spec, merge_params = resolve(config.merge, config.merge_params)  # fail on bad parameters before training
+    resolve_weights(config.merge, config.merge_weights, suite.tasks)
     device = select_device(config.device)
     timings: dict[str, float] = {}
 
@@ -92,7 +94,7 @@ def build_bundle(config: BuildConfig, out: str | Path, *, overwrite: bool = Fals
             default_backbone_path(), {e.task: e.path for e in experts}, config.merge, merge_params,
             calibration if spec.data_aware else None, work,
             batch_size=config.batch_size, max_length=recipe.max_length, progress=progress,
-            heads={e.task: e.head.weight for e in experts},
+            heads={e.task: e.head.weight for e in experts}, weights=config.merge_weights,
         )
         timings["merge"] = time.perf_counter() - start
 
@@ -116,7 +118,7 @@ def build_bundle(config: BuildConfig, out: str | Path, *, overwrite: bool = Fals
             heads=[e.head for e in experts],
             backbone_dir=work,
             correction=correction,
-            merge=MergeInfo(method=config.merge, parameters=merge_params.model_dump(mode="json")),
+            merge=MergeInfo(method=config.merge, parameters=result.report.params, weights=result.report.weights),
             backbone=BackboneInfo(source=f"merge of {len(experts)} experts fine-tuned from all-MiniLM-L6-v2",
                                   pooling=recipe.pooling, max_length=recipe.max_length),
             extra={

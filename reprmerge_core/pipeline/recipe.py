@@ -23,10 +23,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from reprmerge_core.artifacts import check_output, replace_dir
 from reprmerge_core.bundle.card import MERGEKIT_CONFIG
 from reprmerge_core.bundle.io import amend_manifest
-from reprmerge_core.bundle.manifest import TASK_NAME_PATTERN, MergeInfo
+from reprmerge_core.bundle.manifest import MergeInfo
+from reprmerge_core.checks import checkpoint_problem, task_name_problem
 from reprmerge_core.choices import MERGE_METHODS, POOLINGS, check_beta, check_prior
 from reprmerge_core.data.files import read_texts
-from reprmerge_core.merging import merge_checkpoints, resolve
+from reprmerge_core.merging import merge_checkpoints, resolve, resolve_weights
+from reprmerge_core.merging.checkpoints import read_merge_report
 from reprmerge_core.merging.mergekit import MergekitError, map_mergekit
 from reprmerge_core.pipeline.calibrate import calibrate_bundle
 
@@ -47,24 +49,34 @@ def yaml_path(loc: tuple[int | str, ...]) -> str:
     return out or "(top)"
 
 
-def _existing(kind: Literal["file", "dir"]) -> Any:
-    """A path resolved against the recipe's folder (validation context `root`) that must exist as `kind`."""
+def _existing(kind: Literal["file", "checkpoint"]) -> Any:
+    """A path resolved against the recipe's folder (validation context `root`) that must exist as `kind`
+    (a checkpoint: a folder with config.json and safetensors weights, see `reprmerge_core.checks`)."""
 
     def check(value: Path, info: ValidationInfo) -> Path:
         root = Path((info.context or {}).get("root", "."))
         path = value if value.is_absolute() else root / value
         if not path.exists():
             raise ValueError(f"{path} does not exist")
-        if kind == "dir" and not path.is_dir():
-            raise ValueError(f"{path} is not a folder")
         if kind == "file" and not path.is_file():
             raise ValueError(f"{path} is not a file")
+        problem = checkpoint_problem(path) if kind == "checkpoint" else None
+        if problem is not None:
+            raise ValueError(problem)
         return path
 
     return AfterValidator(check)
 
 
-ExistingDir = Annotated[Path, _existing("dir")]
+Checkpoint = Annotated[Path, _existing("checkpoint")]
+
+
+def _task_name(name: str) -> str:
+    """The one task-name rule (`reprmerge_core.checks`), as every command applies it."""
+    problem = task_name_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
+    return name
 ExistingFile = Annotated[Path, _existing("file")]
 
 
@@ -73,8 +85,8 @@ class _Strict(BaseModel):
 
 
 class ExpertSpec(_Strict):
-    name: str = Field(pattern=TASK_NAME_PATTERN, description="the task's name (letters, digits, _ . -)")
-    path: ExistingDir
+    name: Annotated[str, AfterValidator(_task_name)] = Field(description="the task's name (letters, digits, _ . -)")
+    path: Checkpoint
     weight: float | None = Field(None, allow_inf_nan=False, description="scales the expert's task vector")
 
 
@@ -93,17 +105,19 @@ class CorrectionSpec(_Strict):
 class Recipe(_Strict):
     """The recipe file's schema; exactly one of `merge`, `mergekit` and `backbone` says how the backbone is made."""
 
-    base: ExistingDir | None = None
+    base: Checkpoint | None = None
     experts: list[ExpertSpec] = Field(min_length=1)
     merge: MergeSpec | None = None
     mergekit: ExistingFile | None = None
-    backbone: ExistingDir | None = None
+    backbone: Checkpoint | None = None
     calibration: dict[str, ExistingFile]
     correction: CorrectionSpec = CorrectionSpec()
     pooling: Literal[POOLINGS] = "mean"  # type: ignore[valid-type]
     max_length: int = Field(128, ge=1)
     batch_size: int = Field(32, ge=1)
     base_model: str | None = Field(None, description="the base's model id on a hub, for the model card")
+    force: bool = Field(False, description="use an expert far from the base (refused by default: most likely not "
+                                           "fine-tuned from it)")
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -152,8 +166,9 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(yaml_path(tuple(err["loc"])), message) from None
 
 
-def _mergekit_merge(recipe: Recipe) -> tuple[Path, str, dict[str, Any]]:
-    """The base, method and parameters of the recipe's mergekit file; its models must be the recipe's experts."""
+def _mergekit_merge(recipe: Recipe) -> tuple[Path, str, dict[str, Any], dict[str, float]]:
+    """The base, method, parameters and per-expert weights (by expert name) of the recipe's mergekit file; its
+    models must be the recipe's experts."""
     assert recipe.mergekit is not None
     file = recipe.mergekit
     try:
@@ -183,15 +198,19 @@ def _mergekit_merge(recipe: Recipe) -> tuple[Path, str, dict[str, Any]]:
     for path, text in models.items():
         if path not in given:
             raise RecipeError(f"mergekit ({file}) models", f"{text!r} is not one of the recipe's experts")
-    return base, mapped.method, mapped.params
+    weights = {e.name: mapped.weights[models[e.path.resolve()]] for e in recipe.experts if mapped.weights}
+    return base, mapped.method, mapped.params, weights
 
 
-def _check_weights(recipe: Recipe) -> None:
-    """Per-expert weights other than 1 are refused: this build's `merge_checkpoints` takes no weights."""
-    for i, expert in enumerate(recipe.experts):
-        if expert.weight not in (None, 1.0):
-            raise RecipeError(f"experts[{i}].weight", "per-expert weights other than 1 are not supported by this "
-                                                      "build's merge_checkpoints; leave them out or set 1")
+def _weights(recipe: Recipe, method: str) -> dict[str, float]:
+    """The experts' weights for `merge_checkpoints` (unset: 1), refused where the method takes none."""
+    weights = {e.name: e.weight for e in recipe.experts if e.weight is not None}
+    try:
+        resolve_weights(method, weights, [e.name for e in recipe.experts])
+    except ValueError as exc:
+        i = next(i for i, e in enumerate(recipe.experts) if e.weight not in (None, 1.0))
+        raise RecipeError(f"experts[{i}].weight", str(exc)) from None
+    return weights
 
 
 def _merged_elsewhere(backbone: Path) -> tuple[str, dict[str, Any]]:
@@ -211,21 +230,22 @@ def _merged_elsewhere(backbone: Path) -> tuple[str, dict[str, Any]]:
         "models": [{"model": m.get("model"), **(m.get("parameters") or {})} for m in models if isinstance(m, dict)]}
 
 
-def _merge_plan(recipe: Recipe) -> tuple[Path | None, str, dict[str, Any]]:
-    """(base, method, validated parameters as JSON) before any work; errors name the recipe field."""
+def _merge_plan(recipe: Recipe) -> tuple[Path | None, str, dict[str, Any], dict[str, float]]:
+    """(base, method, validated parameters as JSON, per-expert weights) before any work; errors name the recipe
+    field."""
     if recipe.backbone is not None:
-        return recipe.base, *_merged_elsewhere(recipe.backbone)
+        return recipe.base, *_merged_elsewhere(recipe.backbone), {}
     if recipe.mergekit is not None:
-        base, method, params = _mergekit_merge(recipe)
+        base, method, params, weights = _mergekit_merge(recipe)
     else:
         assert recipe.merge is not None and recipe.base is not None
         base, method, params = recipe.base, recipe.merge.method, recipe.merge.parameters
-    _check_weights(recipe)
+        weights = _weights(recipe, method)
     try:
         _, checked = resolve(method, params)
     except ValueError as exc:
         raise RecipeError("merge.parameters" if recipe.merge else "mergekit", str(exc)) from None
-    return base, method, checked.model_dump(mode="json")
+    return base, method, checked.model_dump(mode="json"), weights
 
 
 def _sha256(path: Path) -> str:
@@ -237,7 +257,7 @@ def build_from_recipe(path: str | Path, out: str | Path, *, overwrite: bool = Fa
     """Validate the recipe, merge (unless `backbone` is given), calibrate and write the bundle to `out` atomically."""
     path, out = Path(path), Path(out)
     recipe = load_recipe(path)
-    base, method, params = _merge_plan(recipe)
+    base, method, params, weights = _merge_plan(recipe)
     experts = {e.name: e.path for e in recipe.experts}
     inputs: dict[str, Path] = {"recipe": path, **{f"expert {n!r}": p for n, p in experts.items()},
                                **{f"calibration file of {n!r}": p for n, p in recipe.calibration.items()}}
@@ -256,20 +276,27 @@ def build_from_recipe(path: str | Path, out: str | Path, *, overwrite: bool = Fa
             merged = Path(work) / "merged"
             data_aware = resolve(method, params)[0].data_aware
             result = merge_checkpoints(base, experts, method, params, texts if data_aware else None, merged,
-                                       batch_size=recipe.batch_size, max_length=recipe.max_length, progress=progress)
+                                       batch_size=recipe.batch_size, max_length=recipe.max_length, progress=progress,
+                                       weights=weights, force=recipe.force)
             if recipe.mergekit is not None:  # the user's merge recipe travels with the backbone
                 shutil.copy2(recipe.mergekit, merged / MERGEKIT_CONFIG)
             extra["merge_report"] = result.report.model_dump(mode="json")
             source = f"{method} merge of {len(experts)} experts into {base}"
         bundle = calibrate_bundle(merged, experts, texts, Path(work) / "bundle", pooling=recipe.pooling,
                                   max_length=recipe.max_length, beta=recipe.correction.beta,
-                                  prior=recipe.correction.prior, folds=recipe.correction.folds, merge_method=method,
-                                  device=device, batch_size=recipe.batch_size, progress=progress, base=base)
+                                  prior=recipe.correction.prior, folds=recipe.correction.folds,
+                                  merge_method=method if recipe.backbone is None else "unknown",
+                                  device=device, batch_size=recipe.batch_size, progress=progress, base=base,
+                                  force=recipe.force)
         recorded = recipe.model_dump(mode="json")
         extra["build_recipe"] = {"file": str(path.resolve()), "sha256": _sha256(path), "recipe": recorded}
         if recipe.base_model is not None:
             extra["base_model"] = recipe.base_model
-        amend_manifest(bundle, merge=MergeInfo(method=method, parameters=params), backbone_source=source, extra=extra)
+        # A given backbone's mergekit file says how it was made; else a merge_report.json (merged here, or by
+        # `reprmerge merge`) already gave calibrate_bundle the method, every parameter and the weights.
+        described = recipe.backbone is not None and method != "unknown"
+        merge = MergeInfo(method=method, parameters=params) if described or not read_merge_report(merged) else None
+        amend_manifest(bundle, merge=merge, backbone_source=source, extra=extra)
         replace_dir(bundle, out)
     return out
 

@@ -56,6 +56,11 @@ class Expert:
         return tuple(self.info["labels"])
 
     @property
+    def stage(self) -> None:
+        """Nothing between pooling and the head: our experts' heads read the pooled representation."""
+        return None
+
+    @property
     def recipe(self) -> TrainRecipe:
         return TrainRecipe.model_validate(self.info["recipe"])
 
