@@ -72,7 +72,7 @@ def check_output(out: str | Path, inputs: Mapping[str, str | Path], *, overwrite
         if target == source or source in target.parents or target in source.parents:
             raise ValueError(f"output {out} overlaps the {name} at {path}: refusing to write into an input")
     if target.exists() and not overwrite and not (target.is_dir() and not any(target.iterdir())):
-        raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+        raise FileExistsError(f"{out} exists; add --overwrite to replace it (overwrite=True from Python)")
     return Path(out)
 
 

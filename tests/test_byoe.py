@@ -29,7 +29,7 @@ TASKS = ("sms_spam", "trec6", "movie_sentiment")
 
 def marked_block(name: str) -> str:
     """The fenced block right after `<!-- test_byoe: NAME -->` in the README."""
-    match = re.search(rf"<!-- test_byoe: {name} -->\n```\w*\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    match = re.search(rf"<!-- test_byoe: {name} -->\n```\w*\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
     assert match, f"README.md has no block marked <!-- test_byoe: {name} -->"
     return match.group(1)
 
@@ -91,9 +91,9 @@ def test_bring_your_own_experts_walkthrough(tmp_path: Path, tiny_backbone_dir: P
     session = onnxruntime.InferenceSession(str(exported / export_info["model"]), providers=["CPUExecutionProvider"])
     batch = tokenizer(texts, padding=True, truncation=True, return_tensors="np")
     outputs = session.run(None, {name: batch[name].astype(np.int64) for name in export_info["inputs"]})
-    for task, logits in zip(TASKS, outputs):
+    for task, logits in zip(TASKS, outputs, strict=True):
         expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-        for row, answer in zip(expected, result["predictions"]):
+        for row, answer in zip(expected, result["predictions"], strict=True):
             names = list(labels[task].values())
             assert list(answer[task]["probabilities"]) == names
             np.testing.assert_allclose(list(answer[task]["probabilities"].values()), row, atol=1e-4)

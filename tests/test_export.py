@@ -106,7 +106,7 @@ def test_export_refuses_bad_input_before_writing(exported: tuple[Path, Path], tm
         assert not target.exists()
     before = (out / "model.onnx").stat().st_mtime_ns
     assert cli(["export", str(bundle), "--preference", "[1, 1, 1]", "--out", str(out)]) == 2
-    assert "exists; pass --overwrite" in capsys.readouterr().err and (out / "model.onnx").stat().st_mtime_ns == before
+    assert "exists; add --overwrite" in capsys.readouterr().err and (out / "model.onnx").stat().st_mtime_ns == before
     assert cli(["export", str(bundle), "--preference", "[1, 1, 1]", "--out", str(bundle / "onnx")]) == 2
     assert "overlaps the bundle" in capsys.readouterr().err and not (bundle / "onnx").exists()
 

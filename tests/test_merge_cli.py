@@ -263,7 +263,7 @@ def test_merge_never_damages_what_the_user_owns(
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
     assert main(merge_args(tiny_backbone_dir, experts, existing, "ties")) == 2
-    assert "exists; pass --overwrite" in capsys.readouterr().err and (existing / "keep.txt").read_text() == "mine"
+    assert "exists; add --overwrite" in capsys.readouterr().err and (existing / "keep.txt").read_text() == "mine"
 
     assert main(merge_args(tiny_backbone_dir, experts, existing, "ties", "--overwrite")) == 0  # replaced whole
     assert not (existing / "keep.txt").exists() and (existing / "model.safetensors").exists()

@@ -19,7 +19,7 @@ def write_labelled(path: Path, task: Task) -> None:
     with path.open("w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["text", "label"])
-        writer.writerows((text, task.label_names[label]) for text, label in zip(task.texts, task.labels))
+        writer.writerows((text, task.label_names[label]) for text, label in zip(task.texts, task.labels, strict=True))
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from reprmerge_core import __version__
-from reprmerge_core.artifacts import atomic_dir, atomic_file, checkpoint_files, sha256_file
+from reprmerge_core.artifacts import atomic_dir, atomic_file, check_output, checkpoint_files, sha256_file
 from reprmerge_core.bundle.card import MERGEKIT_CONFIG, write_card
 from reprmerge_core.bundle.check import BundleError, check_bundle, validate_content
 from reprmerge_core.bundle.manifest import (
@@ -115,9 +115,7 @@ def write_bundle(
     A crash or a validation error leaves no partial bundle at `out`; with `overwrite` an existing
     bundle is replaced only once the new one is complete.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+    out = check_output(out, {}, overwrite=overwrite)
     if not (len(tasks) == len(statistics) == len(heads)):
         raise ValueError(f"got {len(tasks)} tasks, {len(statistics)} statistics and {len(heads)} heads")
     dim = statistics[0].dim
