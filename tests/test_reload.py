@@ -169,8 +169,13 @@ def test_sighup_reloads_the_configured_path_and_a_second_reload_meanwhile_is_ref
         flip.symlink_to(target)
         os.replace(flip, current)  # the publisher's atomic switch
         swapped = server.metric('reprmerge_bundle_reloads_total{outcome="swapped"}')
+        started = server.log.read_text().count(f"reload: loading {current} ")
         server.process.send_signal(signal.SIGHUP)
-        time.sleep(0.2)
+        # Ask again as soon as the signal's reload has begun (a load takes ~0.2 s here: a fixed sleep raced it).
+        deadline = time.monotonic() + 30
+        while server.log.read_text().count(f"reload: loading {current} ") == started:
+            assert time.monotonic() < deadline, server.log.read_text()[-2000:]
+            time.sleep(0.005)
         busy = _reload(c)
         assert busy.status_code == 409 and busy.json()["status"] == 409
         deadline = time.monotonic() + 60
