@@ -45,20 +45,13 @@ def check_task_names(names: Iterable[str], where: str) -> list[str]:
 
 
 def conversion_command(path: Path) -> str:
-    """One shell line that writes safetensors weights beside the pickle weights in `path`.
+    """One shell line that re-saves the pickle-weight checkpoint at `path` with safetensors weights beside them.
 
-    A single `pytorch_model.bin` is converted tensor by tensor (torch.load with weights_only, which refuses
-    code in the pickle; clones keep tied weights apart, which safetensors requires). A sharded checkpoint is
-    re-saved by transformers, whose save writes safetensors by default.
+    transformers does the loading (its own restricted unpickling, single or sharded files) and the saving
+    (safetensors by default; tied weights handled), so reprmerge itself never reads a pickle.
     """
-    where = repr(str(path))
-    if (path / "pytorch_model.bin").is_file():
-        return ("python -c \"import os, torch; from safetensors.torch import save_file; "
-                f"d = {where}; save_file({{k: v.clone().contiguous() for k, v in torch.load(os.path.join(d, "
-                "'pytorch_model.bin'), weights_only=True).items()}, os.path.join(d, 'model.safetensors'), "
-                "metadata={'format': 'pt'})\"")
     loader = "AutoModelForSequenceClassification" if _has_classifier(path) else "AutoModel"
-    return (f"python -c \"from transformers import {loader} as M; d = {where}; "
+    return (f"python -c \"from transformers import {loader} as M; d = {str(path)!r}; "
             "M.from_pretrained(d, use_safetensors=False).save_pretrained(d, safe_serialization=True)\"")
 
 
@@ -82,7 +75,8 @@ def checkpoint_problem(path: Path) -> str | None:
     if not any((path / name).is_file() for name in SAFE_WEIGHTS):
         if any((path / name).is_file() for name in PICKLE_WEIGHTS):
             return (f"{path} holds pickle weights (pytorch_model.bin), which reprmerge never loads (unpickling runs "
-                    f"code from the file). Convert them once to safetensors:\n    {conversion_command(path)}")
+                    f"code from the file). Convert them once, with transformers, to model.safetensors:\n    "
+                    f"{conversion_command(path)}")
         return f"{path} has no safetensors weights (model.safetensors)"
     return None
 

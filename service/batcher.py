@@ -142,6 +142,7 @@ class Batcher:
         self._max_wait, self._limit = max_wait, queue_limit
         self._queue: deque[Job] = deque()
         self._queued_tokens = 0
+        self._queued_texts = 0  # texts not yet handed to a batch
         self._running_tokens = 0
         self._running_texts = 0  # texts in batches on the backbone now
         self._wakeup = asyncio.Event()
@@ -194,6 +195,7 @@ class Batcher:
         self._admit(job)
         self._queue.append(job)
         self._queued_tokens += job.padded_tokens
+        self._queued_texts += len(job.ids)
         self._unanswered += 1
         self._idle.clear()
         self._metrics.queue_depth.set(len(self._queue))
@@ -244,8 +246,7 @@ class Batcher:
             self._idle.set()
 
     def _fills_batch(self) -> bool:
-        texts = sum(len(j.ids) - j.taken for j in self._queue)
-        return texts >= self._max_batch or self._queued_tokens >= self._max_tokens
+        return self._queued_texts >= self._max_batch or self._queued_tokens >= self._max_tokens
 
     async def _next_batch(self, linger: bool) -> list[Part]:
         """Wait for work, then take live jobs' texts in order while the batch stays within both budgets.
@@ -261,7 +262,7 @@ class Batcher:
         if linger and self._max_wait > 0 and not self._fills_batch():
             await asyncio.sleep(self._max_wait)
         cap = self._max_batch
-        queued = sum(len(j.ids) - j.taken for j in self._queue)
+        queued = self._queued_texts
         share = math.ceil((queued + self._running_texts) / self._workers)  # texts on the backbone count too
         if MIN_SHARE <= share < cap and queued - share >= MIN_SHARE:
             cap = share
@@ -292,6 +293,7 @@ class Batcher:
         """Texts [job.taken, end) of the queue's first job, for a batch; the job leaves the queue once all are taken."""
         part = Part(job, job.taken, end)
         self._queued_tokens -= (end - job.taken) * job.width
+        self._queued_texts -= end - job.taken
         job.taken, job.running = end, job.running + 1
         if end == len(job.ids):
             self._queue.popleft()
@@ -301,6 +303,7 @@ class Batcher:
     def _drop(self, job: Job) -> None:
         """Remove a job (dead, or failed by one of its parts) from the queue."""
         self._queued_tokens -= job.remaining_tokens
+        self._queued_texts -= len(job.ids) - job.taken
         self._queue.remove(job)
         job.queued = False
         self._settle(job)
